@@ -1,0 +1,166 @@
+"""Write phantom datasets to disk in the layout every other command reads.
+
+    OUT/dataset.json                 splits, cases, generator settings
+    OUT/{train,val,test}/images/<case>.nii.gz   int16 scan
+    OUT/{train,val,test}/femur/<case>.nii.gz    uint8 {0,1}
+    OUT/{train,val,test}/lesion/<case>.nii.gz   uint8 {0,1}, inside the femur
+
+Files are stored like OAI sagittal scans: array axes (anterior->posterior,
+superior->inferior, left->right slice), spacing 0.357 x 0.357 x 3.0 mm, RAS affine.
+Training subjects are healthy (femur masks only, lesion mask empty); validation and
+test subjects carry lesions, in the paper's 210/45/45 proportions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from bmltrt.errors import BmlError
+from bmltrt.io import write_nifti_atomic
+from bmltrt.synth.phantom import Phantom, PhantomConfig, make_phantom
+
+SPLITS = ("train", "val", "test")
+PAPER_SUBJECTS = {"train": 210, "val": 45, "test": 45}
+
+
+def split_counts(n: int) -> dict[str, int]:
+    if n < 3:
+        raise BmlError(f"--cases {n} is too few", hint="give at least 3 (one per split)")
+    total = sum(PAPER_SUBJECTS.values())
+    val = max(1, round(n * PAPER_SUBJECTS["val"] / total))
+    test = max(1, round(n * PAPER_SUBJECTS["test"] / total))
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def stored_affine(working_shape, spacing) -> np.ndarray:
+    """Affine of the stored array (AP, SI, LR axes) in RAS, centred on the volume."""
+    s, h, w = working_shape
+    a = np.zeros((4, 4))
+    a[:3, 0] = (0, -spacing[2], 0)  # axis 0 runs anterior -> posterior
+    a[:3, 1] = (0, 0, -spacing[1])  # axis 1 runs superior -> inferior
+    a[:3, 2] = (spacing[0], 0, 0)  # axis 2 runs left -> right
+    a[3, 3] = 1
+    centre = (np.array([w, h, s]) - 1) / 2
+    a[:3, 3] = -a[:3, :3] @ centre
+    return a
+
+
+def to_stored(working: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(working.transpose(2, 1, 0))
+
+
+def write_case(root: Path, split: str, case: str, ph: Phantom) -> dict:
+    aff = stored_affine(ph.image.shape, ph.spacing)
+    out = {}
+    for kind, arr in (("images", ph.image), ("femur", ph.femur), ("lesion", ph.lesion)):
+        img = nib.Nifti1Image(to_stored(arr), aff)
+        img.set_qform(aff, code=1)
+        img.set_sform(aff, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        path = root / split / kind / f"{case}.nii.gz"
+        write_nifti_atomic(img, path)
+        out[kind] = str(path.relative_to(root))
+    return out
+
+
+def _make_and_write(args) -> dict:
+    root, split, case, seed, index = args
+    lesions = (0, 0) if split == "train" else (1, 3)
+    ph = make_phantom([seed, index], PhantomConfig(n_lesions=lesions))
+    files = write_case(Path(root), split, case, ph)
+    return {"case": case, "split": split, "files": files, **ph.info}
+
+
+def _label_case(args) -> dict:
+    from bmltrt.synth.labels import phantom_from_labels
+    root, split, case, seed, index, label_path = args
+    ph = phantom_from_labels(label_path, [seed, index])
+    files = write_case(Path(root), split, case, ph)
+    return {"case": case, "split": split, "files": files, **ph.info}
+
+
+def _run(jobs, fn, workers, progress):
+    results = []
+    if workers <= 1:
+        for j in jobs:
+            results.append(fn(j))
+            progress()
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            for r in ex.map(fn, jobs):
+                results.append(r)
+                progress()
+    return results
+
+
+def synth_dataset(out: Path, cases: int, seed: int, workers: int = 1, progress=lambda: None) -> dict:
+    counts = split_counts(cases)
+    jobs, index = [], 0
+    for split in SPLITS:
+        for _ in range(counts[split]):
+            jobs.append((str(out), split, f"knee_{index:04d}", seed, index))
+            index += 1
+    results = _run(jobs, _make_and_write, workers, progress)
+    return _write_manifest(out, results, {"mode": "phantom", "seed": seed, "cases": cases})
+
+
+def label_files(labels_dir: Path) -> list[Path]:
+    files = sorted(p for p in Path(labels_dir).glob("*.nii*") if p.is_file())
+    if not files:
+        raise BmlError("no label maps (*.nii, *.nii.gz) found", labels_dir,
+                       "give a folder of label maps: 1 femur, 7 femoral lesion, ...")
+    return files
+
+
+def synth_from_labels(out: Path, labels_dir: Path, seed: int, workers: int = 1,
+                      progress=lambda: None, cases: int | None = None) -> dict:
+    """Label maps without femoral lesions go to train, those with them to val/test."""
+    files = label_files(labels_dir)[: cases or None]
+    with_lesion = []
+    for f in files:
+        lab = np.asanyarray(nib.load(str(f)).dataobj)
+        with_lesion.append(bool((lab == 7).any()))
+    jobs = []
+    les_idx = 0
+    for i, (f, has) in enumerate(zip(files, with_lesion)):
+        if has:
+            split = "val" if les_idx % 2 == 0 else "test"
+            les_idx += 1
+        else:
+            split = "train"
+        case = f.name.split(".nii")[0].replace("_labels", "")
+        jobs.append((str(out), split, case, seed, i, str(f)))
+    results = _run(jobs, _label_case, workers, progress)
+    return _write_manifest(out, results, {"mode": "labels", "labels_dir": str(labels_dir), "seed": seed})
+
+
+def _write_manifest(out: Path, results: list[dict], settings: dict) -> dict:
+    manifest = {
+        "format": "bmltrt-dataset-1",
+        "settings": settings,
+        "spacing_mm": [0.357, 0.357, 3.0],
+        "array_axes": ["anterior->posterior", "superior->inferior", "left->right"],
+        "splits": {s: [r["case"] for r in results if r["split"] == s] for s in SPLITS},
+        "cases": {r["case"]: r for r in results},
+    }
+    tmp = out / ".dataset.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "dataset.json")
+    return manifest
+
+
+def case_paths(root: Path, split: str) -> list[tuple[str, Path, Path, Path]]:
+    """(case, image, femur, lesion) for every case of a split."""
+    root = Path(root)
+    man = root / "dataset.json"
+    if not man.exists():
+        raise BmlError("no dataset.json: not a bmltrt dataset", root, "make one with `bmltrt synth`")
+    cases = json.loads(man.read_text())["splits"][split]
+    return [(c, root / split / "images" / f"{c}.nii.gz", root / split / "femur" / f"{c}.nii.gz",
+             root / split / "lesion" / f"{c}.nii.gz") for c in cases]
