@@ -143,8 +143,11 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
     return img
 
 
-def load_scan(path: str | os.PathLike, force_orientation: bool = False) -> Scan:
-    """Load, validate and reorient one scan. Raises BmlError with one clear line."""
+def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask: bool = False) -> Scan:
+    """Load, validate and reorient one scan. Raises BmlError with one clear line.
+
+    Masks (``is_mask``) may be constant (an empty lesion mask) and skip the sagittal check.
+    """
     path = Path(path)
     img = read_header_checked(path)
     try:
@@ -161,7 +164,7 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False) -> Scan:
     if not finite.all():
         raise BmlError(f"{int((~finite).sum())} voxels are NaN or Inf", path,
                        "fix the reconstruction or replace them (e.g. fslmaths -nan)")
-    if float(data.max()) == float(data.min()):
+    if not is_mask and float(data.max()) == float(data.min()):
         raise BmlError(f"the image is constant ({float(data.min())}): no contrast", path,
                        "check that this is the right series")
     ornt = io_orientation(img.affine)
@@ -171,7 +174,7 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False) -> Scan:
     lr_axis = int(np.flatnonzero(ornt[:, 0] == 0)[0])
     thick = int(np.argmax(zooms))
     others = np.delete(zooms, thick)
-    if zooms[thick] > THICK_FACTOR * others.max():
+    if not is_mask and zooms[thick] > THICK_FACTOR * others.max():
         if thick != lr_axis:
             plane = {1: "coronal", 2: "axial"}[int(ornt[thick, 0])]
             msg = (f"this looks like a {plane} acquisition: its thick axis ({zooms[thick]:.2f} mm) "

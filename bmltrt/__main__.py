@@ -1,0 +1,3 @@
+from bmltrt.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Torch networks (training and export only; the runtime never imports this)."""

@@ -1,0 +1,68 @@
+"""Intensity normalisation and resampling shared by training and every backend.
+
+One code path for numpy and cupy: the array module is taken from the input.
+"""
+
+from __future__ import annotations
+
+from bmltrt.arrays import array_module, ndimage_of
+
+# Normalised intensities: robust range [p0.5, p99.5] -> [0, 1]; brighter voxels (fluid,
+# lesions) keep values up to CLIP_HIGH rather than being flattened at 1.
+P_LOW, P_HIGH, CLIP_HIGH = 0.5, 99.5, 1.5
+
+
+def normalize_intensity(vol, mask=None):
+    xp = array_module(vol)
+    v = vol.astype(xp.float32, copy=False)
+    sample = v[mask] if mask is not None else v
+    lo, hi = xp.percentile(sample, [P_LOW, P_HIGH])
+    scale = 1.0 / max(float(hi - lo), 1e-6)
+    return xp.clip((v - lo) * scale, 0.0, CLIP_HIGH).astype(xp.float32)
+
+
+def zoom_to(vol, shape, order: int = 1):
+    """Resample `vol` to exactly `shape` (grid-mode: voxel centres, edges aligned)."""
+    xp = array_module(vol)
+    nd = ndimage_of(xp)
+    if tuple(vol.shape) == tuple(shape):
+        return vol
+    factors = [t / s for t, s in zip(shape, vol.shape)]
+    out = nd.zoom(vol.astype(xp.float32, copy=False), factors, order=order, mode="nearest",
+                  grid_mode=True, prefilter=False)
+    # zoom may round a size off by one; fix it by crop/edge-pad.
+    if tuple(out.shape) != tuple(shape):
+        pads = [(0, max(0, t - s)) for t, s in zip(shape, out.shape)]
+        out = xp.pad(out, pads, mode="edge")[tuple(slice(0, t) for t in shape)]
+    return out
+
+
+def inplane_shape(shape, spacing, target_mm: float) -> tuple[int, int, int]:
+    """Working-grid shape when rows and columns are resampled to `target_mm` pixels."""
+    return (int(shape[0]),
+            max(1, int(round(shape[1] * spacing[1] / target_mm))),
+            max(1, int(round(shape[2] * spacing[2] / target_mm))))
+
+
+def square_pad_box(h: int, w: int) -> tuple[int, tuple[int, int]]:
+    """Side of the square that holds an h x w slice, and the slice's offset in it."""
+    side = max(h, w)
+    return side, ((side - h) // 2, (side - w) // 2)
+
+
+def slices_to_square(slices, res: int, order: int = 1):
+    """(N, H, W) -> (N, res, res): centred zero-pad to a square, then resize (keeps aspect)."""
+    xp = array_module(slices)
+    n, h, w = slices.shape
+    side, (oy, ox) = square_pad_box(h, w)
+    sq = xp.zeros((n, side, side), xp.float32)
+    sq[:, oy:oy + h, ox:ox + w] = slices
+    return zoom_to(sq, (n, res, res), order=order)
+
+
+def square_to_slices(sq, h: int, w: int, order: int = 1):
+    """Inverse of slices_to_square."""
+    n = sq.shape[0]
+    side, (oy, ox) = square_pad_box(h, w)
+    full = zoom_to(sq, (n, side, side), order=order)
+    return full[:, oy:oy + h, ox:ox + w]

@@ -1,0 +1,1 @@
+"""Training loops, losses and augmentation (torch; not needed at run time)."""

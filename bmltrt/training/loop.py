@@ -1,0 +1,105 @@
+"""What both trainers share: run state, checkpoint/resume, the step loop with progress."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bmltrt.errors import BmlError
+from bmltrt.training import checkpoint as ckpt
+
+
+@dataclass
+class RunOptions:
+    data: Path
+    out: Path
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 2e-3
+    device: str = "cpu"
+    seed: int = 0
+    resume: bool = False
+    val_every: int = 200
+    ckpt_every: int = 100
+    limit_cases: int | None = None  # for quick runs and tests
+    time_limit_min: float | None = None  # stop (with a checkpoint) after this long
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise BmlError("--device cuda asked for, but torch sees no CUDA device", hint="use --device cpu")
+        return torch.device("cuda")
+    if name != "cpu":
+        raise BmlError(f"unknown device {name!r}", hint="use cpu or cuda")
+    return torch.device("cpu")
+
+
+def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch.nn.Module],
+             optimizers: dict[str, torch.optim.Optimizer], step_fn: Callable[[int], dict],
+             validate: Callable[[], dict], np_rng: np.random.Generator,
+             progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Train `steps` steps, validating and checkpointing at intervals; resumable.
+
+    The checkpoint holds modules, optimisers, step, config, metrics and RNG states, so
+    `--resume` continues exactly where the run stopped.
+    """
+    out = Path(opts.out)
+    path = out / "checkpoint.pt"
+    start, history, best = 0, [], {}
+    if opts.resume:
+        if not path.exists():
+            raise BmlError("nothing to resume: no checkpoint.pt", out, "drop --resume to start a new run")
+        st = ckpt.load(path)
+        if st["kind"] != kind:
+            raise BmlError(f"checkpoint is a {st['kind']}, not a {kind}", path)
+        for k, m in modules.items():
+            m.load_state_dict(st["modules"][k])
+        for k, o in optimizers.items():
+            o.load_state_dict(st["optimizers"][k])
+        ckpt.restore_rng(st["rng"], np_rng)
+        start, history = st["step"], st.get("history", [])
+    t0 = time.time()
+    metrics: dict = {}
+
+    def save(step):
+        ckpt.save_atomic({
+            "kind": kind, "step": step, "config": config, "history": history, "metrics": metrics,
+            "modules": {k: m.state_dict() for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "rng": ckpt.rng_state(np_rng), "options": {k: str(v) for k, v in vars(opts).items()},
+        }, path)
+
+    for step in range(start, opts.steps):
+        for m in modules.values():
+            m.train()
+        losses = step_fn(step)
+        done = step + 1
+        if done % opts.val_every == 0 or done == opts.steps:
+            for m in modules.values():
+                m.eval()
+            with torch.no_grad():
+                metrics = validate()
+            history.append({"step": done, "seconds": round(time.time() - t0, 1), **losses, **metrics})
+        if progress:
+            progress(done, opts.steps, {**losses, **metrics})
+        out_of_time = opts.time_limit_min is not None and time.time() - t0 > 60 * opts.time_limit_min
+        if out_of_time and not (done % opts.val_every == 0 or done == opts.steps):
+            for m in modules.values():
+                m.eval()
+            with torch.no_grad():
+                metrics = validate()
+            history.append({"step": done, "seconds": round(time.time() - t0, 1), **losses, **metrics})
+        if done % opts.ckpt_every == 0 or done == opts.steps or out_of_time:
+            save(done)
+        if out_of_time:
+            break
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    return {"metrics": metrics, "history": history, "seconds": time.time() - t0}
