@@ -112,7 +112,7 @@ def _train_common(kind, data, out_dir, config, steps, batch_size, lr, device, se
 
             cfg = INPAINTER_PRESETS.get(config) or InpainterConfig.from_dict(_read_json(config))
             res = train_inpainter(opts, cfg, resolution, progress)
-    out.print(f"{kind}: {steps} steps in {res['seconds']:.0f} s; {json.dumps(res['metrics'])}; "
+    out.print(f"{kind}: step {res['steps']} of {steps} in {res['seconds']:.0f} s; {json.dumps(res['metrics'])}; "
               f"checkpoint {Path(out_dir) / 'checkpoint.pt'}")
 
 

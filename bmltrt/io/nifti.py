@@ -192,6 +192,13 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask:
                 input_axcodes=axcodes, warnings=warnings)
 
 
+def _default_mode() -> int:
+    """What a plain open() would give (mkstemp makes 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_nifti_atomic(img: nib.spatialimages.SpatialImage, out_path: str | os.PathLike,
                        protect: tuple[os.PathLike, ...] = ()) -> Path:
     """Write to a temporary file beside the target, then rename: never a partial file."""
@@ -205,6 +212,7 @@ def write_nifti_atomic(img: nib.spatialimages.SpatialImage, out_path: str | os.P
     os.close(fd)
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

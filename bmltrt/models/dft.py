@@ -42,7 +42,7 @@ def _mats(h: int, w: int, device) -> dict[str, torch.Tensor]:
 
 def rfft2_matmul(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(real, imag) of torch.fft.rfft2(x, norm='ortho') over the last two axes, in float32."""
-    h, w = x.shape[-2:]
+    h, w = int(x.shape[-2]), int(x.shape[-1])  # python ints: constants under tracing
     m = _mats(h, w, x.device)
     x = x.float()
     a = x @ m["cw"]  # real part along W
@@ -54,8 +54,8 @@ def rfft2_matmul(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def irfft2_matmul(re: torch.Tensor, im: torch.Tensor, w: int) -> torch.Tensor:
     """torch.fft.irfft2(re + i*im, s=(H, w), norm='ortho') over the last two axes, float32."""
-    h = re.shape[-2]
-    m = _mats(h, w, re.device)
+    h = int(re.shape[-2])
+    m = _mats(h, int(w), re.device)
     re, im = re.float(), im.float()
     zr = m["ch"] @ re - m["sh"] @ im
     zi = m["ch"] @ im + m["sh"] @ re

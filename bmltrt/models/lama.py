@@ -51,7 +51,7 @@ class FourierUnit(nn.Module):
         self.fft_impl = fft_impl
 
     def forward(self, x):
-        h, w = x.shape[-2:]
+        h, w = int(x.shape[-2]), int(x.shape[-1])
         dtype = x.dtype
         if self.fft_impl == "torch":
             f = torch.fft.rfft2(x.float(), norm="ortho")

@@ -68,6 +68,7 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
         start, history = st["step"], st.get("history", [])
     t0 = time.time()
     metrics: dict = {}
+    done = start
 
     def save(step):
         ckpt.save_atomic({
@@ -102,4 +103,4 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
         if out_of_time:
             break
     (out / "history.json").write_text(json.dumps(history, indent=1))
-    return {"metrics": metrics, "history": history, "seconds": time.time() - t0}
+    return {"metrics": metrics, "history": history, "seconds": time.time() - t0, "steps": done}

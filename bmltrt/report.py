@@ -1,0 +1,101 @@
+"""What a user looks at: the overlay montage and the output files of one scan."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from bmltrt.io import save_mask_like
+
+MAX_TILES = 12
+TILE = 320
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndi.binary_erosion(mask, iterations=1)
+
+
+def overlay_png(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, path: Path,
+                spacing=(1.0, 1.0, 1.0), title: str = "") -> Path:
+    """Montage of sagittal slices: the scan, femur outline (yellow), lesion contour (red).
+
+    Shows the slices with lesions (largest first, up to 12); with none, three slices
+    through the femur.
+    """
+    from PIL import Image, ImageDraw
+
+    les_area = lesion.reshape(lesion.shape[0], -1).sum(1)
+    idx = [int(i) for i in np.argsort(-les_area) if les_area[i] > 0][:MAX_TILES]
+    if not idx:
+        fa = femur.reshape(femur.shape[0], -1).sum(1)
+        cand = np.flatnonzero(fa > 0)
+        idx = [int(cand[len(cand) * k // 4]) for k in (1, 2, 3)] if len(cand) else [norm.shape[0] // 2]
+    idx = sorted(set(idx))
+    lo, hi = np.percentile(norm, [0.5, 99.5])
+    tiles = []
+    for s in idx:
+        g = (np.clip((norm[s] - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+        rgb = np.stack([g, g, g], -1)
+        f = _outline(femur[s] > 0)
+        l_ = ndi.binary_dilation(_outline(lesion[s] > 0))
+        rgb[f] = (255, 210, 0)
+        rgb[l_] = (255, 40, 40)
+        h, w = g.shape
+        aspect = (h * spacing[1]) / (w * spacing[2])
+        im = Image.fromarray(rgb).resize((TILE, max(1, int(round(TILE * aspect)))), Image.BILINEAR)
+        ImageDraw.Draw(im).text((6, 4), f"slice {s}  lesion {int(les_area[s])} px", fill=(0, 255, 255))
+        tiles.append(im)
+    cols = min(4, len(tiles))
+    rows = (len(tiles) + cols - 1) // cols
+    th = max(t.height for t in tiles)
+    head = 22
+    sheet = Image.new("RGB", (cols * TILE, rows * th + head), (0, 0, 0))
+    ImageDraw.Draw(sheet).text((6, 5), title + "   yellow: femur   red: lesion", fill=(255, 255, 255))
+    for k, t in enumerate(tiles):
+        sheet.paste(t, ((k % cols) * TILE, head + (k // cols) * th))
+    return _save_atomic(lambda p: sheet.save(p, format="PNG"), path)
+
+
+def _save_atomic(write, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_outputs(det, out_dir: Path) -> dict[str, Path]:
+    """<name>_bml.nii.gz, <name>_femur.nii.gz (input grid), <name>_report.json, <name>_overlay.png.
+
+    Each file is written atomically; the report comes last, so a report means the set is whole.
+    """
+    out_dir = Path(out_dir)
+    name = det.scan.name
+    paths = {
+        "bml": out_dir / f"{name}_bml.nii.gz",
+        "femur": out_dir / f"{name}_femur.nii.gz",
+        "overlay": out_dir / f"{name}_overlay.png",
+        "report": out_dir / f"{name}_report.json",
+    }
+    save_mask_like(det.lesion, det.scan, paths["bml"])
+    save_mask_like(det.femur, det.scan, paths["femur"])
+    overlay_png(det.normalized, det.femur, det.lesion, paths["overlay"], det.scan.spacing,
+                title=f"{name}: {det.report['lesion_count']} lesion(s), {det.report['lesion_volume_mm3']:.0f} mm3")
+    rep = dict(det.report, outputs={k: str(v) for k, v in paths.items()})
+    _save_atomic(lambda p: Path(p).write_text(json.dumps(rep, indent=1)), paths["report"])
+    return paths
