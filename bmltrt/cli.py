@@ -164,6 +164,212 @@ def train_inpainter_cmd(data: Path = _DATA, out_dir: Path = _OUT,
                   limit_cases, time_limit, resolution)
 
 
+def _expand_inputs(items: list[str]) -> list[Path]:
+    """Files, folders (their .nii/.nii.gz) and globs -> paths, in order, without repeats."""
+    import glob
+
+    paths: list[Path] = []
+    for it in items:
+        p = Path(it)
+        if any(c in it for c in "*?["):
+            hits = sorted(glob.glob(it))
+            paths += [Path(h) for h in hits] if hits else [p]
+        elif p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.name.lower().endswith((".nii", ".nii.gz")))
+        else:
+            paths.append(p)
+    seen, out_ = set(), []
+    for p in paths:
+        k = str(p.resolve()) if p.exists() else str(p)
+        if k not in seen:
+            seen.add(k)
+            out_.append(p)
+    return out_
+
+
+def _post_options(floor, opening_mm, closing_mm, min_area_mm2):
+    from bmltrt.postprocess import PostConfig
+
+    d = PostConfig()
+    return PostConfig(floor=d.floor if floor is None else floor,
+                      opening_mm=d.opening_mm if opening_mm is None else opening_mm,
+                      closing_mm=d.closing_mm if closing_mm is None else closing_mm,
+                      min_area_mm2=d.min_area_mm2 if min_area_mm2 is None else min_area_mm2)
+
+
+_RES = typer.Option(None, "--resolution", "-r", help="Inpainting resolution (128, 192, 256, 320, 448); default: the models'.")
+_BACKEND = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch.")
+_DEVICE = typer.Option("auto", "--device", help="auto, cpu or gpu (gpu falls back to cpu with a warning).")
+_MODELS = typer.Option(None, "--models", help="Models folder (manifest.json); default: the shipped models.")
+_FLOOR = typer.Option(None, "--floor", help="Minimum difference (HE units) a lesion pixel must exceed.")
+_OPEN = typer.Option(None, "--opening-mm", help="Opening footprint radius, mm.")
+_CLOSE = typer.Option(None, "--closing-mm", help="Closing footprint radius, mm.")
+_MINAREA = typer.Option(None, "--min-area-mm2", help="Smallest lesion island kept per slice, mm^2.")
+
+
+def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size=8):
+    from bmltrt.pipeline import DetectConfig, Detector
+    from bmltrt.runtime.backends import make_backend
+
+    be, warns = make_backend(backend, device, models)
+    for w in warns:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    cfg = DetectConfig(resolution=resolution, batch_size=batch_size,
+                       post=_post_options(floor, opening_mm, closing_mm, min_area_mm2))
+    return Detector(be, cfg)
+
+
+@app.command()
+@user_errors
+def detect(
+    scans: List[str] = typer.Argument(..., help="NIfTI files, folders of them, or globs."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
+    models: Optional[Path] = _MODELS,
+    force_orientation: bool = typer.Option(False, "--force-orientation", help="Accept non-sagittal acquisitions."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier run."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Slices per inpainting batch."),
+    floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
+    min_area_mm2: Optional[float] = _MINAREA,
+):
+    """Find bone marrow lesions: <name>_bml.nii.gz, _femur.nii.gz, _report.json, _overlay.png per scan."""
+    from rich.table import Table
+
+    from bmltrt.io import load_scan
+    from bmltrt.report import write_outputs
+
+    paths = _expand_inputs(scans)
+    names = {}
+    for p in paths:
+        n = p.name.split(".nii")[0]
+        if n in names:
+            raise BmlError(f"two inputs would write the same outputs ({n}_*)", p,
+                           f"rename one of {names[n]} and {p}, or run them into different --out folders")
+        names[n] = p
+    det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], 0
+    with _progress() as prog:
+        task = prog.add_task("scans", total=len(paths), status="")
+        stage = prog.add_task("stage", total=1, status="")
+        for p in paths:
+            prog.update(task, status=p.name)
+            try:
+                name = p.name.split(".nii")[0]
+                if not overwrite and (out_dir / f"{name}_bml.nii.gz").exists():
+                    raise BmlError("outputs exist already", out_dir / f"{name}_bml.nii.gz",
+                                   "pass --overwrite or choose another --out folder")
+                scan = load_scan(p, force_orientation=force_orientation)
+                for w in scan.warnings:
+                    console.print(f"[yellow]warning:[/] {w} ({p})", highlight=False)
+
+                def progress(what, done, total):
+                    prog.update(stage, description=what, completed=done, total=total)
+
+                result = det.detect(scan, progress)
+                write_outputs(result, out_dir)
+                r = result.report
+                rows.append((p.name, str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
+                             f"{r['femur_volume_mm3'] / 1000:.1f}", f"{r['timings_s']['total_s']:.1f}", "[green]ok[/]"))
+            except BmlError as err:
+                failed += 1
+                console.print(f"[bold red]error:[/] {err.line()}", highlight=False, soft_wrap=True)
+                rows.append((p.name, "-", "-", "-", "-", "[red]failed[/]"))
+            prog.advance(task)
+    t = Table(title=f"bmltrt detect: {len(paths) - failed} of {len(paths)} scans done "
+                    f"({det.backend.name}, {det.backend.device}, {det.backend.precision}, res {det.resolution})")
+    for c in ("scan", "lesions", "lesion mm3", "femur cm3", "seconds", "status"):
+        t.add_column(c)
+    for row in rows:
+        t.add_row(*row)
+    out.print(t)
+    out.print(f"outputs in {out_dir}")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+@user_errors
+def demo(
+    out_dir: Path = typer.Option(Path("bmltrt-demo"), "--out", "-o", help="Where the phantom and the outputs go."),
+    seed: int = typer.Option(7, "--seed"),
+    resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
+    models: Optional[Path] = _MODELS,
+):
+    """Make a phantom knee with known lesions, run detect on it, print Dice against the truth."""
+    from bmltrt.io import load_scan
+    from bmltrt.metrics import confusion, lesion_detection, scores
+    from bmltrt.report import write_outputs
+    from bmltrt.synth.dataset import write_case
+    from bmltrt.synth.phantom import PhantomConfig, make_phantom
+
+    ph = make_phantom([seed, 0], PhantomConfig(n_lesions=(2, 2)))
+    write_case(out_dir, "input", "demo_knee", ph)
+    scan_path = out_dir / "input" / "images" / "demo_knee.nii.gz"
+    det = _detector(resolution, backend, device, models, None, None, None, None)
+    scan = load_scan(scan_path)
+    result = det.detect(scan)
+    paths = write_outputs(result, out_dir)
+    truth = load_scan(out_dir / "input" / "lesion" / "demo_knee.nii.gz", is_mask=True).data > 0
+    femur = load_scan(out_dir / "input" / "femur" / "demo_knee.nii.gz", is_mask=True).data > 0
+    les = scores(confusion(result.lesion, truth))
+    fem = scores(confusion(result.femur, femur))
+    dt = lesion_detection(result.lesion, truth)
+    r = result.report
+    out.print(f"phantom knee with {ph.info['n_lesions']} lesions ({sum(ph.info['lesion_volumes_mm3']):.0f} mm3): {scan_path}")
+    out.print(f"found {r['lesion_count']} lesion(s), {r['lesion_volume_mm3']:.0f} mm3 in "
+              f"{r['timings_s']['total_s']:.1f} s ({r['backend']}, {r['device']}, {r['precision']}, res {r['resolution']})")
+    out.print(f"lesion Dice {les['dice']:.3f}  IoU {les['iou']:.3f}  sensitivity {les['sensitivity']:.3f}  "
+              f"lesions detected {dt['detected']}/{dt['n_true']}  femur Dice {fem['dice']:.3f}")
+    for k, v in paths.items():
+        out.print(f"  {k:8s} {v}")
+
+
+@app.command()
+@user_errors
+def export(
+    segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="Segmenter checkpoint.pt."),
+    inpainter: List[Path] = typer.Option([], "--inpainter", help="Inpainter checkpoint.pt (repeatable, one per resolution)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder (manifest.json is updated)."),
+    default_resolution: int = typer.Option(256, "--default-resolution"),
+):
+    """Export checkpoints to ONNX (float32, DFT as matrix products) and update the manifest."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise BmlError("export needs torch", hint="pip install 'bmltrt[train]'") from None
+    from bmltrt.export.onnx_export import export_models
+
+    for p in [segmenter, *inpainter]:
+        if p is not None and not p.exists():
+            raise BmlError("checkpoint not found", p)
+    man = export_models(segmenter, list(inpainter), out_dir, default_resolution)
+    for k, e in sorted(man["models"].items()):
+        out.print(f"{k:15s} {e['file']:22s} sha256 {e['sha256'][:12]}  max|onnx-torch| {e['max_abs_err_vs_torch']:.1e}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    data: Path = typer.Argument(..., help="Dataset folder (bmltrt synth) with lesion masks."),
+    split: str = typer.Option("test", "--split"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Where evaluation.json and cases.csv go."),
+    resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
+    models: Optional[Path] = _MODELS, limit: Optional[int] = typer.Option(None, "--limit"),
+    floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
+    min_area_mm2: Optional[float] = _MINAREA,
+):
+    """Lesion Dice/IoU/sensitivity/specificity/accuracy (pooled, per case; slice and femur) and lesion-wise F1."""
+    from bmltrt.evaluate import evaluate_split, print_summary
+
+    det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2)
+    with _progress() as prog:
+        task = prog.add_task(f"evaluate {split}", total=None, status="")
+        summary = evaluate_split(det, data, split, out_dir, limit,
+                                 lambda d, n, c: prog.update(task, completed=d, total=n, status=c))
+    print_summary(summary, out)
+
+
 @app.command()
 def doctor():
     """Say which backends can run here, with versions and the GPU, and why others cannot."""

@@ -176,8 +176,8 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask:
     others = np.delete(zooms, thick)
     if not is_mask and zooms[thick] > THICK_FACTOR * others.max():
         if thick != lr_axis:
-            plane = {1: "coronal", 2: "axial"}[int(ornt[thick, 0])]
-            msg = (f"this looks like a {plane} acquisition: its thick axis ({zooms[thick]:.2f} mm) "
+            plane = {1: "a coronal", 2: "an axial"}[int(ornt[thick, 0])]
+            msg = (f"this looks like {plane} acquisition: its thick axis ({zooms[thick]:.2f} mm) "
                    "is not left-right, and the models expect sagittal slices")
             if not force_orientation:
                 raise BmlError(msg, path, "give the sagittal series, or pass --force-orientation")

@@ -66,8 +66,9 @@ def otsu_thresholds(values, region, nbins: int = 256):
     v = values.reshape(n, -1).astype(xp.float32, copy=False)
     r = region.reshape(n, -1).astype(bool)
     big = xp.float32(3.0e38)
-    lo = xp.where(r, v, big).min(axis=1, keepdims=True)
-    hi = xp.where(r, v, -big).max(axis=1, keepdims=True)
+    has = r.any(axis=1, keepdims=True)
+    lo = xp.where(has, xp.where(r, v, big).min(axis=1, keepdims=True), 0.0)
+    hi = xp.where(has, xp.where(r, v, -big).max(axis=1, keepdims=True), 1.0)
     width = xp.maximum(hi - lo, 1e-12)
     bins = xp.clip(((v - lo) / width * nbins).astype(xp.int32), 0, nbins - 1)
     offset = (xp.arange(n, dtype=xp.int32) * nbins)[:, None]
@@ -125,14 +126,27 @@ def lesion_mask(x, x_tilde, femur, pixel_mm: tuple[float, float], cfg: PostConfi
     "lesion vs healthy marrow".
     """
     cfg = cfg or PostConfig()
+    diff, otsu = anomaly_map(x, x_tilde, femur, cfg.nbins)
+    mask = mask_from_anomaly(diff, otsu, femur, pixel_mm, cfg)
+    if return_maps:
+        return mask, {"diff": diff, "otsu": otsu}
+    return mask
+
+
+def anomaly_map(x, x_tilde, femur, nbins: int = 256):
+    """max(HE(x) - HE(x~), 0) inside the femur, and its per-slice Otsu threshold."""
     xp = array_module(x)
+    femur = femur.astype(bool)
+    diff = xp.maximum(equalize_hist(x, nbins) - equalize_hist(x_tilde, nbins), 0.0) * femur
+    return diff, otsu_thresholds(diff, femur, nbins)
+
+
+def mask_from_anomaly(diff, otsu, femur, pixel_mm, cfg: PostConfig):
+    """Threshold max(Otsu, floor), opening, closing, small islands out, inside the femur."""
+    xp = array_module(diff)
     nd = ndimage_of(xp)
     femur = femur.astype(bool)
-    he_x = equalize_hist(x, cfg.nbins)
-    he_t = equalize_hist(x_tilde, cfg.nbins)
-    diff = xp.maximum(he_x - he_t, 0.0) * femur
-    t = otsu_thresholds(diff, femur, cfg.nbins)
-    t = xp.maximum(t, xp.float32(cfg.floor))
+    t = xp.maximum(otsu, xp.float32(cfg.floor))
     mask = diff > t[:, None, None]
     fp = _disk(xp, cfg.opening_mm, pixel_mm)
     if fp is not None:
@@ -144,7 +158,4 @@ def lesion_mask(x, x_tilde, femur, pixel_mm: tuple[float, float], cfg: PostConfi
         padded = xp.pad(mask, ((0, 0), (p[0], p[0]), (p[1], p[1])))
         mask = nd.binary_closing(padded, structure=fp)[:, p[0]:p[0] + mask.shape[1], p[1]:p[1] + mask.shape[2]]
     min_px = int(round(cfg.min_area_mm2 / (pixel_mm[0] * pixel_mm[1])))
-    mask = remove_small_islands(mask & femur, min_px)
-    if return_maps:
-        return mask, {"diff": diff, "threshold": t}
-    return mask
+    return remove_small_islands(mask & femur, min_px)

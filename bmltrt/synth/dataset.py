@@ -56,6 +56,7 @@ def to_stored(working: np.ndarray) -> np.ndarray:
 
 
 def write_case(root: Path, split: str, case: str, ph: Phantom) -> dict:
+    root = Path(root)
     aff = stored_affine(ph.image.shape, ph.spacing)
     out = {}
     for kind, arr in (("images", ph.image), ("femur", ph.femur), ("lesion", ph.lesion)):

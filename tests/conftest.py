@@ -1,0 +1,72 @@
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def has_gpu() -> bool:
+    from bmltrt.optional import cupy_with_gpu
+    return cupy_with_gpu()[0] is not None
+
+
+needs_torch = pytest.mark.skipif(not has_torch(), reason="torch not installed (pip install 'bmltrt[train]')")
+needs_gpu = pytest.mark.skipif(not has_gpu(), reason="no CUDA GPU with CuPy")
+needs_shared = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
+
+
+@pytest.fixture(scope="session")
+def phantom_case(tmp_path_factory):
+    """One full-size phantom case with two lesions, written like a dataset case."""
+    from bmltrt.synth.dataset import write_case
+    from bmltrt.synth.phantom import PhantomConfig, make_phantom
+
+    root = tmp_path_factory.mktemp("case")
+    ph = make_phantom([11, 3], PhantomConfig(n_lesions=(2, 2)))
+    write_case(root, "t", "knee", ph)
+    return root / "t" / "images" / "knee.nii.gz", ph
+
+
+@pytest.fixture(scope="session")
+def healthy_case(tmp_path_factory):
+    from bmltrt.synth.dataset import write_case
+    from bmltrt.synth.phantom import PhantomConfig, make_phantom
+
+    root = tmp_path_factory.mktemp("healthy")
+    ph = make_phantom([12, 5], PhantomConfig(n_lesions=(0, 0)))
+    write_case(root, "t", "healthy", ph)
+    return root / "t" / "images" / "healthy.nii.gz", ph
+
+
+@pytest.fixture(scope="session")
+def detector():
+    from bmltrt.pipeline import Detector
+    from bmltrt.runtime.backends import make_backend
+
+    be, _ = make_backend("onnxruntime", "cpu")
+    return Detector(be)
+
+
+def save_nifti(path, data, affine=None, dtype=None):
+    img = nib.Nifti1Image(np.asarray(data) if dtype is None else np.asarray(data).astype(dtype),
+                          np.diag([3.0, 0.5, 0.5, 1.0]) if affine is None else affine)
+    nib.save(img, str(path))
+    return Path(path)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    monkeypatch.setenv("BMLTRT_PROGRESS", "0")
+    os.environ.setdefault("BMLTRT_THREADS", "2")

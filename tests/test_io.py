@@ -1,0 +1,184 @@
+import gzip
+import itertools
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.orientations import apply_orientation, ornt_transform
+from typer.testing import CliRunner
+
+from bmltrt.cli import app
+from bmltrt.errors import BmlError
+from bmltrt.io import load_scan, save_mask_like
+from bmltrt.io.nifti import _WORKING_ORNT
+
+from conftest import save_nifti
+
+# Working grid: 6 sagittal slices of 3 mm, rows 0.7 mm (S->I), columns 0.5 mm (A->P).
+WORK_SPACING = {0: 3.0, 2: 0.7, 1: 0.5}  # by RAS axis: x (L-R), z (S-I), y (A-P)
+
+
+def _all_orientations():
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((1, -1), repeat=3):
+            yield np.array([[perm[i], flips[i]] for i in range(3)], float)
+
+
+def _stored(work, target_ornt):
+    """The working array as it would be stored in `target_ornt`, and that image's affine."""
+    data = apply_orientation(work, ornt_transform(_WORKING_ORNT, target_ornt))
+    aff = np.eye(4)
+    aff[:3, :3] = 0
+    for i, (ras_axis, flip) in enumerate(target_ornt):
+        aff[int(ras_axis), i] = flip * WORK_SPACING[int(ras_axis)]
+    aff[:3, 3] = (10.0, -20.0, 5.0)
+    return data, aff
+
+
+def test_48_orientations_load_alike_and_masks_map_back(tmp_path):
+    rng = np.random.default_rng(0)
+    work = rng.integers(1, 1000, size=(6, 9, 11)).astype(np.int16)  # distinct sizes expose swaps
+    mask = (rng.random(work.shape) > 0.7).astype(np.uint8)
+    n = 0
+    for k, ornt in enumerate(_all_orientations()):
+        data, aff = _stored(work, ornt)
+        img = nib.Nifti1Image(data, aff)
+        img.set_qform(aff, code=1)
+        img.set_sform(aff, code=2)
+        p = tmp_path / f"o{k}.nii.gz"
+        nib.save(img, str(p))
+        scan = load_scan(p)
+        assert np.array_equal(scan.data, work.astype(np.float32)), f"orientation {ornt.tolist()}"
+        assert np.allclose(scan.spacing, (3.0, 0.7, 0.5))
+        out = save_mask_like(mask, scan, tmp_path / f"m{k}.nii.gz")
+        back = nib.load(str(out))
+        expect, _ = _stored(mask, ornt)
+        assert back.shape == data.shape
+        assert np.array_equal(np.asanyarray(back.dataobj), expect)
+        assert np.allclose(back.affine, aff)
+        assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
+        assert back.get_data_dtype() == np.uint8
+        n += 1
+    assert n == 48
+
+
+def test_coronal_acquisition_refused_unless_forced(tmp_path):
+    aff = np.diag([0.5, 3.0, 0.5, 1.0])  # thick axis is anterior-posterior: coronal
+    p = save_nifti(tmp_path / "cor.nii.gz", np.random.default_rng(1).random((8, 6, 8)).astype(np.float32), aff)
+    with pytest.raises(BmlError, match="coronal"):
+        load_scan(p)
+    scan = load_scan(p, force_orientation=True)
+    assert scan.warnings and "forced" in scan.warnings[0]
+
+
+def test_input_never_overwritten(tmp_path):
+    p = save_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(2).random((4, 5, 6)).astype(np.float32),
+                   np.diag([3.0, 0.5, 0.5, 1]))
+    scan = load_scan(p)
+    before = p.read_bytes()
+    with pytest.raises(BmlError, match="overwrite"):
+        save_mask_like(np.zeros(scan.data.shape, np.uint8), scan, p)
+    assert p.read_bytes() == before
+
+
+# ---- bad inputs: one line, exit 2, nothing written ---------------------------------
+
+def _good(tmp_path, name="good.nii"):
+    return save_nifti(tmp_path / name, np.random.default_rng(3).random((8, 8, 4)).astype(np.float32) * 100)
+
+
+def _make_bad(kind, d):
+    rng = np.random.default_rng(4)
+    vol = (rng.random((8, 8, 4)) * 100).astype(np.float32)
+    if kind == "missing":
+        return d / "nope.nii.gz"
+    if kind == "not_nifti":
+        p = d / "notes.nii"
+        p.write_text("this is not an image\n" * 40)
+        return p
+    if kind == "wrong_extension":
+        p = d / "scan.png"
+        p.write_bytes(b"\x89PNG\r\n")
+        return p
+    if kind == "truncated_gzip":
+        p = save_nifti(d / "trunc.nii.gz", (rng.random((40, 40, 10)) * 1000).astype(np.float32))
+        b = p.read_bytes()
+        p.write_bytes(b[: len(b) // 2])
+        return p
+    if kind == "2d":
+        return save_nifti(d / "flat.nii.gz", vol[:, :, 0])
+    if kind == "4d_many":
+        return save_nifti(d / "dyn.nii.gz", np.stack([vol] * 3, -1))
+    if kind == "nan_inf":
+        v = vol.copy()
+        v[0, 0, 0], v[1, 1, 1] = np.nan, np.inf
+        return save_nifti(d / "nan.nii.gz", v)
+    if kind == "constant":
+        return save_nifti(d / "const.nii.gz", np.full((8, 8, 4), 7.0, np.float32))
+    if kind == "zero_length":
+        p = save_nifti(d / "zero.nii", vol)
+        img = nib.load(str(p))
+        hdr = img.header.copy()
+        hdr["dim"][2] = 0
+        raw = bytearray(p.read_bytes())
+        raw[:348] = hdr.binaryblock
+        q = d / "zero_axis.nii"
+        q.write_bytes(bytes(raw))
+        p.unlink()
+        return q
+    if kind == "singular_affine":
+        aff = np.diag([3.0, 0.5, 0.5, 1.0])
+        aff[:3, 1] = aff[:3, 0]  # two axes point the same way
+        img = nib.Nifti1Image(vol, aff)
+        img.set_qform(None, code=0)
+        img.set_sform(aff, code=1)
+        p = d / "singular.nii.gz"
+        nib.save(img, str(p))
+        return p
+    if kind == "absurd_spacing":
+        return save_nifti(d / "spacing.nii.gz", vol, np.diag([500.0, 0.5, 0.5, 1]))
+    if kind == "oversize_dims":
+        p = save_nifti(d / "big0.nii", vol)
+        img = nib.load(str(p))
+        hdr = img.header.copy()
+        hdr["dim"][1:4] = (30000, 30000, 30000)
+        raw = bytearray(p.read_bytes())
+        raw[:348] = hdr.binaryblock
+        q = d / "oversize.nii"
+        q.write_bytes(bytes(raw))
+        p.unlink()
+        return q
+    if kind == "complex":
+        return save_nifti(d / "cplx.nii.gz", vol.astype(np.complex64))
+    if kind == "rgb":
+        rgb = np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        return save_nifti(d / "rgb.nii.gz", rgb)
+    raise ValueError(kind)
+
+
+BAD = ["missing", "not_nifti", "wrong_extension", "truncated_gzip", "2d", "4d_many", "nan_inf", "constant",
+       "zero_length", "singular_affine", "absurd_spacing", "oversize_dims", "complex", "rgb"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, kind):
+    src = tmp_path / "in"
+    src.mkdir()
+    bad = _make_bad(kind, src)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["detect", str(bad), "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    err = res.stderr
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in res.output + err
+    if kind != "missing":
+        assert str(bad.name) in lines[0]
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_load_scan_accepts_4d_with_one_volume(tmp_path):
+    vol = np.random.default_rng(5).random((8, 8, 4, 1)).astype(np.float32)
+    scan = load_scan(save_nifti(tmp_path / "one.nii.gz", vol))
+    assert scan.data.ndim == 3

@@ -1,0 +1,152 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from typer.testing import CliRunner
+
+from bmltrt.cli import app
+from bmltrt.io import load_scan
+from bmltrt.runtime.sliding_window import gaussian_importance, sliding_window, window_starts
+
+from conftest import SHARED_DATA, needs_shared
+
+
+def test_window_starts_cover_and_blending_is_exact():
+    assert window_starts(36, 16, 0.4) == [0, 10, 20]
+    assert window_starts(10, 16, 0.4) == [0]
+    vol = np.random.default_rng(0).random((20, 30, 30)).astype(np.float32)
+
+    def predict(batch):  # logits whose softmax is a known function of the input
+        return np.concatenate([np.zeros_like(batch), batch * 3], axis=1)
+
+    prob = sliding_window(vol, (8, 16, 16), predict, batch_size=3, overlap=0.5)
+    expect = 1 / (1 + np.exp(-3 * vol))
+    assert prob.shape == (2, 20, 30, 30) and np.allclose(prob[1], expect, atol=1e-5)
+    assert gaussian_importance((4, 4, 4)).min() > 0
+
+
+@pytest.fixture(scope="module")
+def canonical_result(phantom_case, detector):
+    scan_path, _ = phantom_case
+    return detector.detect(load_scan(scan_path))
+
+
+def test_phantom_detection_is_accurate(canonical_result, phantom_case):
+    _, ph = phantom_case
+    d = canonical_result
+    fem = ph.femur.astype(bool)
+    les = ph.lesion.astype(bool)
+    femur_dice = 2 * (d.femur.astype(bool) & fem).sum() / (d.femur.sum() + fem.sum())
+    lesion_dice = 2 * (d.lesion.astype(bool) & les).sum() / (d.lesion.sum() + les.sum())
+    assert femur_dice > 0.95
+    assert lesion_dice > 0.5
+    r = d.report
+    assert r["lesion_count"] >= 1 and r["backend"] == "onnxruntime" and r["precision"] == "fp32"
+    assert len(r["models"]["segmenter"]["sha256"]) == 64
+
+
+def test_flipped_permuted_scan_gives_the_same_mask(phantom_case, canonical_result, detector, tmp_path):
+    scan_path, _ = phantom_case
+    img = nib.load(str(scan_path))
+    data = np.asanyarray(img.dataobj)
+    # stored as (S->I, R->L, P->A): permuted and flipped
+    target = axcodes2ornt(("I", "L", "A"))
+    tr = ornt_transform(io_orientation(img.affine), target)
+    new_data = apply_orientation(data, tr)
+    new_aff = img.affine @ nib.orientations.inv_ornt_aff(tr, data.shape)
+    p = tmp_path / "flipped.nii.gz"
+    nib.save(nib.Nifti1Image(new_data, new_aff), str(p))
+    scan = load_scan(p)
+    assert scan.input_axcodes == ("I", "L", "A")
+    d = detector.detect(scan)
+    assert np.array_equal(d.lesion, canonical_result.lesion)
+    assert np.array_equal(d.femur, canonical_result.femur)
+    # and the mask written back lands on the flipped grid
+    from bmltrt.io import save_mask_like
+
+    out = nib.load(str(save_mask_like(d.lesion, scan, tmp_path / "m.nii.gz")))
+    assert np.allclose(out.affine, new_aff)
+    canon_in = nib.load(str(scan_path))
+    assert np.array_equal(np.asanyarray(out.dataobj),
+                          apply_orientation(np.asanyarray(canon_in.dataobj) * 0 + _input_mask(canonical_result, scan_path), tr))
+
+
+def _input_mask(result, scan_path):
+    """The canonical result's lesion mask on the canonical file's grid."""
+    return load_scan(scan_path).to_input_grid(result.lesion)
+
+
+def test_same_input_twice_is_byte_identical(phantom_case, canonical_result, detector):
+    scan_path, _ = phantom_case
+    again = detector.detect(load_scan(scan_path))
+    assert again.lesion.tobytes() == canonical_result.lesion.tobytes()
+    assert again.femur.tobytes() == canonical_result.femur.tobytes()
+
+
+def test_healthy_scan_has_no_lesion_above_min_area(healthy_case, detector):
+    scan_path, _ = healthy_case
+    scan = load_scan(scan_path)
+    d = detector.detect(scan)
+    min_px = detector.config.post.min_area_mm2 / (scan.spacing[1] * scan.spacing[2])
+    from scipy import ndimage as ndi
+
+    for s in range(d.lesion.shape[0]):
+        lab, n = ndi.label(d.lesion[s])
+        sizes = np.bincount(lab.ravel())[1:]
+        assert not (sizes > min_px).any(), f"slice {s}: lesion of {sizes.max()} px on a healthy scan"
+
+
+def test_batch_with_a_corrupt_file_finishes_the_others(phantom_case, tmp_path):
+    scan_path, _ = phantom_case
+    bad = tmp_path / "corrupt.nii.gz"
+    b = scan_path.read_bytes()
+    bad.write_bytes(b[: len(b) // 3])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["detect", str(bad), str(scan_path), "-o", str(out)])
+    assert res.exit_code == 2
+    assert "corrupt.nii.gz" in res.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["knee_bml.nii.gz", "knee_femur.nii.gz", "knee_overlay.png", "knee_report.json"]
+    rep = json.loads((out / "knee_report.json").read_text())
+    assert {"lesion_count", "lesion_volume_mm3", "lesions", "femur_volume_mm3", "timings_s", "models"} <= set(rep)
+    bml = nib.load(str(out / "knee_bml.nii.gz"))
+    src = nib.load(str(scan_path))
+    assert bml.shape == src.shape and np.allclose(bml.affine, src.affine)
+    # a second run refuses to overwrite, and leaves the outputs alone
+    before = (out / "knee_bml.nii.gz").read_bytes()
+    res = CliRunner().invoke(app, ["detect", str(scan_path), "-o", str(out)])
+    assert res.exit_code == 2 and "exist" in res.stderr
+    assert (out / "knee_bml.nii.gz").read_bytes() == before
+
+
+def test_unavailable_backend_is_said_plainly(phantom_case, tmp_path):
+    scan_path, _ = phantom_case
+    res = CliRunner().invoke(app, ["detect", str(scan_path), "-o", str(tmp_path / "o"), "--backend", "tensorrt"])
+    assert res.exit_code == 2 and "tensorrt backend is not available" in res.stderr
+    res = CliRunner().invoke(app, ["detect", str(scan_path), "-o", str(tmp_path / "o"), "--resolution", "999"])
+    assert res.exit_code == 2 and "no inpainter" in res.stderr
+
+
+def test_demo_runs(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "lesion Dice" in res.output
+    assert (tmp_path / "demo" / "demo_knee_overlay.png").exists()
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["pykneer_qdess_echo2_oailike_448x448x40.nii.gz",
+                                  "pykneer_qdess_echo1_oailike_448x448x40.nii.gz",
+                                  "pymskt_mese_t2_echo1_TE6.3.nii.gz"])
+def test_real_scans_run(name, detector, tmp_path):
+    p = SHARED_DATA / "real" / name
+    if not p.exists():
+        pytest.skip(f"{name} absent")
+    from bmltrt.report import write_outputs
+
+    d = detector.detect(load_scan(p))
+    paths = write_outputs(d, tmp_path)
+    assert nib.load(str(paths["bml"])).shape == nib.load(str(p)).shape
+    assert d.femur.sum() > 0

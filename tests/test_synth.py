@@ -1,0 +1,98 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bmltrt.cli import app
+from bmltrt.synth.dataset import split_counts
+from bmltrt.synth.phantom import PhantomConfig, make_phantom
+
+from conftest import SHARED_DATA, needs_shared, save_nifti
+
+
+def test_same_seed_gives_byte_identical_arrays():
+    a = make_phantom([5, 1], PhantomConfig(n_lesions=(1, 3)))
+    b = make_phantom([5, 1], PhantomConfig(n_lesions=(1, 3)))
+    c = make_phantom([5, 2], PhantomConfig(n_lesions=(1, 3)))
+    for k in ("image", "femur", "lesion"):
+        assert getattr(a, k).tobytes() == getattr(b, k).tobytes()
+    assert a.image.tobytes() != c.image.tobytes()
+
+
+def test_phantom_anatomy_and_lesions():
+    ph = make_phantom([9, 9], PhantomConfig(n_lesions=(3, 3)))
+    assert ph.image.shape == (36, 448, 448) and ph.image.dtype == np.int16
+    assert ph.femur.dtype == np.uint8 and set(np.unique(ph.femur)) == {0, 1}
+    assert ph.lesion.dtype == np.uint8 and set(np.unique(ph.lesion)) == {0, 1}
+    assert not (ph.lesion.astype(bool) & ~ph.femur.astype(bool)).any()
+    assert ph.info["n_lesions"] == 3
+    # lesions span several 3 mm slices and are brighter than the marrow around them
+    from scipy import ndimage as ndi
+    labels, n = ndi.label(ph.lesion, np.ones((3, 3, 3)))
+    assert n >= 1
+    assert max(len(np.unique(np.argwhere(labels == i)[:, 0])) for i in range(1, n + 1)) >= 2
+    marrow = ph.femur.astype(bool) & ~ndi.binary_dilation(ph.lesion.astype(bool), iterations=3)
+    assert ph.image[ph.lesion.astype(bool)].mean() > 1.5 * np.median(ph.image[marrow])
+    # the femur is the distal femur: it reaches the top of the field of view (the shaft)
+    assert ph.femur[:, 0, :].any() and ph.femur.sum() > 1e5
+
+
+def test_split_counts_follow_the_paper():
+    assert split_counts(300) == {"train": 210, "val": 45, "test": 45}
+    assert split_counts(6) == {"train": 4, "val": 1, "test": 1}
+    assert sum(split_counts(80).values()) == 80
+
+
+def test_synth_cli_writes_a_dataset(tmp_path):
+    out = tmp_path / "ds"
+    r = CliRunner().invoke(app, ["synth", str(out), "--cases", "3", "--seed", "1", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "dataset.json").read_text())
+    assert {k: len(v) for k, v in man["splits"].items()} == {"train": 1, "val": 1, "test": 1}
+    val = man["splits"]["val"][0]
+    img = nib.load(str(out / "val" / "images" / f"{val}.nii.gz"))
+    assert np.allclose(img.header.get_zooms(), (0.357, 0.357, 3.0), atol=1e-4)
+    assert img.shape == (448, 448, 36)
+    assert nib.aff2axcodes(img.affine) == ("P", "I", "R")
+    les = np.asanyarray(nib.load(str(out / "val" / "lesion" / f"{val}.nii.gz")).dataobj)
+    fem = np.asanyarray(nib.load(str(out / "val" / "femur" / f"{val}.nii.gz")).dataobj)
+    assert les.dtype == np.uint8 and les.any() and not (les & (1 - fem)).any()
+    train = man["splits"]["train"][0]
+    assert not np.asanyarray(nib.load(str(out / "train" / "lesion" / f"{train}.nii.gz")).dataobj).any()
+    r = CliRunner().invoke(app, ["synth", str(out), "--cases", "3"])
+    assert r.exit_code == 2 and "not empty" in r.stderr
+
+
+def _label_map(path):
+    """A small label map shaped like OAI-ZIB: sagittal axis first, 0.7 x 0.365 x 0.365 mm."""
+    lab = np.zeros((20, 96, 96), np.uint16)
+    zz, yy, xx = np.meshgrid(np.arange(20), np.arange(96), np.arange(96), indexing="ij")
+    lab[(yy - 30) ** 2 + (xx - 48) ** 2 < 25 ** 2] = 1  # femur
+    lab[(lab == 1) & ((yy - 45) ** 2 + (xx - 48) ** 2 < 6 ** 2) & (zz > 5) & (zz < 14)] = 7  # lesion
+    lab[(yy > 60) & (yy < 90) & (np.abs(xx - 48) < 28)] = 3  # tibia
+    lab[(yy > 56) & (yy <= 60) & (np.abs(xx - 48) < 26)] = 4  # tibial cartilage
+    aff = np.diag([0.7, 0.365, 0.365, 1.0])
+    return save_nifti(path, lab, aff)
+
+
+def test_from_labels_paints_and_reslices(tmp_path):
+    from bmltrt.synth.labels import phantom_from_labels
+
+    ph = phantom_from_labels(_label_map(tmp_path / "k_labels.nii.gz"), 0)
+    assert ph.image.shape[1:] == (448, 448) and ph.image.shape[0] == round(20 * 0.7 / 3.0)
+    assert ph.lesion.any() and not (ph.lesion & (1 - ph.femur)).any()
+    assert ph.image[ph.lesion.astype(bool)].mean() > ph.image[ph.femur.astype(bool) & ~ph.lesion.astype(bool)].mean()
+
+
+@needs_shared
+def test_from_real_labels(tmp_path):
+    files = sorted((SHARED_DATA / "labels" / "OAI_AKOA").glob("*.nii.gz"))
+    if not files:
+        pytest.skip("no label maps")
+    from bmltrt.synth.labels import phantom_from_labels
+
+    ph = phantom_from_labels(files[0], 0)
+    assert ph.image.shape[1:] == (448, 448) and 30 <= ph.image.shape[0] <= 45
+    assert ph.femur.sum() > 1e4
