@@ -34,7 +34,7 @@ def phantom_case(tmp_path_factory):
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
 
     root = tmp_path_factory.mktemp("case")
-    ph = make_phantom([11, 3], PhantomConfig(n_lesions=(2, 2)))
+    ph = make_phantom([4, 0], PhantomConfig(n_lesions=(2, 2)))
     write_case(root, "t", "knee", ph)
     return root / "t" / "images" / "knee.nii.gz", ph
 

@@ -96,3 +96,34 @@ def perturb_mask(mask, max_dilate_px: int, p_blob: float = 0.5):
             m = torch.maximum(m, ring * (field > 0.5).float())
         out.append(m)
     return torch.cat(out)
+
+
+def lesion_like_blobs(x, femur, spacing_mm, p=0.7, max_blobs=3):
+    """Paint bright, smooth blobs inside the femur of 3D batches (B,1,D,H,W).
+
+    The training subjects are healthy, but the segmenter will meet bone marrow lesions:
+    bright marrow it must still call femur. Without this, it carves lesions out of the
+    femur mask, and the inpainter then never repaints them.
+    """
+    b = x.shape[0]
+    out = x.clone()
+    dev = x.device
+    grids = [torch.arange(n, device=dev, dtype=torch.float32) for n in x.shape[2:]]
+    for i in range(b):
+        if float(torch.rand(1)) >= p:
+            continue
+        fem = femur[i, 0] > 0.5
+        idx = fem.nonzero()
+        if len(idx) == 0:
+            continue
+        for _ in range(int(torch.randint(1, max_blobs + 1, (1,)))):
+            c = idx[int(torch.randint(0, len(idx), (1,)))].float()
+            radius_mm = float(torch.empty(1).uniform_(2.0, 12.0))
+            amp = float(torch.empty(1).uniform_(0.3, 1.0))
+            d2 = 0.0
+            for ax, (g, s) in enumerate(zip(grids, spacing_mm)):
+                shape = [1, 1, 1]
+                shape[ax] = -1
+                d2 = d2 + (((g - c[ax]) * s / radius_mm) ** 2).view(shape)
+            out[i, 0] = out[i, 0] + amp * torch.exp(-d2) * fem
+    return out

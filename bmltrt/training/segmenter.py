@@ -55,6 +55,8 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     val = segmenter_volumes(opts.data, "val", cfg.inplane_spacing_mm, opts.limit_cases)
     if not train:
         raise BmlError("no training cases", opts.data, "make a dataset with `bmltrt synth`")
+    # Working-grid voxel size: phantom slices are 3 mm; rows and columns are resampled.
+    spacing = (3.0, cfg.inplane_spacing_mm, cfg.inplane_spacing_mm)
     net = build_segmenter(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
 
@@ -62,6 +64,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         x, y = random_crops(train, cfg.patch, opts.batch_size, rng)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         x, y = augment.random_flips(x, y, dims=(-3, -1))  # left-right and anterior-posterior
+        x = augment.lesion_like_blobs(x, y, spacing)
         x = augment.bias_field(augment.contrast_randomisation(x))
         loss = dice_ce_loss(net(x), y)
         for g in opt.param_groups:  # linear decay, a pure function of the step (resumable)
