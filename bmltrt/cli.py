@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -77,7 +76,7 @@ def _train_common(kind, data, out_dir, config, steps, batch_size, lr, device, se
     import json
 
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise BmlError("training needs torch", hint="pip install 'bmltrt[train]'") from None
     from bmltrt.training.loop import RunOptions
@@ -89,8 +88,6 @@ def _train_common(kind, data, out_dir, config, steps, batch_size, lr, device, se
                       ckpt_every=max(1, min(100, val_every)), limit_cases=limit_cases,
                       time_limit_min=time_limit)
     if device in ("cuda", "gpu"):
-        import torch
-
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     with _progress() as prog:
@@ -269,6 +266,8 @@ def detect(
                 result = det.detect(scan, progress)
                 write_outputs(result, out_dir)
                 r = result.report
+                for w in r["warnings"][len(scan.warnings):]:
+                    console.print(f"[yellow]warning:[/] {p.name}: {w}", highlight=False)
                 rows.append((p.name, str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
                              f"{r['femur_volume_mm3'] / 1000:.1f}", f"{r['timings_s']['total_s']:.1f}", "[green]ok[/]"))
             except BmlError as err:

@@ -23,6 +23,8 @@ from bmltrt.runtime.preprocess import inplane_shape, normalize_intensity, slices
 from bmltrt.runtime.sliding_window import sliding_window
 
 MIN_FEMUR_SLICE_MM2 = 20.0  # slices with less femur than this are not inpainted
+# Real BMLs rarely exceed a few percent of the femur; more means a suspect femur mask.
+SUSPICIOUS_LESION_FRACTION = 0.05
 
 
 @dataclass
@@ -164,6 +166,14 @@ class Detector:
                 })
             lesions.sort(key=lambda d: -d["volume_mm3"])
         store = self.backend.store
+        warnings = list(scan.warnings)
+        fem_mm3, les_mm3 = float(femur.sum() * vox), float(lesion.sum() * vox)
+        if fem_mm3 == 0:
+            warnings.append("no femur found: is this a sagittal knee MRI?")
+        elif les_mm3 > SUSPICIOUS_LESION_FRACTION * fem_mm3:
+            warnings.append(f"lesions cover {100 * les_mm3 / fem_mm3:.0f}% of the femur: check the femur mask "
+                            "in the overlay; the default models were trained on phantoms and may miss the femur "
+                            "on real contrasts")
         return {
             "bmltrt_version": __version__,
             "input": {"path": str(scan.path), "shape": list(scan.input_shape),
@@ -181,6 +191,6 @@ class Detector:
                        for name, e in (("segmenter", self.seg_entry), (self.inp_name, self.inp_entry))},
             "models_dir": str(store.root),
             "config": self.config.to_dict(),
-            "warnings": list(scan.warnings),
+            "warnings": warnings,
             "slice_axis": "working slices run left->right; 0 is the leftmost sagittal slice",
         }

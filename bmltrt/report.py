@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from bmltrt.io import save_mask_like
+from bmltrt.io.atomic import atomic_write
 
 MAX_TILES = 12
 TILE = 320
@@ -58,25 +57,7 @@ def overlay_png(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, path: P
     ImageDraw.Draw(sheet).text((6, 5), title + "   yellow: femur   red: lesion", fill=(255, 255, 255))
     for k, t in enumerate(tiles):
         sheet.paste(t, ((k % cols) * TILE, head + (k // cols) * th))
-    return _save_atomic(lambda p: sheet.save(p, format="PNG"), path)
-
-
-def _save_atomic(write, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda p: sheet.save(p, format="PNG"))
 
 
 def write_outputs(det, out_dir: Path) -> dict[str, Path]:
@@ -97,5 +78,5 @@ def write_outputs(det, out_dir: Path) -> dict[str, Path]:
     overlay_png(det.normalized, det.femur, det.lesion, paths["overlay"], det.scan.spacing,
                 title=f"{name}: {det.report['lesion_count']} lesion(s), {det.report['lesion_volume_mm3']:.0f} mm3")
     rep = dict(det.report, outputs={k: str(v) for k, v in paths.items()})
-    _save_atomic(lambda p: Path(p).write_text(json.dumps(rep, indent=1)), paths["report"])
+    atomic_write(paths["report"], lambda p: Path(p).write_text(json.dumps(rep, indent=1)))
     return paths

@@ -30,7 +30,7 @@ def main():
     img = ph.image.astype(np.float32)
     lo, hi = np.percentile(img, [0.5, 99.5])
     les_slices = np.flatnonzero(ph.lesion.any(axis=(1, 2)))
-    picks = [8, img.shape[0] // 2, int(les_slices[len(les_slices) // 2])]
+    picks = [8, 26, int(les_slices[len(les_slices) // 2])]
     tiles = []
     for s in picks:
         t = Image.fromarray(_gray(img[s], lo, hi)).convert("RGB")

@@ -1,6 +1,4 @@
-import gzip
 import itertools
-import re
 
 import nibabel as nib
 import numpy as np

@@ -140,7 +140,6 @@ def test_resumed_run_equals_uninterrupted(tiny_dataset, tmp_path):
 
 def test_export_inpainter_matches_torch_without_dft_op(tiny_dataset, tmp_path):
     import onnxruntime as ort
-    import torch
 
     from bmltrt.export.onnx_export import TENSORRT10_SAFE_OPS, export_models
     from bmltrt.models.lama import InpainterConfig

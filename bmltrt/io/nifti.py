@@ -10,7 +10,6 @@ mask maps back voxel for voxel.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from nibabel.orientations import (
 )
 
 from bmltrt.errors import BmlError
+from bmltrt.io.atomic import atomic_write
 
 WORKING_AXCODES = ("R", "I", "P")
 _WORKING_ORNT = axcodes2ornt(WORKING_AXCODES)
@@ -192,33 +192,15 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask:
                 input_axcodes=axcodes, warnings=warnings)
 
 
-def _default_mode() -> int:
-    """What a plain open() would give (mkstemp makes 0600 files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_nifti_atomic(img: nib.spatialimages.SpatialImage, out_path: str | os.PathLike,
                        protect: tuple[os.PathLike, ...] = ()) -> Path:
-    """Write to a temporary file beside the target, then rename: never a partial file."""
+    """Write atomically (never a partial file), refusing to replace a protected input."""
     out_path = Path(out_path)
     for p in protect:
         if Path(p).exists() and out_path.exists() and os.path.samefile(p, out_path):
             raise BmlError("refusing to overwrite an input scan", out_path, "choose another output folder")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if out_path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=suffix, dir=out_path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out_path
+    return atomic_write(out_path, lambda tmp: nib.save(img, tmp), suffix=suffix)
 
 
 def mask_image_like(mask_working: np.ndarray, scan: Scan) -> nib.spatialimages.SpatialImage:

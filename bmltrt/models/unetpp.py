@@ -9,7 +9,7 @@ grid (in-plane spacing, patch) that make the CPU default affordable.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass

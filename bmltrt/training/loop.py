@@ -53,7 +53,7 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
     """
     out = Path(opts.out)
     path = out / "checkpoint.pt"
-    start, history, best = 0, [], {}
+    start, history = 0, []
     if opts.resume:
         if not path.exists():
             raise BmlError("nothing to resume: no checkpoint.pt", out, "drop --resume to start a new run")
