@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from bmltrt.cli import app
+
+from conftest import has_gpu
+
+
+def test_help_lists_the_commands():
+    r = CliRunner().invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("synth", "train", "export", "detect", "demo", "evaluate", "doctor"):
+        assert cmd in r.output
+
+
+def test_doctor_names_each_backend():
+    r = CliRunner().invoke(app, ["doctor"])
+    assert r.exit_code == 0
+    for name in ("onnxruntime", "torch", "tensorrt", "cupy", "cucim", "gpu"):
+        assert name in r.output
+
+
+def test_gpu_request_falls_back_with_a_warning(phantom_case, tmp_path):
+    if has_gpu():
+        return  # the fallback only shows without a GPU
+    scan, _ = phantom_case
+    r = CliRunner().invoke(app, ["detect", str(scan), "-o", str(tmp_path), "--device", "gpu"])
+    assert r.exit_code == 0, r.stderr
+    assert "warning:" in r.stderr and "running on the CPU" in r.stderr
+    rep = json.loads((tmp_path / "knee_report.json").read_text())
+    assert rep["device"] == "cpu"
+
+
+def test_evaluate_writes_scores(tmp_path):
+    ds = tmp_path / "ds"
+    assert CliRunner().invoke(app, ["synth", str(ds), "--cases", "3", "--seed", "4", "-j", "1"]).exit_code == 0
+    r = CliRunner().invoke(app, ["evaluate", str(ds), "--split", "test", "-o", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output + r.stderr
+    ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    s = ev["summary"]
+    assert s["n_cases"] == 1 and 0.0 <= s["slice"]["pooled"]["dice"] <= 1.0
+    assert s["femur_dice_mean"] > 0.95
+    assert (tmp_path / "ev" / "cases.csv").read_text().startswith("case,")
+
+
+def test_post_options_reach_the_detector(phantom_case, tmp_path):
+    scan, _ = phantom_case
+    r = CliRunner().invoke(app, ["detect", str(scan), "-o", str(tmp_path), "--floor", "0.99"])
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads((tmp_path / "knee_report.json").read_text())
+    assert rep["config"]["post"]["floor"] == 0.99
+    assert rep["lesion_count"] == 0  # nothing passes a floor of 0.99
+    assert not np.any(rep["lesions"])
