@@ -27,27 +27,25 @@ needs_gpu = pytest.mark.skipif(not has_gpu(), reason="no CUDA GPU with CuPy")
 needs_shared = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 
 
-@pytest.fixture(scope="session")
-def phantom_case(tmp_path_factory):
-    """One full-size phantom case with two lesions, written like a dataset case."""
+def _phantom_file(tmp_path_factory, name, seed, n_lesions):
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
 
-    root = tmp_path_factory.mktemp("case")
-    ph = make_phantom([4, 0], PhantomConfig(n_lesions=(2, 2)))
-    write_case(root, "t", "knee", ph)
-    return root / "t" / "images" / "knee.nii.gz", ph
+    root = tmp_path_factory.mktemp(name)
+    ph = make_phantom(seed, PhantomConfig(n_lesions=(n_lesions, n_lesions)))
+    write_case(root, "t", name, ph)
+    return root / "t" / "images" / f"{name}.nii.gz", ph
+
+
+@pytest.fixture(scope="session")
+def phantom_case(tmp_path_factory):
+    """One full-size phantom case with two lesions (180 and 421 mm3), written like a dataset case."""
+    return _phantom_file(tmp_path_factory, "knee", [4, 0], 2)
 
 
 @pytest.fixture(scope="session")
 def healthy_case(tmp_path_factory):
-    from bmltrt.synth.dataset import write_case
-    from bmltrt.synth.phantom import PhantomConfig, make_phantom
-
-    root = tmp_path_factory.mktemp("healthy")
-    ph = make_phantom([12, 5], PhantomConfig(n_lesions=(0, 0)))
-    write_case(root, "t", "healthy", ph)
-    return root / "t" / "images" / "healthy.nii.gz", ph
+    return _phantom_file(tmp_path_factory, "healthy", [12, 5], 0)
 
 
 @pytest.fixture(scope="session")

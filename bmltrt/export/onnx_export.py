@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from bmltrt.errors import BmlError
+from bmltrt.io.atomic import atomic_write
 
 OPSET = 17
 MANIFEST = "manifest.json"
@@ -47,19 +46,14 @@ def _export(module, example, path: Path, input_name: str, output_name: str):
     import torch
 
     module.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp):
         with torch.no_grad():
             torch.onnx.export(module, (example,), tmp, input_names=[input_name], output_names=[output_name],
                               dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, write, suffix=".onnx")
 
 
 def _check_against_torch(module, example, path: Path, atol: float) -> float:
@@ -139,7 +133,5 @@ def export_models(segmenter: Path | None, inpainters: list[Path], out_dir: Path,
         e = export_inpainter(load(p), out_dir)
         manifest["models"][f"inpainter_{e['resolution']}"] = e
     manifest["default_resolution"] = default_resolution
-    tmp = man_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, man_path)
+    atomic_write(man_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1, sort_keys=True)))
     return manifest

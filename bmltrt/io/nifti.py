@@ -79,9 +79,6 @@ class Scan:
             raise AssertionError(f"mapped shape {out.shape} != input shape {self.input_shape}")
         return np.ascontiguousarray(out)
 
-    def from_input_grid(self, array_input: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(apply_orientation(array_input, self.to_working))
-
 
 def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
     """Open a NIfTI file lazily and check everything the header can tell."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch.nn as nn
+
 
 @dataclass
 class SegmenterConfig:
@@ -50,19 +52,13 @@ def build_segmenter(cfg: SegmenterConfig):
                              features=tuple(cfg.features), deep_supervision=cfg.deep_supervision)
 
 
-class SegmenterLogits:
-    """Picks the final output of UNet++ (a list under MONAI) for export and inference."""
+class SegmenterLogits(nn.Module):
+    """The final output of UNet++ (MONAI returns a list), for export and inference."""
 
-    def __new__(cls, net):
-        import torch.nn as nn
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
 
-        class _Wrap(nn.Module):
-            def __init__(self, net):
-                super().__init__()
-                self.net = net
-
-            def forward(self, x):
-                out = self.net(x)
-                return out[-1] if isinstance(out, (list, tuple)) else out
-
-        return _Wrap(net)
+    def forward(self, x):
+        out = self.net(x)
+        return out[-1] if isinstance(out, (list, tuple)) else out

@@ -14,7 +14,6 @@ test subjects carry lesions, in the paper's 210/45/45 proportions.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from bmltrt.errors import BmlError
 from bmltrt.io import write_nifti_atomic
+from bmltrt.io.atomic import atomic_write
 from bmltrt.synth.phantom import Phantom, PhantomConfig, make_phantom
 
 SPLITS = ("train", "val", "test")
@@ -150,9 +150,7 @@ def _write_manifest(out: Path, results: list[dict], settings: dict) -> dict:
         "splits": {s: [r["case"] for r in results if r["split"] == s] for s in SPLITS},
         "cases": {r["case"]: r for r in results},
     }
-    tmp = out / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "dataset.json")
+    atomic_write(out / "dataset.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     return manifest
 
 
