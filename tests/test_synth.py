@@ -96,3 +96,19 @@ def test_from_real_labels(tmp_path):
     ph = phantom_from_labels(files[0], 0)
     assert ph.image.shape[1:] == (448, 448) and 30 <= ph.image.shape[0] <= 45
     assert ph.femur.sum() > 1e4
+
+
+def test_synth_cli_from_labels(tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    _label_map(labels / "a_labels.nii.gz")
+    lab = np.asanyarray(nib.load(str(labels / "a_labels.nii.gz")).dataobj)
+    lab[lab == 7] = 1  # a knee without lesion goes to train
+    save_nifti(labels / "b_labels.nii.gz", lab, np.diag([0.7, 0.365, 0.365, 1.0]))
+    out = tmp_path / "ds"
+    r = CliRunner().invoke(app, ["synth", str(out), "--from-labels", str(labels), "-j", "1"])
+    assert r.exit_code == 0, r.output + r.stderr
+    man = json.loads((out / "dataset.json").read_text())
+    assert man["splits"]["train"] == ["b"] and man["splits"]["val"] == ["a"]
+    r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "no label maps" in r.stderr
