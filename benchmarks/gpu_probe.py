@@ -45,8 +45,8 @@ def postprocess_probe(res: dict):
     write_case("/tmp/probe", "p", "knee", ph)
     scan = load_scan("/tmp/probe/p/images/knee.nii.gz")
     det = Detector(make_backend("onnxruntime", "cpu")[0])
-    femur = det.segment_femur(scan.data, scan.spacing)
     norm = normalize_intensity(scan.data)
+    femur = det.segment_femur(norm, scan.spacing)
     comp, sl = det.inpaint(norm, femur, scan.spacing)
     x, xt, fm = norm[sl], comp[sl], femur[sl]
     px = (scan.spacing[1], scan.spacing[2])

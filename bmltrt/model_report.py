@@ -63,14 +63,14 @@ def main(argv=None):
         scan = load_scan(img_p)
         fem_true = load_scan(fem_p, is_mask=True).data > 0
         les = load_scan(les_p, is_mask=True).data > 0
-        femur = det.segment_femur(scan.data, scan.spacing)
+        norm = normalize_intensity(scan.data)
+        femur = det.segment_femur(norm, scan.spacing)
         femur_dice.append(scores(confusion(femur, fem_true))["dice"])
         # What the coarse working grid costs at best: the true mask taken to the
         # segmenter's grid and back, as its probabilities are.
         small = zoom_to(fem_true.astype(np.float32),
                         inplane_shape(fem_true.shape, scan.spacing, det.seg_cfg["inplane_spacing_mm"]))
         ceiling.append(scores(confusion(zoom_to(small, fem_true.shape) > 0.5, fem_true))["dice"])
-        norm = normalize_intensity(scan.data)
         sp = scan.spacing
         area = fem_true.reshape(len(fem_true), -1).sum(1) * sp[1] * sp[2]
         healthy = np.flatnonzero((area > MIN_FEMUR_SLICE_MM2) & ~les.any(axis=(1, 2)))

@@ -82,13 +82,14 @@ class Detector:
         self.inp_entry = store.entry(self.inp_name)
 
     # -- stages -------------------------------------------------------------------
-    def segment_femur(self, vol, spacing, on_patch=None):
+    def segment_femur(self, norm, spacing, on_patch=None):
+        """Femur mask of a normalised volume (normalize_intensity), on its own grid."""
         cfg = self.seg_cfg
-        shape = inplane_shape(vol.shape, spacing, cfg["inplane_spacing_mm"])
-        small = zoom_to(normalize_intensity(vol), shape)
+        shape = inplane_shape(norm.shape, spacing, cfg["inplane_spacing_mm"])
+        small = zoom_to(norm, shape)
         prob = sliding_window(small, tuple(cfg["patch"]), lambda b: self.backend.run("segmenter", b),
                               batch_size=2, overlap=cfg["overlap"], on_patch=on_patch)[1]
-        prob = zoom_to(prob, vol.shape, order=1)
+        prob = zoom_to(prob, norm.shape, order=1)
         return largest_component_filled(prob > self.config.femur_threshold)
 
     def inpaint(self, norm, femur, spacing, on_batch=None):
@@ -131,10 +132,10 @@ class Detector:
         t0 = time.perf_counter()
         vol = scan.data  # numpy; a GPU backend would upload once here
         spacing = scan.spacing
-        femur = self.segment_femur(vol, spacing, on_patch=progress and (lambda d, n: progress("femur", d, n)))
+        norm = normalize_intensity(vol)
+        femur = self.segment_femur(norm, spacing, on_patch=progress and (lambda d, n: progress("femur", d, n)))
         t["femur_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        norm = normalize_intensity(vol)
         x_tilde, slices = self.inpaint(norm, femur, spacing,
                                        on_batch=progress and (lambda d, n: progress("inpaint", d, n)))
         t["inpaint_s"] = time.perf_counter() - t1

@@ -30,8 +30,8 @@ def cache_cases(det, data, split):
     for case, img_p, _, les_p in case_paths(data, split):
         scan = load_scan(img_p)
         truth = load_scan(les_p, is_mask=True).data > 0
-        femur = det.segment_femur(scan.data, scan.spacing)
         norm = normalize_intensity(scan.data)
+        femur = det.segment_femur(norm, scan.spacing)
         comp, slices = det.inpaint(norm, femur, scan.spacing)
         diff, otsu = anomaly_map(norm[slices], comp[slices], femur[slices])
         cached.append((case, scan.spacing, diff, otsu, femur[slices], truth, slices))

@@ -86,6 +86,18 @@ def _good(tmp_path, name="good.nii"):
     return save_nifti(tmp_path / name, np.random.default_rng(3).random((8, 8, 4)).astype(np.float32) * 100)
 
 
+def _with_header_dims(src, dst, dims: dict):
+    """Copy an uncompressed .nii to `dst` with header dim[k] = v for k, v in dims (data untouched)."""
+    hdr = nib.load(str(src)).header.copy()
+    for k, v in dims.items():
+        hdr["dim"][k] = v
+    raw = bytearray(src.read_bytes())
+    raw[:348] = hdr.binaryblock
+    dst.write_bytes(bytes(raw))
+    src.unlink()
+    return dst
+
+
 def _make_bad(kind, d):
     rng = np.random.default_rng(4)
     vol = (rng.random((8, 8, 4)) * 100).astype(np.float32)
@@ -115,16 +127,7 @@ def _make_bad(kind, d):
     if kind == "constant":
         return save_nifti(d / "const.nii.gz", np.full((8, 8, 4), 7.0, np.float32))
     if kind == "zero_length":
-        p = save_nifti(d / "zero.nii", vol)
-        img = nib.load(str(p))
-        hdr = img.header.copy()
-        hdr["dim"][2] = 0
-        raw = bytearray(p.read_bytes())
-        raw[:348] = hdr.binaryblock
-        q = d / "zero_axis.nii"
-        q.write_bytes(bytes(raw))
-        p.unlink()
-        return q
+        return _with_header_dims(save_nifti(d / "zero.nii", vol), d / "zero_axis.nii", {2: 0})
     if kind == "singular_affine":
         aff = np.diag([3.0, 0.5, 0.5, 1.0])
         aff[:3, 1] = aff[:3, 0]  # two axes point the same way
@@ -137,16 +140,7 @@ def _make_bad(kind, d):
     if kind == "absurd_spacing":
         return save_nifti(d / "spacing.nii.gz", vol, np.diag([500.0, 0.5, 0.5, 1]))
     if kind == "oversize_dims":
-        p = save_nifti(d / "big0.nii", vol)
-        img = nib.load(str(p))
-        hdr = img.header.copy()
-        hdr["dim"][1:4] = (30000, 30000, 30000)
-        raw = bytearray(p.read_bytes())
-        raw[:348] = hdr.binaryblock
-        q = d / "oversize.nii"
-        q.write_bytes(bytes(raw))
-        p.unlink()
-        return q
+        return _with_header_dims(save_nifti(d / "big0.nii", vol), d / "oversize.nii", {1: 30000, 2: 30000, 3: 30000})
     if kind == "complex":
         return save_nifti(d / "cplx.nii.gz", vol.astype(np.complex64))
     if kind == "rgb":

@@ -12,11 +12,10 @@ from bmltrt.arrays import array_module, ndimage_of
 P_LOW, P_HIGH, CLIP_HIGH = 0.5, 99.5, 1.5
 
 
-def normalize_intensity(vol, mask=None):
+def normalize_intensity(vol):
     xp = array_module(vol)
     v = vol.astype(xp.float32, copy=False)
-    sample = v[mask] if mask is not None else v
-    lo, hi = xp.percentile(sample, [P_LOW, P_HIGH])
+    lo, hi = xp.percentile(v, [P_LOW, P_HIGH])
     scale = 1.0 / max(float(hi - lo), 1e-6)
     return xp.clip((v - lo) * scale, 0.0, CLIP_HIGH).astype(xp.float32)
 

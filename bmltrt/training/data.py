@@ -14,14 +14,15 @@ MIN_FEMUR_FRACTION = 0.002  # a slice "contains femur" above this share of its p
 
 
 def segmenter_volumes(root: Path, split: str, inplane_mm: float, limit: int | None = None):
-    """[(case, image (S,H',W') normalised, femur (S,H',W') float)] on the segmenter grid."""
+    """[(case, image (S,H',W') normalised, femur (S,H',W') float, voxel mm)] on the segmenter grid."""
     out = []
     for case, img_p, fem_p, _ in case_paths(root, split)[:limit]:
         scan = load_scan(img_p)
         fem = load_scan(fem_p, is_mask=True).data
         shape = inplane_shape(scan.data.shape, scan.spacing, inplane_mm)
         img = zoom_to(normalize_intensity(scan.data), shape)
-        out.append((case, img.astype(np.float32), (zoom_to(fem, shape) > 0.5).astype(np.float32)))
+        voxel = (scan.spacing[0], inplane_mm, inplane_mm)
+        out.append((case, img.astype(np.float32), (zoom_to(fem, shape) > 0.5).astype(np.float32), voxel))
     return out
 
 

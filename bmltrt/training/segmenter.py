@@ -33,7 +33,7 @@ def random_crops(vols, patch, batch, rng: np.random.Generator):
     """Crops of `patch` from random volumes, biased to contain femur half the time."""
     xs, ys = [], []
     for _ in range(batch):
-        _, img, fem = vols[int(rng.integers(len(vols)))]
+        _, img, fem, _ = vols[int(rng.integers(len(vols)))]
         pads = [(0, max(0, p - s)) for p, s in zip(patch, img.shape)]
         if any(b for _, b in pads):
             img, fem = np.pad(img, pads), np.pad(fem, pads)
@@ -55,8 +55,8 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     val = segmenter_volumes(opts.data, "val", cfg.inplane_spacing_mm, opts.limit_cases)
     if not train:
         raise BmlError("no training cases", opts.data, "make a dataset with `bmltrt synth`")
-    # Working-grid voxel size: phantom slices are 3 mm; rows and columns are resampled.
-    spacing = (3.0, cfg.inplane_spacing_mm, cfg.inplane_spacing_mm)
+    # Working-grid voxel size for the lesion-like blobs (one dataset, one slice thickness).
+    spacing = train[0][3]
     net = build_segmenter(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
 
@@ -82,7 +82,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
 
     def validate():
         dices = []
-        for _, img, fem in val:
+        for _, img, fem, _ in val:
             prob = sliding_window(img, cfg.patch, predict, batch_size=2, overlap=cfg.overlap)[1]
             pred = prob > 0.5
             t = fem > 0.5
