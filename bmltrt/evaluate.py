@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmltrt.errors import BmlError
 from bmltrt.io import load_scan
 from bmltrt.metrics import CaseResult, confusion, evaluate_case, scores, summarize
 from bmltrt.synth.dataset import case_paths
@@ -30,7 +31,7 @@ def _clean(o):
 def evaluate_split(det, data: Path, split: str, out_dir: Path, limit: int | None = None, progress=None) -> dict:
     cases = case_paths(data, split)[:limit]
     results: list[CaseResult] = []
-    femur_dice, times = [], []
+    femur_dice, times, refused = [], [], []
     for k, (case, img_p, fem_p, les_p) in enumerate(cases):
         if progress:
             progress(k, len(cases), case)
@@ -38,16 +39,23 @@ def evaluate_split(det, data: Path, split: str, out_dir: Path, limit: int | None
         truth = load_scan(les_p, is_mask=True).data > 0
         femur = load_scan(fem_p, is_mask=True).data > 0
         t0 = time.perf_counter()
-        d = det.detect(scan)
+        try:
+            d = det.detect(scan)
+            pred_les, pred_fem = d.lesion, d.femur
+        except BmlError:  # refused (no plausible femur): it found nothing
+            pred_les = pred_fem = np.zeros(truth.shape, np.uint8)
+            refused.append(case)
         times.append(time.perf_counter() - t0)
-        results.append(evaluate_case(case, d.lesion, truth, femur, scan.voxel_volume_mm3))
-        femur_dice.append(scores(confusion(d.femur, femur))["dice"])
+        results.append(evaluate_case(case, pred_les, truth, femur, scan.voxel_volume_mm3))
+        femur_dice.append(scores(confusion(pred_fem, femur))["dice"])
     if progress:
         progress(len(cases), len(cases), "done")
     summary = summarize(results)
     summary.update({
         "data": str(data), "split": split,
         "femur_dice_mean": float(np.mean(femur_dice)) if femur_dice else None,
+        "femur_dice_min": float(np.min(femur_dice)) if femur_dice else None,
+        "refused": refused,
         "seconds_per_scan_median": float(np.median(times)) if times else None,
         "backend": det.backend.name, "device": det.backend.device, "precision": det.backend.precision,
         "resolution": det.resolution, "config": det.config.to_dict(),

@@ -18,6 +18,7 @@ from bmltrt.arrays import array_module, ndimage_of, to_numpy
 from bmltrt.errors import BmlError
 from bmltrt.io import Scan
 from bmltrt.postprocess import PostConfig, lesion_mask
+from bmltrt.postprocess.femur_check import check_femur
 from bmltrt.runtime.backends import Backend
 from bmltrt.runtime.preprocess import inplane_shape, normalize_intensity, slices_to_square, square_to_slices, zoom_to
 from bmltrt.runtime.sliding_window import sliding_window
@@ -82,15 +83,22 @@ class Detector:
         self.inp_entry = store.entry(self.inp_name)
 
     # -- stages -------------------------------------------------------------------
-    def segment_femur(self, norm, spacing, on_patch=None):
-        """Femur mask of a normalised volume (normalize_intensity), on its own grid."""
+    def femur_probability(self, norm, spacing, on_patch=None):
+        """Femur probability of a normalised volume (normalize_intensity), on its own grid."""
         cfg = self.seg_cfg
         shape = inplane_shape(norm.shape, spacing, cfg["inplane_spacing_mm"])
         small = zoom_to(norm, shape)
         prob = sliding_window(small, tuple(cfg["patch"]), lambda b: self.backend.run("segmenter", b),
                               batch_size=2, overlap=cfg["overlap"], on_patch=on_patch)[1]
-        prob = zoom_to(prob, norm.shape, order=1)
+        return zoom_to(prob, norm.shape, order=1)
+
+    def femur_mask(self, prob):
+        """The largest piece of the thresholded probability, holes filled."""
         return largest_component_filled(prob > self.config.femur_threshold)
+
+    def segment_femur(self, norm, spacing, on_patch=None):
+        """Femur mask of a normalised volume, on its own grid."""
+        return self.femur_mask(self.femur_probability(norm, spacing, on_patch))
 
     def inpaint(self, norm, femur, spacing, on_batch=None):
         """Composite x~ for every slice with femur (other slices returned unchanged)."""
@@ -133,7 +141,11 @@ class Detector:
         vol = scan.data  # numpy; a GPU backend would upload once here
         spacing = scan.spacing
         norm = normalize_intensity(vol)
-        femur = self.segment_femur(norm, spacing, on_patch=progress and (lambda d, n: progress("femur", d, n)))
+        prob = self.femur_probability(norm, spacing, on_patch=progress and (lambda d, n: progress("femur", d, n)))
+        femur = self.femur_mask(prob)
+        check = check_femur(prob, femur, spacing, norm)
+        if check.refuse:
+            raise BmlError(check.reasons[0], scan.path, "give a sagittal knee MRI (see the README: inputs)")
         t["femur_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         x_tilde, slices = self.inpaint(norm, femur, spacing,
@@ -148,10 +160,10 @@ class Detector:
         t["total_s"] = time.perf_counter() - t0
         femur_np = to_numpy(femur).astype(np.uint8)
         lesion_np = lesion.astype(np.uint8)
-        report = self._report(scan, femur_np, lesion_np, t, slices)
+        report = self._report(scan, femur_np, lesion_np, t, slices, check)
         return Detection(scan, femur_np, lesion_np, to_numpy(norm), t, report)
 
-    def _report(self, scan, femur, lesion, timings, slices) -> dict:
+    def _report(self, scan, femur, lesion, timings, slices, check) -> dict:
         from bmltrt.metrics import components
 
         vox = scan.voxel_volume_mm3
@@ -169,12 +181,11 @@ class Detector:
         store = self.backend.store
         warnings = list(scan.warnings)
         fem_mm3, les_mm3 = float(femur.sum() * vox), float(lesion.sum() * vox)
-        if fem_mm3 == 0:
-            warnings.append("no femur found: is this a sagittal knee MRI?")
-        elif les_mm3 > SUSPICIOUS_LESION_FRACTION * fem_mm3:
-            warnings.append(f"lesions cover {100 * les_mm3 / fem_mm3:.0f}% of the femur: check the femur mask "
-                            "in the overlay; the default models were trained on phantoms and may miss the femur "
-                            "on real contrasts")
+        warnings += [f"implausible femur mask: {r}; look at the overlay before trusting any figure"
+                     for r in check.reasons]
+        if fem_mm3 > 0 and les_mm3 > SUSPICIOUS_LESION_FRACTION * fem_mm3:
+            warnings.append(f"lesions cover {100 * les_mm3 / fem_mm3:.0f}% of the femur (real lesions rarely "
+                            "exceed a few percent): check the femur mask and the lesions in the overlay")
         return {
             "bmltrt_version": __version__,
             "input": {"path": str(scan.path), "shape": list(scan.input_shape),
@@ -184,6 +195,7 @@ class Detector:
             "lesions": lesions,
             "slices_with_lesion": sorted({s for d in lesions for s in d["slices"]}),
             "femur_volume_mm3": round(float(femur.sum() * vox), 1),
+            "femur_check": check.to_dict(),
             "slices_inpainted": len(slices),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "backend": self.backend.name, "device": self.backend.device, "precision": self.backend.precision,

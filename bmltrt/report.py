@@ -11,50 +11,73 @@ from scipy import ndimage as ndi
 from bmltrt.io import save_mask_like
 from bmltrt.io.atomic import atomic_write
 
-MAX_TILES = 12
+FEMUR_TILES = 12  # every k-th femur slice, so the montage covers the femur's whole extent
+MAX_LESION_TILES = 16  # plus every slice with a lesion (the largest, if more)
 TILE = 320
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndi.binary_erosion(mask, iterations=1)
+def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """Outline `width` pixels wide, drawn inside the mask (visible at montage size)."""
+    return mask & ~ndi.binary_erosion(mask, iterations=width)
+
+
+def montage_slices(femur: np.ndarray, lesion: np.ndarray) -> tuple[list[int], list[int]]:
+    """(slices shown, slices with lesion): every k-th slice from the femur's first to its last
+    (both included) and every lesion slice, so a femur mask gone astray shows on some tile."""
+    n = femur.shape[0]
+    les_area = lesion.reshape(n, -1).sum(1)
+    les = [int(i) for i in np.argsort(-les_area) if les_area[i] > 0][:MAX_LESION_TILES]
+    fem = np.flatnonzero(femur.reshape(n, -1).any(1))
+    if len(fem):
+        a, b = int(fem[0]), int(fem[-1])
+        k = max(1, int(np.ceil((b - a + 1) / FEMUR_TILES)))
+        every = list(range(a, b + 1, k))
+        if every[-1] != b:
+            every.append(b)
+    else:
+        every = [n // 4, n // 2, (3 * n) // 4]
+    return sorted(set(every) | set(les)), sorted(les)
 
 
 def overlay_png(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, path: Path,
                 spacing=(1.0, 1.0, 1.0), title: str = "") -> Path:
-    """Montage of sagittal slices: the scan, femur outline (yellow), lesion contour (red).
+    """Montage of sagittal slices: the scan, femur outline (yellow), lesion contours (red).
 
-    Shows the slices with lesions (largest first, up to 12); with none, three slices
-    through the femur.
+    The tiles cover the femur from its first slice to its last, every k-th slice, plus every
+    slice with a lesion; the header says which slices of how many are shown.
     """
     from PIL import Image, ImageDraw
 
+    idx, les_slices = montage_slices(femur, lesion)
     les_area = lesion.reshape(lesion.shape[0], -1).sum(1)
-    idx = [int(i) for i in np.argsort(-les_area) if les_area[i] > 0][:MAX_TILES]
-    if not idx:
-        fa = femur.reshape(femur.shape[0], -1).sum(1)
-        cand = np.flatnonzero(fa > 0)
-        idx = [int(cand[len(cand) * k // 4]) for k in (1, 2, 3)] if len(cand) else [norm.shape[0] // 2]
-    idx = sorted(set(idx))
     lo, hi = np.percentile(norm, [0.5, 99.5])
     tiles = []
     for s in idx:
         g = (np.clip((norm[s] - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-        rgb = np.stack([g, g, g], -1)
-        f = _outline(femur[s] > 0)
-        l_ = ndi.binary_dilation(_outline(lesion[s] > 0))
-        rgb[f] = (255, 210, 0)
-        rgb[l_] = (255, 40, 40)
         h, w = g.shape
-        aspect = (h * spacing[1]) / (w * spacing[2])
-        im = Image.fromarray(rgb).resize((TILE, max(1, int(round(TILE * aspect)))), Image.BILINEAR)
-        ImageDraw.Draw(im).text((6, 4), f"slice {s}  lesion {int(les_area[s])} px", fill=(0, 255, 255))
+        size = (TILE, max(1, int(round(TILE * (h * spacing[1]) / (w * spacing[2])))))
+        grey = np.asarray(Image.fromarray(g).resize(size, Image.BILINEAR))
+        # Outlines at tile size, so they are as thick on a 448 scan as on a 256 one.
+        f = np.asarray(Image.fromarray((femur[s] > 0).astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        le = np.asarray(Image.fromarray((lesion[s] > 0).astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        rgb = np.stack([grey, grey, grey], -1)
+        rgb[_outline(f, 2)] = (255, 210, 0)
+        rgb[_outline(le, 2)] = (255, 40, 40)
+        im = Image.fromarray(rgb)
+        label = f"slice {s}" + (f"  lesion {int(les_area[s])} px" if les_area[s] else "")
+        ImageDraw.Draw(im).text((6, 4), label, fill=(0, 255, 255))
         tiles.append(im)
     cols = min(4, len(tiles))
     rows = (len(tiles) + cols - 1) // cols
     th = max(t.height for t in tiles)
-    head = 22
+    head = 36
     sheet = Image.new("RGB", (cols * TILE, rows * th + head), (0, 0, 0))
-    ImageDraw.Draw(sheet).text((6, 5), title + "   yellow: femur   red: lesion", fill=(255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 4), title + "   yellow: femur   red: lesion", fill=(255, 255, 255))
+    fem = np.flatnonzero(femur.reshape(femur.shape[0], -1).any(1))
+    extent = f"femur in slices {fem[0]}-{fem[-1]}" if len(fem) else "no femur"
+    draw.text((6, 19), f"{len(idx)} of {femur.shape[0]} slices shown (0 = leftmost); {extent}; "
+                       f"{len(les_slices)} with lesion", fill=(200, 200, 200))
     for k, t in enumerate(tiles):
         sheet.paste(t, ((k % cols) * TILE, head + (k // cols) * th))
     return atomic_write(path, lambda p: sheet.save(p, format="PNG"))

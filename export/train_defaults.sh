@@ -1,34 +1,44 @@
 #!/usr/bin/env bash
-# Reproduce the shipped default models from phantoms alone (never real data).
+# Reproduce the shipped default models (see MODEL_CARD.md): SynthSeg-style training on the
+# real knee label maps of train_labels/ (MIT / BSD-3-Clause) completed into whole legs, plus
+# phantom anatomies and a share of `bmltrt synth` phantom scans. Never OAI_AKOA, never real
+# scans: painted OAI_AKOA (val split) is only scored at validation, to watch the runs.
+#
 #   export/train_defaults.sh [DEVICE] [MINUTES] [WORKDIR]
-# DEVICE cuda|cpu; MINUTES caps each training run (the steps reached are recorded in the
-# checkpoints and the model card). The segmenter trains alone, then the five inpainters
-# (one per resolution of the paper's study) concurrently; MORE_448 extra minutes resume
-# the 448 one, which is the slowest to train.
+#
+# DEVICE cpu|cuda; MINUTES caps each training run (both run at once, one core each, on a
+# 2-core CPU; the steps reached are in the checkpoints and the model card). Env: LABELS
+# (default ../shared/data/train_labels), OAI (default ../shared/data/labels/OAI_AKOA),
+# STEPS_SEG, STEPS_INP, AUTOCAST (bf16 on a CPU with AVX512-BF16, else none).
 set -euo pipefail
-dev=${1:-cuda}
-minutes=${2:-6}
+dev=${1:-cpu}
+minutes=${2:-120}
 work=${3:-runs/defaults}
 py=${PYTHON:-python3}
-cases=${CASES:-80}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-$py -m bmltrt synth "$work/data" --cases "$cases" --seed 1 -j "${JOBS:-16}" --force
-$py -m bmltrt train segmenter --data "$work/data" --out "$work/segmenter" --config cpu \
-    --steps "${STEPS_SEG:-4000}" --batch-size 8 --lr 2e-3 --device "$dev" --seed 0 \
-    --val-every "${VAL_SEG:-500}" --time-limit "$minutes" > "$work/segmenter.log" 2>&1
-for r in ${RESOLUTIONS:-128 192 256 320 448}; do
-  $py -m bmltrt train inpainter --data "$work/data" --out "$work/inpainter_$r" --config tiny \
-      --resolution "$r" --steps "${STEPS_INP:-8000}" --batch-size 16 --lr 1e-3 --device "$dev" \
-      --seed 0 --val-every "${VAL_INP:-1000}" --time-limit "$minutes" > "$work/inpainter_$r.log" 2>&1 &
-done
+labels=${LABELS:-../shared/data/train_labels}
+oai=${OAI:-../shared/data/labels/OAI_AKOA}
+amp=${AUTOCAST:-bf16}
+resolutions=128,192,256,320,448
+mkdir -p "$work"
+[ -f "$work/phantoms/dataset.json" ] || $py -m bmltrt synth "$work/phantoms" --cases 80 --seed 1 -j 2 --force
+val=()
+if [ -d "$oai" ]; then
+  [ -f "$work/oai_painted/dataset.json" ] || $py -m bmltrt synth "$work/oai_painted" --from-labels "$oai" --seed 1 -j 2 --force
+  val=(--val-data "$work/oai_painted")
+fi
+# The anatomy bank is built once (about 9 minutes on 2 cores) and shared by both runs.
+$py -c "from bmltrt.training.data import bank_paths; bank_paths('$labels', '$work/anatomy_bank', phantoms=12, workers=2)"
+OMP_NUM_THREADS=1 $py -m bmltrt train segmenter --labels "$labels" --bank-cache "$work/anatomy_bank" \
+    --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter" --config cpu \
+    --steps "${STEPS_SEG:-5000}" --batch-size 2 --lr 2e-3 --device "$dev" --seed 0 --val-every 500 \
+    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter.log" 2>&1 &
+OMP_NUM_THREADS=1 $py -m bmltrt train inpainter --labels "$labels" --bank-cache "$work/anatomy_bank" \
+    --data "$work/phantoms" --phantom-fraction 0.2 "${val[@]}" --out "$work/inpainter" --config tiny \
+    --resolution "$resolutions" --steps "${STEPS_INP:-4000}" --batch-size 8 --lr 1e-3 --device "$dev" --seed 0 \
+    --val-every 500 --autocast "$amp" --time-limit "$minutes" > "$work/inpainter.log" 2>&1 &
 fail=0
 for job in $(jobs -p); do wait "$job" || fail=1; done
-if [ "${MORE_448:-0}" != "0" ]; then
-  $py -m bmltrt train inpainter --data "$work/data" --out "$work/inpainter_448" --config tiny \
-      --resolution 448 --steps "${STEPS_INP:-8000}" --batch-size 16 --lr 1e-3 --device "$dev" \
-      --seed 0 --val-every "${VAL_INP:-1000}" --time-limit "$MORE_448" --resume >> "$work/inpainter_448.log" 2>&1 || fail=1
-fi
-tail -n 2 "$work"/*.log
+tail -n 2 "$work"/segmenter.log "$work"/inpainter.log
 [ $fail = 0 ] || exit 1
-$py -m bmltrt export --segmenter "$work/segmenter/checkpoint.pt" --out "$work/models" \
-    $(for r in ${RESOLUTIONS:-128 192 256 320 448}; do echo --inpainter "$work/inpainter_$r/checkpoint.pt"; done)
+$py -m bmltrt export --segmenter "$work/segmenter/checkpoint.pt" --inpainter "$work/inpainter/checkpoint.pt" \
+    --resolutions "$resolutions" --default-resolution 256 --out "$work/models"

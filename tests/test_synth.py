@@ -103,12 +103,25 @@ def test_synth_cli_from_labels(tmp_path):
     labels.mkdir()
     _label_map(labels / "a_labels.nii.gz")
     lab = np.asanyarray(nib.load(str(labels / "a_labels.nii.gz")).dataobj)
-    lab[lab == 7] = 1  # a knee without lesion goes to train
+    lab[lab == 7] = 1  # a knee without lesion
     save_nifti(labels / "b_labels.nii.gz", lab, np.diag([0.7, 0.365, 0.365, 1.0]))
     out = tmp_path / "ds"
     r = CliRunner().invoke(app, ["synth", str(out), "--from-labels", str(labels), "-j", "1"])
     assert r.exit_code == 0, r.output + r.stderr
     man = json.loads((out / "dataset.json").read_text())
-    assert man["splits"]["train"] == ["b"] and man["splits"]["val"] == ["a"]
+    # painted label maps are never training data; subjects are dealt to val and test
+    assert man["splits"]["train"] == [] and man["splits"]["val"] == ["a"] and man["splits"]["test"] == ["b"]
+
+
+def test_painted_labels_split_by_subject():
+    from bmltrt.synth.dataset import split_by_subject
+
+    cases = {"9001_00m": 0, "9001_96m": 500, "9002_00m": 40, "9002_48m": 0, "9003_00m": 0, "9003_96m": 0,
+             "9004_00m": 10, "9004_96m": 0, "knee_a": 3}
+    split = split_by_subject(cases)
+    for subj in ("9001", "9002", "9003", "9004"):
+        assert len({split[c] for c in cases if c.startswith(subj)}) == 1  # one subject, one split
+    les_splits = [split[c] for c in ("9001_96m", "9002_00m", "9004_00m")]
+    assert set(les_splits) == {"val", "test"}  # lesions in both halves
     r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no label maps" in r.stderr

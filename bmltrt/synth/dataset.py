@@ -119,26 +119,43 @@ def label_files(labels_dir: Path) -> list[Path]:
     return files
 
 
+def subject_of(case: str) -> str:
+    """OAI case names are <subject>_<visit> (9099363_96m): both visits are one subject."""
+    head = case.split("_")[0]
+    return head if head.isdigit() else case
+
+
+def split_by_subject(cases: dict[str, int]) -> dict[str, str]:
+    """val or test for every case (case -> lesion voxels), never one subject in both.
+
+    Subjects are ranked by lesion burden and dealt alternately, those without lesions
+    too, so both halves get small and large lesions. There is no train split: painted
+    label maps are for validation (tuning) and test only.
+    """
+    burden: dict[str, int] = {}
+    for case, n in cases.items():
+        burden[subject_of(case)] = burden.get(subject_of(case), 0) + n
+    with_les = sorted((s for s in burden if burden[s] > 0), key=lambda s: (-burden[s], s))
+    without = sorted(s for s in burden if burden[s] == 0)
+    split = {s: ("val", "test")[i % 2] for i, s in enumerate(with_les)}
+    split.update({s: ("val", "test")[i % 2] for i, s in enumerate(without)})
+    return {case: split[subject_of(case)] for case in cases}
+
+
 def synth_from_labels(out: Path, labels_dir: Path, seed: int, workers: int = 1,
                       progress=lambda: None, cases: int | None = None) -> dict:
-    """Label maps without femoral lesions go to train, those with them to val/test."""
+    """Paint label maps (1 femur, 7 femoral lesion, ...): val and test splits by subject."""
     files = label_files(labels_dir)[: cases or None]
-    with_lesion = []
+    names, burden = [], {}
     for f in files:
-        lab = np.asanyarray(nib.load(str(f)).dataobj)
-        with_lesion.append(bool((lab == 7).any()))
-    jobs = []
-    les_idx = 0
-    for i, (f, has) in enumerate(zip(files, with_lesion)):
-        if has:
-            split = "val" if les_idx % 2 == 0 else "test"
-            les_idx += 1
-        else:
-            split = "train"
-        case = f.name.split(".nii")[0].replace("_labels", "")
-        jobs.append((str(out), split, case, seed, i, str(f)))
+        name = f.name.split(".nii")[0].replace("_labels", "")
+        names.append(name)
+        burden[name] = int((np.asanyarray(nib.load(str(f)).dataobj) == 7).sum())
+    split = split_by_subject(burden)
+    jobs = [(str(out), split[name], name, seed, i, str(f)) for i, (f, name) in enumerate(zip(files, names))]
     results = _run(jobs, _label_case, workers, progress)
-    return _write_manifest(out, results, {"mode": "labels", "labels_dir": str(labels_dir), "seed": seed})
+    return _write_manifest(out, results, {"mode": "labels", "labels_dir": str(labels_dir), "seed": seed,
+                                          "split": "by subject, val/test only"})
 
 
 def _write_manifest(out: Path, results: list[dict], settings: dict) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bmltrt.synth import appearance as app
+from bmltrt.synth import tissue_labels as T
 
 # Nominal tissue intensities (fluid = 1).
 TISSUE = {
@@ -38,6 +39,7 @@ class Phantom:
     lesion: np.ndarray  # uint8 {0,1}, inside femur
     spacing: tuple[float, float, float]
     info: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None  # uint8 tissue labels (tissue_labels.py), working orientation
 
 
 FAR_MM = 40.0  # signed distance stored outside a shape's bounding box
@@ -171,6 +173,11 @@ def make_phantom(seed: int | np.random.SeedSequence | list, cfg: PhantomConfig |
     img = np.where(body_sd > -fat_layer, TISSUE["fat"] + 0.02 * soft, img)
     img = np.where(hoffa < 0, TISSUE["fat"] + 0.03 * tex, img)
     img = np.where((pat_tendon < 0) | (quad_tendon < 0), TISSUE["tendon"], img)
+    # The tissue label map drawn alongside (the label-driven generator repaints it).
+    lab = np.where(fibres > 1.6, T.SEPTUM, T.MUSCLE).astype(np.uint8)
+    lab[body_sd > -fat_layer] = T.FAT
+    lab[hoffa < 0] = T.HOFFA
+    lab[(pat_tendon < 0) | (quad_tendon < 0)] = T.TENDON
 
     # Joint fluid: a film around the articular surfaces, the suprapatellar pouch, effusion.
     # Pockets, not a coat: the film is only visible where the smooth field is high.
@@ -182,6 +189,7 @@ def make_phantom(seed: int | np.random.SeedSequence | list, cfg: PhantomConfig |
     pouch = _ellipsoid_sd(z, y, x, (0.0, cond_y - 48 * S, -24 * S), np.array([30.0, 26.0, 3.5 + effusion]) * S)
     fluid |= pouch < 0
     img = np.where(fluid, TISSUE["fluid"] - 0.05 * np.abs(soft), img)
+    lab[fluid] = T.FLUID
 
     # Cartilage over the articular surfaces.
     cart_t = 2.4 * S
@@ -189,6 +197,7 @@ def make_phantom(seed: int | np.random.SeedSequence | list, cfg: PhantomConfig |
     tib_cart = (tibia_sd > 0) & (tibia_sd < cart_t) & (y < tib_top + 5 * S)
     pat_cart = (patella_sd > 0) & (patella_sd < 3.0 * S) & (x > pat_c[2] + 2 * S)
     img = np.where(fem_cart | tib_cart | pat_cart, TISSUE["cartilage"] + 0.05 * soft, img)
+    lab[fem_cart], lab[tib_cart], lab[pat_cart] = T.FEM_CART, T.TIB_CART, T.PAT_CART
 
     # Vessels (bright in fat-suppressed IW): popliteal artery and vein, genicular branches.
     # They are the bright structures outside the femur that tempt false positives.
@@ -205,13 +214,17 @@ def make_phantom(seed: int | np.random.SeedSequence | list, cfg: PhantomConfig |
         vessels |= _ellipsoid_sd(z, y, x, c, np.array([8.0, 12.0, 7.0]) * rng.uniform(0.6, 1.3)) < 0
     vessels &= body_sd < -fat_layer
     img = np.where(vessels, TISSUE["vessel"] + 0.05 * soft, img)
+    lab[vessels] = T.VESSEL
 
     # Bones: marrow with trabecular texture inside a dark cortical rim.
     cortex_t = rng.uniform(1.0, 1.8)
-    for sd in (tibia_sd, patella_sd, femur_sd):
+    for sd, inner, rim in ((tibia_sd, T.TIBIA, T.BONE_CORTEX), (patella_sd, T.PATELLA, T.BONE_CORTEX),
+                           (femur_sd, T.FEMUR, T.FEMUR_CORTEX)):
         marrow = TISSUE["marrow"] + 0.06 * tex + 0.02 * soft
         img = np.where(sd < 0, np.where(sd > -cortex_t, TISSUE["cortex"], marrow), img)
+        lab[sd < 0] = np.where(sd[sd < 0] > -cortex_t, rim, inner)
     img = np.where(body_sd > 0, TISSUE["air"], img)
+    lab[body_sd > 0] = T.AIR
 
     femur = femur_sd < 0
     # ---- bone marrow lesions: bright, ill-defined, subchondral, over several slices
@@ -239,6 +252,7 @@ def make_phantom(seed: int | np.random.SeedSequence | list, cfg: PhantomConfig |
         img[box] = np.where(inside, img[box] + amp * np.clip(blob, 0, 1.2), img[box])
         m = (blob > 0.5) & inside
         lesion[box] |= m
+        lab[box][m] = T.FEM_LESION
         sizes.append(float(m.sum() * spacing.prod()))
 
     # ---- acquisition: partial-volume blur, bias field, Rician noise
@@ -247,4 +261,4 @@ def make_phantom(seed: int | np.random.SeedSequence | list, cfg: PhantomConfig |
     img = app.rician(rng, img, rng.uniform(*cfg.noise_sigma))
     info = {"n_lesions": len(sizes), "lesion_volumes_mm3": sizes, "scale": float(scale)}
     return Phantom(image=app.to_int16(img), femur=femur.astype(np.uint8),
-                   lesion=lesion.astype(np.uint8), spacing=cfg.spacing, info=info)
+                   lesion=lesion.astype(np.uint8), spacing=cfg.spacing, info=info, labels=lab)

@@ -50,3 +50,59 @@ def inpainter_slices(root: Path, split: str, res: int, healthy_only: bool = True
     if not imgs:
         return np.zeros((0, res, res), np.float32), np.zeros((0, res, res), bool), []
     return np.concatenate(imgs), np.concatenate(masks), names
+
+
+# -- label-driven samples (SynthSeg-style; synth/anatomy.py, synth/labelgen.py) ----------------
+
+class LabelBank:
+    """Anatomy variants held in memory, drawn with weights per kind: real knees most often,
+    femur shapes swapped into real knees next, phantom anatomies last."""
+
+    KIND_WEIGHTS = {"knee": 0.5, "swap": 0.25, "phantom": 0.25}
+
+    def __init__(self, paths):
+        from bmltrt.synth.anatomy import load_anatomy
+
+        self.anatomies = [load_anatomy(p) for p in paths]
+        if not self.anatomies:
+            raise ValueError("empty anatomy bank")
+        kinds = [a.info.get("kind", "knee") for a in self.anatomies]
+        present = {k: kinds.count(k) for k in set(kinds)}
+        total = sum(self.KIND_WEIGHTS.get(k, 0.1) for k in present)
+        self.weights = np.array([self.KIND_WEIGHTS.get(k, 0.1) / total / present[k] for k in kinds])
+        self.weights /= self.weights.sum()
+
+    def pick(self, rng: np.random.Generator):
+        return self.anatomies[int(rng.choice(len(self.anatomies), p=self.weights))]
+
+
+class SamplePool:
+    """`size` generated samples, `refresh` of them replaced per draw.
+
+    Making one label-driven sample costs about as much as a training step on 2 cores, so
+    each sample serves a few steps (with fresh crops, flips and masks each time).
+    """
+
+    def __init__(self, make, size: int, refresh: int, rng: np.random.Generator):
+        self.make, self.refresh, self.rng = make, refresh, rng
+        self.items = [self._one() for _ in range(size)]
+
+    def _one(self):
+        while True:
+            s = self.make(self.rng)
+            if s is not None:
+                return s
+
+    def draw(self, k: int) -> list:
+        for _ in range(self.refresh):
+            self.items[int(self.rng.integers(len(self.items)))] = self._one()
+        return [self.items[int(i)] for i in self.rng.integers(0, len(self.items), k)]
+
+
+def bank_paths(labels_dir, cache_dir, phantoms: int = 12, knee_variants: int = 6, swaps_per_femur: int = 2,
+               seed: int = 0, workers: int = 1, progress=lambda: None):
+    """Build or reuse the anatomy bank of `labels_dir` (a folder of label maps; None: phantoms only)."""
+    from bmltrt.synth.anatomy import build_bank
+
+    return build_bank(labels_dir, cache_dir, knee_variants=knee_variants, swaps_per_femur=swaps_per_femur,
+                      phantoms=phantoms, seed=seed, workers=workers, progress=progress)

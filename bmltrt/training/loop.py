@@ -17,7 +17,7 @@ from bmltrt.training import checkpoint as ckpt
 
 @dataclass
 class RunOptions:
-    data: Path
+    data: Path | None
     out: Path
     steps: int = 1000
     batch_size: int = 4

@@ -48,25 +48,67 @@ def random_crops(vols, patch, batch, rng: np.random.Generator):
     return np.stack(xs)[:, None], np.stack(ys)[:, None]
 
 
+def _bank_crops(pool, patch, batch, rng):
+    vols = [(None, smp.image, smp.femur, smp.spacing) for smp in pool.draw(batch)]
+    return random_crops(vols, patch, batch, rng)
+
+
 def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> dict:
+    """Train on label-driven scans of the anatomy bank (opts.extra["bank"]) and/or a phantom
+    dataset (opts.data); `phantom_fraction` of each batch comes from the phantom dataset."""
+    from bmltrt.synth.labelgen import segmenter_sample
+    from bmltrt.training.data import LabelBank, SamplePool
+
     device = resolve_device(opts.device)
     rng = seed_everything(opts.seed)
-    train = segmenter_volumes(opts.data, "train", cfg.inplane_spacing_mm, opts.limit_cases)
-    val = segmenter_volumes(opts.data, "val", cfg.inplane_spacing_mm, opts.limit_cases)
-    if not train:
-        raise BmlError("no training cases", opts.data, "make a dataset with `bmltrt synth`")
-    # Working-grid voxel size for the lesion-like blobs (one dataset, one slice thickness).
-    spacing = train[0][3]
-    net = build_segmenter(cfg).to(device)
+    bank_files = opts.extra.get("bank") or []
+    train = segmenter_volumes(opts.data, "train", cfg.inplane_spacing_mm, opts.limit_cases) if opts.data else []
+    val_root = opts.extra.get("val_data") or opts.data
+    val = segmenter_volumes(val_root, "val", cfg.inplane_spacing_mm, opts.limit_cases) if val_root else []
+    if not train and not bank_files:
+        raise BmlError("no training data: give label maps (--labels) or a phantom dataset (--data)",
+                       opts.data, "make a dataset with `bmltrt synth`")
+    frac = float(opts.extra.get("phantom_fraction", 0.0 if bank_files else 1.0)) if train else 0.0
+    pool = None
+    gen_val = []
+    if bank_files:
+        bank = LabelBank(bank_files)
+        px = cfg.inplane_spacing_mm
+        size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
+        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px), size, int(opts.extra.get("refresh", 1)), rng)
+        vrng = np.random.default_rng(12345)  # the same generated validation scans every time
+        gen_val = [(f"gen{i}", smp.image, smp.femur, smp.spacing)
+                   for i, smp in enumerate(segmenter_sample(bank.pick(vrng), vrng, px)
+                                           for _ in range(int(opts.extra.get("gen_val", min(6, max(1, opts.steps // 100))))))]
+    # bfloat16 autocast and channels-last 3D: 2x faster steps on a CPU with AVX512-BF16
+    # (measured: 3.3 -> 1.6 s per batch of two 16x112x112 patches, one core).
+    amp = opts.extra.get("autocast", "none") == "bf16"
+    fmt = torch.channels_last_3d if amp else torch.contiguous_format
+    net = build_segmenter(cfg).to(device).to(memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
 
-    def step(i):
-        x, y = random_crops(train, cfg.patch, opts.batch_size, rng)
+    def phantom_batch(n):
+        x, y = random_crops(train, cfg.patch, n, rng)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         x, y = augment.random_flips(x, y, dims=(-3, -1))  # left-right and anterior-posterior
-        x = augment.lesion_like_blobs(x, y, spacing)
-        x = augment.bias_field(augment.contrast_randomisation(x))
-        loss = dice_ce_loss(net(x), y)
+        x = augment.lesion_like_blobs(x, y, train[0][3])
+        return augment.bias_field(augment.contrast_randomisation(x)), y
+
+    def step(i):
+        n_ph = int(rng.binomial(opts.batch_size, frac)) if pool is not None else opts.batch_size
+        xs, ys = [], []
+        if n_ph:
+            x, y = phantom_batch(n_ph)
+            xs.append(x), ys.append(y)
+        if opts.batch_size - n_ph:
+            # Appearance, lesions and left/right are in the generator already.
+            x, y = _bank_crops(pool, cfg.patch, opts.batch_size - n_ph, rng)
+            xs.append(torch.from_numpy(x).to(device)), ys.append(torch.from_numpy(y).to(device))
+        x, y = torch.cat(xs).contiguous(memory_format=fmt), torch.cat(ys)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = net(x)
+        logits = [lg.float() for lg in logits] if isinstance(logits, (list, tuple)) else logits.float()
+        loss = dice_ce_loss(logits, y)
         for g in opt.param_groups:  # linear decay, a pure function of the step (resumable)
             g["lr"] = opts.lr * max(0.05, 1 - i / max(1, opts.steps))
         opt.zero_grad(set_to_none=True)
@@ -80,14 +122,24 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         with torch.no_grad():
             return wrapped(torch.from_numpy(batch).to(device)).float().cpu().numpy()
 
-    def validate():
+    def mean_dice(vols):
         dices = []
-        for _, img, fem, _ in val:
+        for _, img, fem, _ in vols:
             prob = sliding_window(img, cfg.patch, predict, batch_size=2, overlap=cfg.overlap)[1]
             pred = prob > 0.5
             t = fem > 0.5
             dices.append(2 * (pred & t).sum() / max(1, pred.sum() + t.sum()))
-        return {"val_dice": float(np.mean(dices)) if dices else float("nan")}
+        return float(np.mean(dices)) if dices else float("nan")
 
-    return run_loop(opts, "segmenter", {"segmenter": cfg.to_dict()}, {"net": net}, {"opt": opt},
-                    step, validate, rng, progress)
+    def validate():
+        out = {}
+        if val:
+            out["val_dice"] = mean_dice(val)
+        if gen_val:
+            out["gen_dice"] = mean_dice(gen_val)
+        return out
+
+    config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
+              "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
+              "autocast": "bf16" if amp else "none"}
+    return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress)

@@ -1,0 +1,147 @@
+"""Label-driven training data: anatomy completion, geometry, appearance, both samplers."""
+
+import numpy as np
+import pytest
+
+from bmltrt.synth import anatomy as A
+from bmltrt.synth import labelgen as G
+from bmltrt.synth import tissue_labels as T
+
+from conftest import SHARED_DATA, needs_shared, save_nifti
+
+
+def small_knee_labels() -> np.ndarray:
+    """A right knee drawn from ellipsoids, OAI-like layout: (LR, AP, SI) axes are set by the
+    affine in `knee_file`; here the working orientation [LR, SI(down), AP]."""
+    S, H, W = 60, 110, 100
+    s, h, w = np.meshgrid(np.arange(S), np.arange(H), np.arange(W), indexing="ij")
+    lab = np.zeros((S, H, W), np.uint8)
+    fem = (((s - 30) / 22.0) ** 2 + ((h - 45) / 22.0) ** 2 + ((w - 50) / 24.0) ** 2 < 1) | \
+          ((((s - 30) / 12.0) ** 2 + ((w - 50) / 12.0) ** 2 < 1) & (h < 45))
+    tib = (((s - 30) / 22.0) ** 2 + ((h - 88) / 14.0) ** 2 + ((w - 50) / 22.0) ** 2 < 1) | \
+          ((((s - 30) / 12.0) ** 2 + ((w - 50) / 12.0) ** 2 < 1) & (h > 88))
+    pat = ((s - 30) / 12.0) ** 2 + ((h - 45) / 12.0) ** 2 + ((w - 16) / 5.0) ** 2 < 1
+    lab[fem] = T.FEMUR
+    lab[tib] = T.TIBIA
+    lab[pat & ~fem] = T.PATELLA
+    from scipy import ndimage as ndi
+
+    shell = ndi.binary_dilation(fem, iterations=3) & ~fem & ~tib & (h > 50)
+    lab[shell] = T.FEM_CART
+    return lab
+
+
+def knee_file(path):
+    """The small knee as a NIfTI label map at 0.6 mm, stored RAS (like the mesh maps)."""
+    lab = small_knee_labels()
+    # working [R, I, P] -> stored [R, A, S]: flip P->A and I->S, reorder to (LR, AP, SI)
+    stored = np.ascontiguousarray(lab[:, ::-1, ::-1].transpose(0, 2, 1))
+    return save_nifti(path, stored, np.diag([0.6, 0.6, 0.6, 1.0]))
+
+
+def test_canonical_labels_undo_the_storage_order(tmp_path):
+    lab, sp = A.canonical_labels(knee_file(tmp_path / "k.nii.gz"))
+    assert np.allclose(sp, 0.6)
+    assert np.array_equal(lab, small_knee_labels())
+
+
+def test_complete_anatomy_keeps_the_bones_and_adds_a_leg():
+    lab = small_knee_labels()
+    out = A.complete_anatomy(A.extend_field_of_view(lab), np.random.default_rng(0))
+    si = int(round(A.EXTEND_SI_MM / A.GRID_MM))
+    pad = int(round(A.PAD_MM / A.GRID_MM))
+    inner = out[pad:-pad, si:-si, pad:-pad]
+    # the femur, its cortex and scar are exactly the map's femur
+    assert np.array_equal(T.FEMUR_TABLE[inner].astype(bool), lab == T.FEMUR)
+    present = set(np.unique(out).tolist())
+    assert {T.FEMUR_CORTEX, T.BONE_CORTEX, T.FAT, T.MUSCLE, T.FLUID, T.TENDON}.issubset(present)
+    # the shafts continue beyond the map's field of view
+    assert (out[:, 0] == T.FEMUR).any() or (out[:, 0] == T.FEMUR_CORTEX).any()
+    # air only outside the leg: the bones are never next to air
+    bones = np.isin(out, T.BONE_PARTS)
+    from scipy import ndimage as ndi
+    assert not (ndi.binary_dilation(bones, iterations=2) & (out == T.AIR)).any()
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    lab = A.complete_anatomy(A.extend_field_of_view(small_knee_labels()), np.random.default_rng(1))
+    return A.Anatomy(lab, "small", A.knee_centre(lab), {"kind": "knee"})
+
+
+def test_segmenter_sample_is_a_normalised_scan_with_its_femur(anatomy):
+    rng = np.random.default_rng(3)
+    smp = G.segmenter_sample(anatomy, rng)
+    n, h, w = smp.image.shape
+    assert 2.0 <= smp.spacing[0] <= 4.5 and smp.spacing[1:] == (1.6, 1.6)
+    assert n * smp.spacing[0] >= 75 and 70 <= h <= 120 and 70 <= w <= 120
+    assert smp.image.dtype == np.float32 and 0 <= smp.image.min() and smp.image.max() <= 1.5
+    assert smp.femur.shape == smp.image.shape and 0 < smp.femur.mean() < 0.5
+    again = G.segmenter_sample(anatomy, np.random.default_rng(3))
+    assert np.array_equal(again.image, smp.image)  # the same seed, the same scan
+
+
+def test_lesions_are_femur_and_brighter_in_fat_suppressed_contrast(anatomy):
+    rng = np.random.default_rng(5)
+    pose = G.random_pose(anatomy, rng, strength=0.0)
+    labels = G.sample_labels(anatomy, pose, rng, G._slice_positions(30, 3.0, 1), 100, 100, 1.6)
+    with_les = G.add_lesions(labels, (3.0, 1.6, 1.6), np.random.default_rng(2), max_lesions=3)
+    les = with_les == T.FEM_LESION
+    assert les.any()
+    assert np.array_equal(T.FEMUR_TABLE[with_les], T.FEMUR_TABLE[labels])  # still femur
+    _, means = G.draw_contrast(np.random.default_rng(0), "iw_fs")
+    img = G.paint(with_les, np.random.default_rng(0), means)
+    assert img[les].mean() > 1.5 * img[with_les == T.FEMUR].mean()
+
+
+def test_contrast_families_keep_fat_and_marrow_together():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        fam, m = G.draw_contrast(rng)
+        if fam == "non_fs":
+            assert m["marrow"] > m["muscle"] and m["fat"] > m["muscle"]
+        elif fam in ("iw_fs", "t2_fs"):
+            assert m["fluid"] > m["marrow"] and m["fluid"] > m["fat"]
+
+
+@pytest.mark.parametrize("res", (128, 256))
+def test_inpainter_sample_is_one_healthy_square_slice(anatomy, res):
+    smp = G.inpainter_sample(anatomy, np.random.default_rng(7), res)
+    assert smp is not None
+    assert smp.image.shape == (res, res) and smp.femur.shape == (res, res)
+    assert smp.femur.sum() * (160 / res) ** 2 > 20  # at least 20 mm2 of femur (field of view ~160 mm)
+    inside, outside = smp.image[smp.femur], smp.image[~smp.femur]
+    assert np.isfinite(inside).all() and outside.max() > 0
+
+
+def test_swap_femur_seats_a_femur_shape_on_the_host_tibia():
+    host = A.extend_field_of_view(small_knee_labels())
+    femur = (A.extend_field_of_view(small_knee_labels()) == T.FEMUR).astype(np.uint8)
+    femur = np.roll(femur, 20, axis=1)  # a femur from elsewhere, shifted
+    out = A.swap_femur(host, femur, np.random.default_rng(0))
+    fem = out == T.FEMUR
+    assert fem.any() and (out == T.TIBIA).sum() == (host == T.TIBIA).sum()
+    assert abs(int(fem.sum()) - int((host == T.FEMUR).sum())) < 0.3 * (host == T.FEMUR).sum()
+    assert (out == T.FEM_CART).any()
+
+
+def test_bank_is_built_once_and_reused(tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    knee_file(labels / "k_labels.nii.gz")
+    paths = A.build_bank(labels, tmp_path / "cache", knee_variants=1, swaps_per_femur=0, phantoms=0)
+    assert len(paths) == 1 and paths[0].exists()
+    stamp = paths[0].stat().st_mtime_ns
+    again = A.build_bank(labels, tmp_path / "cache", knee_variants=1, swaps_per_femur=0, phantoms=0)
+    assert again == paths and paths[0].stat().st_mtime_ns == stamp
+    an = A.load_anatomy(paths[0])
+    assert an.labels.dtype == np.uint8 and an.info["kind"] == "knee"
+
+
+@needs_shared
+def test_real_train_labels_make_plausible_scans():
+    files = sorted((SHARED_DATA / "train_labels").glob("mskt_dess_right_a*.nii.gz"))
+    if not files:
+        pytest.skip("no train_labels")
+    lab = A.load_source(files[0])
+    assert np.isin(lab, (T.FEMUR,)).sum() * A.GRID_MM ** 3 / 1000 > 100  # cm3 of distal femur
