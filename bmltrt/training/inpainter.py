@@ -111,6 +111,15 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
     # Resolutions drawn evenly; the batch scales so each resolution gets the same compute.
     p_res = np.ones(len(resolutions)) / len(resolutions)
 
+    skipped = [0]
+
+    def _finite_step(opt, module):
+        """Skip an update whose gradient is not finite (it would poison Adam's state)."""
+        if all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None):
+            opt.step()
+        else:
+            skipped[0] += 1
+
     def batch():
         res = resolutions[int(rng.choice(len(resolutions), p=p_res))]
         n = batch_size_at(res, opts.batch_size) if len(resolutions) > 1 else opts.batch_size
@@ -154,7 +163,7 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
         r1 = grad.pow(2).flatten(1).sum(1).mean()
         opt_d.zero_grad(set_to_none=True)
         (loss_d + w["r1"] * 0.5 * r1).backward()
-        opt_d.step()
+        _finite_step(opt_d, disc)
         # Generator.
         with autocast():
             d_fake, f_fake = disc(fake)
@@ -169,8 +178,9 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
         loss_g = w["l1_mask"] * l1m + w["l1_known"] * l1k + w["pyramid"] * pyr + w["adv"] * adv + w["fm"] * fm
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        opt_g.step()
-        return {"loss_g": float(loss_g.detach()), "loss_d": float(loss_d.detach()), "l1_mask": float(l1m.detach())}
+        _finite_step(opt_g, gen)
+        return {"loss_g": float(loss_g.detach()), "loss_d": float(loss_d.detach()), "l1_mask": float(l1m.detach()),
+                "skipped_steps": float(skipped[0])}
 
     def scores(imgs, masks, prefix):
         if len(imgs) == 0:

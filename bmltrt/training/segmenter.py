@@ -87,6 +87,8 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     net = build_segmenter(cfg).to(device).to(memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
 
+    skipped = [0]
+
     def phantom_batch(n):
         x, y = random_crops(train, cfg.patch, n, rng)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
@@ -113,8 +115,12 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
             g["lr"] = opts.lr * max(0.05, 1 - i / max(1, opts.steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach())}
+        # A non-finite gradient would poison every weight through Adam: skip that step.
+        finite = all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+        if finite:
+            opt.step()
+        skipped[0] += not finite
+        return {"loss": float(loss.detach()), "skipped_steps": float(skipped[0])}
 
     wrapped = SegmenterLogits(net)
 
