@@ -138,7 +138,9 @@ def split_by_subject(cases: dict[str, int]) -> dict[str, str]:
     with_les = sorted((s for s in burden if burden[s] > 0), key=lambda s: (-burden[s], s))
     without = sorted(s for s in burden if burden[s] == 0)
     split = {s: ("val", "test")[i % 2] for i, s in enumerate(with_les)}
-    split.update({s: ("val", "test")[i % 2] for i, s in enumerate(without)})
+    for s in without:  # to the half with fewer subjects so far
+        n_val = sum(v == "val" for v in split.values())
+        split[s] = "test" if n_val > len(split) - n_val else "val"
     return {case: split[subject_of(case)] for case in cases}
 
 
