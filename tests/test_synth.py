@@ -111,6 +111,8 @@ def test_synth_cli_from_labels(tmp_path):
     man = json.loads((out / "dataset.json").read_text())
     # painted label maps are never training data; subjects are dealt to val and test
     assert man["splits"]["train"] == [] and man["splits"]["val"] == ["a"] and man["splits"]["test"] == ["b"]
+    r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "no label maps" in r.stderr
 
 
 def test_painted_labels_split_by_subject():
@@ -123,5 +125,3 @@ def test_painted_labels_split_by_subject():
         assert len({split[c] for c in cases if c.startswith(subj)}) == 1  # one subject, one split
     les_splits = [split[c] for c in ("9001_96m", "9002_00m", "9004_00m")]
     assert set(les_splits) == {"val", "test"}  # lesions in both halves
-    r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
-    assert r.exit_code == 2 and "no label maps" in r.stderr
