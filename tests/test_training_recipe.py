@@ -39,6 +39,9 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     ck = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 3 and ck["config"]["autocast"] == "bf16"
     assert 0.0 <= ck["history"][-1]["gen_dice"] <= 1.0  # scored on generated validation scans
+    best = torch.load(tmp_path / "seg" / "best.pt", weights_only=False)  # the best on generated scans
+    assert best["metrics"]["gen_dice"] == ck["history"][-1]["best"]
+    assert json.loads((tmp_path / "seg" / "history.json").read_text())[-1]["step"] == 3
     _run(common + ["--steps", "4", "--resume"])
     assert torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)["step"] == 4
 

@@ -205,4 +205,5 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
               "resolutions": resolutions, "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "data": str(opts.data) if opts.data else None, "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "inpainter", config, {"gen": gen, "disc": disc}, {"opt_g": opt_g, "opt_d": opt_d},
-                    step, validate, rng, progress)
+                    step, validate, rng, progress,
+                    select=("gen_masked_l1", "min"))

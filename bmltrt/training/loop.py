@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from bmltrt.errors import BmlError
+from bmltrt.io.atomic import atomic_write
 from bmltrt.training import checkpoint as ckpt
 
 
@@ -45,11 +46,14 @@ def resolve_device(name: str) -> torch.device:
 def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch.nn.Module],
              optimizers: dict[str, torch.optim.Optimizer], step_fn: Callable[[int], dict],
              validate: Callable[[], dict], np_rng: np.random.Generator,
-             progress: Callable[[int, int, dict], None] | None = None) -> dict:
+             progress: Callable[[int, int, dict], None] | None = None,
+             select: tuple[str, str] | None = None) -> dict:
     """Train `steps` steps, validating and checkpointing at intervals; resumable.
 
     The checkpoint holds modules, optimisers, step, config, metrics and RNG states, so
-    `--resume` continues exactly where the run stopped.
+    `--resume` continues exactly where the run stopped. With `select` = (metric, "max" or
+    "min"), the checkpoint of the best validation so far is kept as best.pt too (choose a
+    metric on generated data, not on the test data); history.json follows each validation.
     """
     out = Path(opts.out)
     path = out / "checkpoint.pt"
@@ -70,37 +74,51 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
     metrics: dict = {}
     done = start
 
-    def save(step):
+    def save(step, where=path, metrics_now=None):
         ckpt.save_atomic({
-            "kind": kind, "step": step, "config": config, "history": history, "metrics": metrics,
+            "kind": kind, "step": step, "config": config, "history": history,
+            "metrics": metrics if metrics_now is None else metrics_now,
             "modules": {k: m.state_dict() for k, m in modules.items()},
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "rng": ckpt.rng_state(np_rng), "options": {k: str(v) for k, v in vars(opts).items()},
-        }, path)
+        }, where)
+
+    def is_better(value) -> bool:
+        if select is None or value is None or not np.isfinite(value):
+            return False
+        best = [h.get("best") for h in history if h.get("best") is not None]
+        if not best:
+            return True
+        return value > best[-1] if select[1] == "max" else value < best[-1]
+
+    def validate_now(losses) -> dict:
+        for m in modules.values():
+            m.eval()
+        with torch.no_grad():
+            found = validate()
+        row = {"step": done, "seconds": round(time.time() - t0, 1), **losses, **found}
+        value = found.get(select[0]) if select else None
+        better = is_better(value)
+        prev = [h["best"] for h in history if h.get("best") is not None]
+        row["best"] = value if better else (prev[-1] if prev else None)
+        history.append(row)
+        if better:
+            save(done, out / "best.pt", metrics_now=found)
+        atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
+        return found
 
     for step in range(start, opts.steps):
         for m in modules.values():
             m.train()
         losses = step_fn(step)
         done = step + 1
-        if done % opts.val_every == 0 or done == opts.steps:
-            for m in modules.values():
-                m.eval()
-            with torch.no_grad():
-                metrics = validate()
-            history.append({"step": done, "seconds": round(time.time() - t0, 1), **losses, **metrics})
+        out_of_time = opts.time_limit_min is not None and time.time() - t0 > 60 * opts.time_limit_min
+        if done % opts.val_every == 0 or done == opts.steps or out_of_time:
+            metrics = validate_now(losses)
         if progress:
             progress(done, opts.steps, {**losses, **metrics})
-        out_of_time = opts.time_limit_min is not None and time.time() - t0 > 60 * opts.time_limit_min
-        if out_of_time and not (done % opts.val_every == 0 or done == opts.steps):
-            for m in modules.values():
-                m.eval()
-            with torch.no_grad():
-                metrics = validate()
-            history.append({"step": done, "seconds": round(time.time() - t0, 1), **losses, **metrics})
         if done % opts.ckpt_every == 0 or done == opts.steps or out_of_time:
             save(done)
         if out_of_time:
             break
-    (out / "history.json").write_text(json.dumps(history, indent=1))
     return {"metrics": metrics, "history": history, "seconds": time.time() - t0, "steps": done}

@@ -148,4 +148,5 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
-    return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress)
+    return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
+                    select=("gen_dice", "max"))
