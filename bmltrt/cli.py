@@ -486,8 +486,10 @@ def export(
     from bmltrt.export.onnx_export import export_models
 
     for p in [segmenter, *inpainter]:
-        if p is not None and not p.exists():
+        if p is not None and not p.is_file():
             raise BmlError("checkpoint not found", p)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BmlError("the models folder (--out) is a file", out_dir, "choose a folder")
     man = export_models(segmenter, list(inpainter), out_dir, default_resolution)
     for k, e in sorted(man["models"].items()):
         out.print(f"{k:15s} {e['file']:22s} sha256 {e['sha256'][:12]}  max|onnx-torch| {e['max_abs_err_vs_torch']:.1e}")
