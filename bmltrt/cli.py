@@ -410,7 +410,7 @@ def detect(
                 prog.advance(task)
     except KeyboardInterrupt as exc:
         sig = "SIGTERM" if isinstance(exc, Interrupted) else "interrupt"
-        print_error(f"{sig}: stopped after {done} of {len(sources)} scans; the scan in progress left no output "
+        print_error(f"{sig}: stopped after {done} of {len(sources)} scans; no partial output set is left "
                     f"| outputs in {out_dir}")
         raise typer.Exit(143 if isinstance(exc, Interrupted) else 130)
     finally:

@@ -152,3 +152,19 @@ def test_thin_slices_are_brought_to_the_models_grid_and_back(phantom_case, detec
     assert np.array_equal(d.femur, np.repeat(checked_result.femur, 4, axis=0))
     assert np.array_equal(d.lesion, np.repeat(checked_result.lesion, 4, axis=0))
     assert d.report["lesion_volume_mm3"] == pytest.approx(checked_result.report["lesion_volume_mm3"], rel=1e-6)
+
+
+def test_model_files_are_verified_once_per_file(monkeypatch):
+    import hashlib
+
+    from bmltrt.runtime import models
+    from bmltrt.runtime.models import ModelStore
+
+    store = ModelStore.open()
+    store.path("segmenter")  # hashed (or already hashed by an earlier test)
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):
+        store.path("segmenter")
+    assert calls == [] and any("segmenter.onnx" in k[0] for k in models._VERIFIED)
