@@ -1,36 +1,131 @@
 """The `bmltrt` command. Thin: each command parses options and calls the library.
 
-User errors (BmlError) print one line and exit 2; heavy modules load inside commands.
+Every failure is one line on stderr: user errors (BmlError, bad options, OSError such as
+a full disk or a read-only folder) exit 2; a bug exits 1 and names the log file that
+holds its traceback. Heavy modules load inside commands.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from bmltrt.errors import BmlError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Bone marrow lesion detection in the femur on knee MRI (UNet++ + LaMa, TensorRT-ready).")
 console = Console(stderr=True)
 out = Console()
+
+
+def print_error(line: str) -> None:
+    # escape: rich markup would eat "[train]" and other bracketed text of the message
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def print_warning(line: str) -> None:
+    console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def log_internal_error(exc: BaseException, where: str, log_dir: Path | None = None) -> Path | None:
+    """Append the traceback to a log file (the output folder's, else the temp folder's)."""
+    import tempfile
+    import time
+    import traceback
+
+    text = (f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} bmltrt {_version()} {where}\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    for d in ([Path(log_dir)] if log_dir else []) + [Path(tempfile.gettempdir())]:
+        try:
+            path = d / "bmltrt-errors.log"
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _version() -> str:
+    from bmltrt import __version__
+
+    return __version__
+
+
+def internal_error_line(exc: BaseException, where: str, log: Path | None) -> str:
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return (f"internal error on {where} ({type(exc).__name__}: {first}) | full traceback in "
+            f"{log or 'no log (nothing writable)'} | please report it")
+
+
+class OneLineErrors(TyperGroup):
+    """Bad options and bugs as one line too (click would print usage boxes and tracebacks)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except Exception as exc:  # click's UsageError/BadParameter/Abort, or a bug
+            code = self._one_line(exc)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+    @staticmethod
+    def _one_line(exc: Exception) -> int:
+        name = type(exc).__name__
+        if name == "NoArgsIsHelpError":
+            exc.show()
+            return 2
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            ctx = getattr(exc, "ctx", None)
+            hint = f" | see `{ctx.command_path} --help`" if ctx is not None else ""
+            print_error(exc.format_message().replace("\n", " ") + hint)
+            return int(exc.exit_code)
+        if name == "Abort":
+            print_error("aborted")
+            return 1
+        log = log_internal_error(exc, "bmltrt " + " ".join(sys.argv[1:]))
+        print_error(internal_error_line(exc, "this command", log))
+        return 1
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Bone marrow lesion detection in the femur on knee MRI (UNet++ + LaMa, TensorRT-ready).")
 
 
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from bmltrt.io.outputs import os_error
+
         try:
             return fn(*args, **kwargs)
         except BmlError as err:
-            console.print(f"[bold red]error:[/] {err.line()}", highlight=False, soft_wrap=True)
+            print_error(err.line())
+            raise typer.Exit(2)
+        except MemoryError:
+            print_error("out of memory | use a smaller --batch-size, or a machine with more memory")
+            raise typer.Exit(2)
+        except OSError as exc:  # full disk, read-only folder, permissions: the user can fix these
+            print_error(os_error(exc, getattr(exc, "filename", None), "read or write a file").line())
             raise typer.Exit(2)
     return wrapper
+
+
+def _positive(value: float, option: str) -> float:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise BmlError(f"{option} must be a positive number, not {value}")
+    return value
 
 
 def _progress():
@@ -44,15 +139,18 @@ def _progress():
 @user_errors
 def synth(
     out_dir: Path = typer.Argument(..., help="Output folder for the dataset."),
-    cases: int = typer.Option(20, "--cases", "-n", help="Number of subjects, split 70/15/15 like the paper's 210/45/45."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives byte-identical arrays."),
+    cases: int = typer.Option(20, "--cases", "-n", min=3, max=100_000,
+                              help="Number of subjects (at least 3), split 70/15/15 like the paper's 210/45/45."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed: the same seed gives byte-identical arrays."),
     from_labels: Optional[Path] = typer.Option(None, "--from-labels", help="Paint real label maps (1 femur, 7 femoral lesion, ...) instead."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", help="Parallel processes."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", min=1, max=256, help="Parallel processes."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
 ):
     """Generate knee phantoms with exact femur and lesion masks (train/val/test splits)."""
     from bmltrt.synth.dataset import label_files, split_counts, synth_dataset, synth_from_labels
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BmlError("the output path is a file, not a folder", out_dir, "choose a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise BmlError("output folder is not empty", out_dir, "choose a new folder or pass --force")
     total = len(label_files(from_labels)) if from_labels else sum(split_counts(cases).values())
@@ -68,7 +166,7 @@ def synth(
     out.print(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})")
 
 
-train_app = typer.Typer(no_args_is_help=True, help="Train the femur segmenter or the inpainter (needs bmltrt[train]).")
+train_app = typer.Typer(no_args_is_help=True, help="Train the femur segmenter or the inpainter (needs bmltrt\\[train]).")
 app.add_typer(train_app, name="train")
 
 
@@ -99,6 +197,10 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
         raise BmlError("training needs torch", hint="pip install 'bmltrt\\[train]'") from None
     from bmltrt.training.loop import RunOptions
 
+    _positive(lr, "--lr")
+    _positive(time_limit, "--time-limit")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise BmlError("the run folder (--out) is a file", out_dir, "choose a folder")
     _check_dataset(d.data, "--data")
     _check_dataset(d.val_data, "--val-data")
     if d.data is None and d.labels is None:
@@ -176,7 +278,7 @@ _AMP = typer.Option("none", "--autocast", help="none, or bf16: bfloat16 autocast
 _STEPS = typer.Option(1000, "--steps", min=1)
 _BS = typer.Option(4, "--batch-size", min=1, max=1024)
 _DEV = typer.Option("cpu", "--device", help="cpu or cuda.")
-_SEED = typer.Option(0, "--seed")
+_SEED = typer.Option(0, "--seed", min=0)
 _RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint.")
 _VAL = typer.Option(200, "--val-every", min=1, help="Validate (and checkpoint) every N steps.")
 _LIMIT = typer.Option(None, "--limit-cases", min=1, help="Use only the first N cases of each split.")
@@ -225,29 +327,6 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                   limit_cases, time_limit, autocast, resolutions)
 
 
-def _expand_inputs(items: list[str]) -> list[Path]:
-    """Files, folders (their .nii/.nii.gz) and globs -> paths, in order, without repeats."""
-    import glob
-
-    paths: list[Path] = []
-    for it in items:
-        p = Path(it)
-        if any(c in it for c in "*?["):
-            hits = sorted(glob.glob(it))
-            paths += [Path(h) for h in hits] if hits else [p]
-        elif p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.name.lower().endswith((".nii", ".nii.gz")))
-        else:
-            paths.append(p)
-    seen, out_ = set(), []
-    for p in paths:
-        k = str(p.resolve()) if p.exists() else str(p)
-        if k not in seen:
-            seen.add(k)
-            out_.append(p)
-    return out_
-
-
 def _post_options(floor, opening_mm, closing_mm, min_area_mm2):
     from bmltrt.postprocess import PostConfig
 
@@ -258,14 +337,18 @@ def _post_options(floor, opening_mm, closing_mm, min_area_mm2):
                       min_area_mm2=d.min_area_mm2 if min_area_mm2 is None else min_area_mm2)
 
 
-_RES = typer.Option(None, "--resolution", "-r", help="Inpainting resolution (128, 192, 256, 320, 448); default: the models'.")
-_BACKEND = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch.")
+_RES = typer.Option(None, "--resolution", "-r", min=8, max=4096,
+                    help="Inpainting resolution (128, 192, 256, 320, 448); default: the models'.")
+# tensorrt and torch stay valid names (they answer "not in this version"), but the help lists what runs.
+_BACKEND = typer.Option("auto", "--backend", help="auto or onnxruntime (tensorrt and torch: not in this version).")
 _DEVICE = typer.Option("auto", "--device", help="auto, cpu or gpu (gpu falls back to cpu with a warning).")
 _MODELS = typer.Option(None, "--models", help="Models folder (manifest.json); default: the shipped models.")
-_FLOOR = typer.Option(None, "--floor", help="Minimum difference (HE units) a lesion pixel must exceed.")
-_OPEN = typer.Option(None, "--opening-mm", help="Opening footprint radius, mm.")
-_CLOSE = typer.Option(None, "--closing-mm", help="Closing footprint radius, mm.")
-_MINAREA = typer.Option(None, "--min-area-mm2", help="Smallest lesion island kept per slice, mm^2.")
+_FLOOR = typer.Option(None, "--floor", min=0.0, max=1.0,
+                      help="Minimum difference (HE units, 0-1) a lesion pixel must exceed.")
+_OPEN = typer.Option(None, "--opening-mm", min=0.0, max=20.0, help="Opening footprint radius, mm (0-20).")
+_CLOSE = typer.Option(None, "--closing-mm", min=0.0, max=20.0, help="Closing footprint radius, mm (0-20).")
+_MINAREA = typer.Option(None, "--min-area-mm2", min=0.0, max=10_000.0,
+                        help="Smallest lesion island kept per slice, mm^2 (0-10000).")
 
 
 def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size=8):
@@ -274,79 +357,137 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
 
     be, warns = make_backend(backend, device, models)
     for w in warns:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        print_warning(w)
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size,
                        post=_post_options(floor, opening_mm, closing_mm, min_area_mm2))
     return Detector(be, cfg)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the output set in progress is cleaned up."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    from bmltrt.io.outputs import os_error
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, out_dir, "make the output folder") from None
+
+
 @app.command()
 @user_errors
 def detect(
-    scans: List[str] = typer.Argument(..., help="NIfTI files, folders of them, or globs."),
+    scans: List[str] = typer.Argument(..., help="NIfTI files, DICOM series folders, folders of NIfTI files, or globs."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
     models: Optional[Path] = _MODELS,
     force_orientation: bool = typer.Option(False, "--force-orientation", help="Accept non-sagittal acquisitions."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier run."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Slices per inpainting batch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace complete outputs of an earlier run."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=4096, help="Slices per inpainting batch."),
+    echo: Optional[int] = typer.Option(None, "--echo", min=1,
+                                       help="DICOM multi-echo series: which echo (1 = shortest TE, the default)."),
     floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
     min_area_mm2: Optional[float] = _MINAREA,
 ):
     """Find bone marrow lesions: <name>_bml.nii.gz, _femur.nii.gz, _report.json, _overlay.png per scan."""
     from rich.table import Table
 
-    from bmltrt.io import load_scan
+    from bmltrt.io.inputs import expand_inputs
+    from bmltrt.io.outputs import OutputSet
     from bmltrt.report import write_outputs
 
-    paths = _expand_inputs(scans)
-    names = {}
-    for p in paths:
-        n = p.name.split(".nii")[0]
-        if n in names:
-            raise BmlError(f"two inputs would write the same outputs ({n}_*)", p,
-                           f"rename one of {names[n]} and {p}, or run them into different --out folders")
-        names[n] = p
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
+    found = expand_inputs(scans, echo)
+    for note in found.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    sources = found.sources
+    if not sources and not found.problems:
+        raise BmlError("no scans to run", " ".join(scans), "give NIfTI files, or folders of NIfTI or DICOM files")
+    if not sources and len(found.problems) == 1:
+        raise found.problems[0]
+    stems: dict[str, object] = {}
+    for src in sources:
+        key = src.stem.lower()  # case-insensitive: K.nii.gz and k.nii.gz collide on macOS and Windows
+        if key in stems:
+            raise BmlError(f"two inputs would write the same outputs ({src.stem}_*)", src.label,
+                           f"rename one of {stems[key]} and {src.label}, or run them into different --out folders")
+        stems[key] = src.label
+    inputs = [f for src in sources for f in src.files if f.exists()]
     det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out_dir)
     rows, failed = [], 0
-    with _progress() as prog:
-        task = prog.add_task("scans", total=len(paths), status="")
-        stage = prog.add_task("stage", total=1, status="")
-        for p in paths:
-            prog.update(task, status=p.name)
-            try:
-                name = p.name.split(".nii")[0]
-                if not overwrite and (out_dir / f"{name}_bml.nii.gz").exists():
-                    raise BmlError("outputs exist already", out_dir / f"{name}_bml.nii.gz",
-                                   "pass --overwrite or choose another --out folder")
-                scan = load_scan(p, force_orientation=force_orientation)
-                for w in scan.warnings:
-                    console.print(f"[yellow]warning:[/] {w} ({p})", highlight=False)
+    for err in found.problems:
+        failed += 1
+        print_error(err.line())
+        rows.append((escape(str(err.path or "?")), "-", "-", "-", "-", "[red]failed[/]"))
+    old_term = None
+    try:
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    done = 0
+    try:
+        with _progress() as prog:
+            task = prog.add_task("scans", total=len(sources), status="")
+            stage = prog.add_task("stage", total=1, status="")
+            for src in sources:
+                prog.update(task, status=escape(src.stem))
+                try:
+                    OutputSet(out_dir, src.stem).check_writable(overwrite, inputs)  # before the work, not after
+                    scan = src.load(force_orientation)
 
-                def progress(what, done, total):
-                    prog.update(stage, description=what, completed=done, total=total)
+                    def progress(what, n_done, total):
+                        prog.update(stage, description=what, completed=n_done, total=total)
 
-                result = det.detect(scan, progress)
-                write_outputs(result, out_dir)
-                r = result.report
-                for w in r["warnings"][len(scan.warnings):]:
-                    console.print(f"[yellow]warning:[/] {p.name}: {w}", highlight=False)
-                rows.append((p.name, str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
-                             f"{r['femur_volume_mm3'] / 1000:.1f}", f"{r['timings_s']['total_s']:.1f}", "[green]ok[/]"))
-            except BmlError as err:
-                failed += 1
-                console.print(f"[bold red]error:[/] {err.line()}", highlight=False, soft_wrap=True)
-                rows.append((p.name, "-", "-", "-", "-", "[red]failed[/]"))
-            prog.advance(task)
-    t = Table(title=f"bmltrt detect: {len(paths) - failed} of {len(paths)} scans done "
+                    result = det.detect_checked(scan, progress)
+                    write_outputs(result, out_dir, overwrite, inputs)
+                    r = result.report
+                    for w in r["warnings"]:
+                        print_warning(f"{src.label}: {w}")
+                    rows.append((escape(src.stem), str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
+                                 f"{r['femur_volume_mm3'] / 1000:.1f}", f"{r['timings_s']['total_s']:.1f}",
+                                 "[green]ok[/]"))
+                    done += 1
+                except BmlError as err:
+                    failed += 1
+                    print_error(err.line())
+                    rows.append((escape(src.stem), "-", "-", "-", "-", "[red]failed[/]"))
+                except MemoryError:
+                    failed += 1
+                    print_error(f"out of memory on {src.label} | use a smaller --batch-size or more memory")
+                    rows.append((escape(src.stem), "-", "-", "-", "-", "[red]failed[/]"))
+                except Exception as exc:  # a bug: log it, say where, go on with the batch
+                    failed += 1
+                    log = log_internal_error(exc, src.label, out_dir)
+                    print_error(internal_error_line(exc, src.label, log))
+                    rows.append((escape(src.stem), "-", "-", "-", "-", "[red]failed[/]"))
+                prog.advance(task)
+    except KeyboardInterrupt as exc:
+        sig = "SIGTERM" if isinstance(exc, Interrupted) else "interrupt"
+        print_error(f"{sig}: stopped after {done} of {len(sources)} scans; no partial output set is left "
+                    f"| outputs in {out_dir}")
+        raise typer.Exit(143 if isinstance(exc, Interrupted) else 130)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    n_all = len(sources) + len(found.problems)
+    t = Table(title=f"bmltrt detect: {n_all - failed} of {n_all} scans done "
                     f"({det.backend.name}, {det.backend.device}, {det.backend.precision}, res {det.resolution})")
     for c in ("scan", "lesions", "lesion mm3", "femur cm3", "seconds", "status"):
         t.add_column(c)
     for row in rows:
         t.add_row(*row)
     out.print(t)
-    out.print(f"outputs in {out_dir}")
+    out.print(f"outputs in {escape(str(out_dir))}")
     if failed:
         raise typer.Exit(2)
 
@@ -354,8 +495,9 @@ def detect(
 @app.command()
 @user_errors
 def demo(
-    out_dir: Path = typer.Option(Path("bmltrt-demo"), "--out", "-o", help="Where the phantom and the outputs go."),
-    seed: int = typer.Option(5, "--seed", help="Phantom seed (the same seed, the same knee)."),
+    out_dir: Path = typer.Option(Path("bmltrt-demo"), "--out", "-o",
+                                 help="Where the phantom and the outputs go (default ./bmltrt-demo, ignored by git)."),
+    seed: int = typer.Option(5, "--seed", min=0, help="Phantom seed (the same seed, the same knee)."),
     resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
     models: Optional[Path] = _MODELS,
 ):
@@ -366,13 +508,15 @@ def demo(
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
 
+    det = _detector(resolution, backend, device, models, None, None, None, None)
+    _check_out_dir(out_dir)
+    out.print(f"writing the phantom and the outputs to {escape(str(out_dir.resolve()))}")
     ph = make_phantom([seed, 0], PhantomConfig(n_lesions=(2, 2)))
     write_case(out_dir, "input", "demo_knee", ph)
     scan_path = out_dir / "input" / "images" / "demo_knee.nii.gz"
-    det = _detector(resolution, backend, device, models, None, None, None, None)
     scan = load_scan(scan_path)
-    result = det.detect(scan)
-    paths = write_outputs(result, out_dir)
+    result = det.detect_checked(scan)
+    paths = write_outputs(result, out_dir, overwrite=True)  # the demo's own files: a rerun replaces them
     truth = load_scan(out_dir / "input" / "lesion" / "demo_knee.nii.gz", is_mask=True).data > 0
     femur = load_scan(out_dir / "input" / "femur" / "demo_knee.nii.gz", is_mask=True).data > 0
     les = scores(confusion(result.lesion, truth))
@@ -395,7 +539,7 @@ def export(
     segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="Segmenter checkpoint.pt."),
     inpainter: List[Path] = typer.Option([], "--inpainter", help="Inpainter checkpoint.pt (repeatable, one per resolution)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder (manifest.json is updated)."),
-    default_resolution: int = typer.Option(256, "--default-resolution"),
+    default_resolution: int = typer.Option(256, "--default-resolution", min=64, max=2048),
 ):
     """Export checkpoints to ONNX (float32, DFT as matrix products) and update the manifest."""
     try:
@@ -405,8 +549,10 @@ def export(
     from bmltrt.export.onnx_export import export_models
 
     for p in [segmenter, *inpainter]:
-        if p is not None and not p.exists():
+        if p is not None and not p.is_file():
             raise BmlError("checkpoint not found", p)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BmlError("the models folder (--out) is a file", out_dir, "choose a folder")
     man = export_models(segmenter, list(inpainter), out_dir, default_resolution)
     for k, e in sorted(man["models"].items()):
         out.print(f"{k:15s} {e['file']:22s} sha256 {e['sha256'][:12]}  max|onnx-torch| {e['max_abs_err_vs_torch']:.1e}")
@@ -416,15 +562,22 @@ def export(
 @user_errors
 def evaluate(
     data: Path = typer.Argument(..., help="Dataset folder (bmltrt synth) with lesion masks."),
-    split: str = typer.Option("test", "--split"),
+    split: str = typer.Option("test", "--split", help="train, val or test."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Where evaluation.json and cases.csv go."),
     resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
-    models: Optional[Path] = _MODELS, limit: Optional[int] = typer.Option(None, "--limit"),
+    models: Optional[Path] = _MODELS, limit: Optional[int] = typer.Option(None, "--limit", min=1),
     floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
     min_area_mm2: Optional[float] = _MINAREA,
 ):
     """Lesion Dice/IoU/sensitivity/specificity/accuracy (pooled, per case; slice and femur) and lesion-wise F1."""
     from bmltrt.evaluate import evaluate_split, print_summary
+
+    if split not in ("train", "val", "test"):
+        raise BmlError(f"unknown --split {split!r}", hint="choose train, val or test")
+    if not (data / "dataset.json").exists():
+        raise BmlError("not a bmltrt dataset (no dataset.json)", data, "make one with `bmltrt synth`")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
 
     det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2)
     with _progress() as prog:
@@ -445,7 +598,8 @@ def doctor():
     for c in ("component", "status", "version", "detail"):
         t.add_column(c)
     for r in check():
-        t.add_row(r["component"], "[green]ok[/]" if r["ok"] else "[yellow]missing[/]", r["version"], r["detail"])
+        t.add_row(escape(r["component"]), "[green]ok[/]" if r["ok"] else "[yellow]missing[/]", escape(r["version"]),
+                  escape(r["detail"]))
     out.print(t)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from bmltrt import __version__
 from bmltrt.arrays import array_module, ndimage_of, to_numpy
 from bmltrt.errors import BmlError
 from bmltrt.io import Scan
+from bmltrt.io.knee_input import check_knee_input
 from bmltrt.postprocess import PostConfig, lesion_mask
 from bmltrt.postprocess.femur_check import check_femur
 from bmltrt.runtime.backends import Backend
@@ -48,6 +50,14 @@ class Detection:
     normalized: np.ndarray  # float32 scan as the models saw it (for pictures)
     timings: dict
     report: dict
+
+
+def _input_order(working_values, scan: Scan) -> list:
+    """Per-axis values in working order -> the file's array order."""
+    out = [0.0, 0.0, 0.0]
+    for i in range(3):
+        out[i] = working_values[int(scan.to_working[i, 0])]
+    return out
 
 
 def largest_component_filled(mask):
@@ -163,6 +173,61 @@ class Detector:
         report = self._report(scan, femur_np, lesion_np, t, slices, check)
         return Detection(scan, femur_np, lesion_np, to_numpy(norm), t, report)
 
+    # -- entry points that check the input first ------------------------------------
+    def detect_checked(self, scan: Scan, progress=None) -> Detection:
+        """The input-level knee rules, thin slices to the models' grid and back, the femur hook."""
+        from bmltrt.runtime.slice_grid import mask_to_input_slices, needs_reslicing, to_model_slices
+
+        scan.warnings.extend(check_knee_input(scan))
+        if not needs_reslicing(scan.spacing):
+            det = self.detect(scan, progress)
+        else:
+            thick, overlaps = to_model_slices(scan)
+            on_thick = self.detect(thick, progress)
+            femur = mask_to_input_slices(on_thick.femur, overlaps)
+            lesion = mask_to_input_slices(on_thick.lesion, overlaps) & femur
+            report = self._report(scan, femur, lesion, on_thick.timings, range(on_thick.report["slices_inpainted"]),
+                                  on_thick.report["femur_check"])
+            report["model_grid"] = {"slice_mm": round(thick.spacing[0], 4), "slices": int(thick.data.shape[0]),
+                                    "why": f"input slices of {scan.spacing[0]:.2f} mm averaged into slabs like "
+                                           "the models' training data, masks mapped back"}
+            det = Detection(scan, femur, lesion, normalize_intensity(scan.data), on_thick.timings, report)
+        return det
+
+    def detect_image(self, image, affine=None, *, name: str | None = None, force_orientation: bool = False,
+                     progress=None) -> Detection:
+        """Detection from memory, for viewers and PACS plug-ins: no file is read or written.
+
+        `image` is a nibabel Nifti1Image/Nifti2Image (e.g. ``bmltrt.io.dicom.read_series``), or
+        an array with `affine` (4x4, voxel index -> RAS mm; any of the 48 axis orders), or a
+        path to a NIfTI file or a DICOM series folder. Masks come back in
+        ``Detection.scan.to_input_grid(...)`` order; ``bmltrt.report.write_outputs`` writes them.
+        """
+        from bmltrt.io import load_scan
+        from bmltrt.io.nifti import image_from_array, scan_from_image
+
+        if isinstance(image, (str, Path)):
+            p = Path(image)
+            if p.is_dir():
+                from bmltrt.io.dicom import find_series, read_series
+
+                series = find_series(p)
+                if len(series) != 1:
+                    raise BmlError(f"{len(series)} series in this folder", p, "read one with bmltrt.io.dicom.read_series")
+                scan = scan_from_image(read_series(series[0]), p, force_orientation, stem=name or series[0].stem)
+            else:
+                scan = load_scan(p, force_orientation=force_orientation)
+                if name:
+                    scan.stem = name
+        else:
+            if affine is not None:
+                image = image_from_array(image, affine)
+            elif not hasattr(image, "affine"):
+                raise BmlError("an array needs its affine (4x4, voxel -> RAS mm)",
+                               hint="call detect_image(array, affine) or pass a nibabel image")
+            scan = scan_from_image(image, name or "image", force_orientation, stem=name or "image")
+        return self.detect_checked(scan, progress)
+
     def _report(self, scan, femur, lesion, timings, slices, check) -> dict:
         from bmltrt.metrics import components
 
@@ -181,21 +246,27 @@ class Detector:
         store = self.backend.store
         warnings = list(scan.warnings)
         fem_mm3, les_mm3 = float(femur.sum() * vox), float(lesion.sum() * vox)
+        check = check.to_dict() if hasattr(check, "to_dict") else check
         warnings += [f"implausible femur mask: {r}; look at the overlay before trusting any figure"
-                     for r in check.reasons]
+                     for r in check["reasons"]]
         if fem_mm3 > 0 and les_mm3 > SUSPICIOUS_LESION_FRACTION * fem_mm3:
             warnings.append(f"lesions cover {100 * les_mm3 / fem_mm3:.0f}% of the femur (real lesions rarely "
                             "exceed a few percent): check the femur mask and the lesions in the overlay")
         return {
             "bmltrt_version": __version__,
+            # shape and spacing both in the file's own array order; "working" in the models' order
             "input": {"path": str(scan.path), "shape": list(scan.input_shape),
-                      "spacing_mm": [round(s, 4) for s in scan.spacing], "orientation": "".join(scan.input_axcodes)},
+                      "spacing_mm": [round(float(s), 4) for s in _input_order(scan.spacing, scan)],
+                      "orientation": "".join(scan.input_axcodes),
+                      "working": {"axes": "slice (left->right), row (superior->inferior), column (anterior->posterior)",
+                                  "shape": [int(n) for n in scan.data.shape],
+                                  "spacing_mm": [round(float(s), 4) for s in scan.spacing]}},
             "lesion_count": n,
             "lesion_volume_mm3": round(float(lesion.sum() * vox), 3),
             "lesions": lesions,
             "slices_with_lesion": sorted({s for d in lesions for s in d["slices"]}),
             "femur_volume_mm3": round(float(femur.sum() * vox), 1),
-            "femur_check": check.to_dict(),
+            "femur_check": check,
             "slices_inpainted": len(slices),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "backend": self.backend.name, "device": self.backend.device, "precision": self.backend.precision,

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from bmltrt.io import save_mask_like
 from bmltrt.io.atomic import atomic_write
+from bmltrt.io.nifti import mask_image_like, write_nifti
+from bmltrt.io.outputs import OutputSet, write_output_set
 
 FEMUR_TILES = 12  # every k-th femur slice, so the montage covers the femur's whole extent
 MAX_LESION_TILES = 16  # plus every slice with a lesion (the largest, if more)
@@ -41,7 +42,24 @@ def montage_slices(femur: np.ndarray, lesion: np.ndarray) -> tuple[list[int], li
 
 def overlay_png(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, path: Path,
                 spacing=(1.0, 1.0, 1.0), title: str = "") -> Path:
-    """Montage of sagittal slices: the scan, femur outline (yellow), lesion contours (red).
+    """The overlay montage written atomically to `path`."""
+    sheet = overlay_image(norm, femur, lesion, spacing, title)
+    return atomic_write(path, lambda p: _save_png(sheet, p))
+
+
+def _save_png(sheet, path) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    from bmltrt import __version__
+
+    info = PngInfo()
+    info.add_text("Software", f"bmltrt {__version__}")  # how a rerun knows the file is ours
+    sheet.save(path, format="PNG", pnginfo=info)
+
+
+def overlay_image(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, spacing=(1.0, 1.0, 1.0),
+                  title: str = ""):
+    """Montage of sagittal slices: the scan, femur outline (yellow), lesion contour (red).
 
     The tiles cover the femur from its first slice to its last, every k-th slice, plus every
     slice with a lesion; the header says which slices of how many are shown.
@@ -80,26 +98,25 @@ def overlay_png(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, path: P
                        f"{len(les_slices)} with lesion", fill=(200, 200, 200))
     for k, t in enumerate(tiles):
         sheet.paste(t, ((k % cols) * TILE, head + (k // cols) * th))
-    return atomic_write(path, lambda p: sheet.save(p, format="PNG"))
+    return sheet
 
 
-def write_outputs(det, out_dir: Path) -> dict[str, Path]:
-    """<name>_bml.nii.gz, <name>_femur.nii.gz (input grid), <name>_report.json, <name>_overlay.png.
+def write_outputs(det, out_dir: Path, overwrite: bool = False, inputs=()) -> dict[str, Path]:
+    """<name>_bml.nii.gz, <name>_femur.nii.gz (input grid), <name>_overlay.png, <name>_report.json.
 
-    Each file is written atomically; the report comes last, so a report means the set is whole.
+    All or nothing (bmltrt.io.outputs): the set appears whole, the report last, or not at
+    all. Refuses (BmlError) to replace a complete set without `overwrite`, a file bmltrt did
+    not write, or any of `inputs` (the run's input files).
     """
-    out_dir = Path(out_dir)
+    outs = OutputSet(Path(out_dir), det.scan.name)
     name = det.scan.name
-    paths = {
-        "bml": out_dir / f"{name}_bml.nii.gz",
-        "femur": out_dir / f"{name}_femur.nii.gz",
-        "overlay": out_dir / f"{name}_overlay.png",
-        "report": out_dir / f"{name}_report.json",
+    title = f"{name}: {det.report['lesion_count']} lesion(s), {det.report['lesion_volume_mm3']:.0f} mm3"
+    rep = dict(det.report, outputs={k: str(v) for k, v in outs.paths.items()})
+    writers = {
+        "bml": lambda p: write_nifti(mask_image_like(det.lesion, det.scan), p, gz=True),
+        "femur": lambda p: write_nifti(mask_image_like(det.femur, det.scan), p, gz=True),
+        "overlay": lambda p: _save_png(overlay_image(det.normalized, det.femur, det.lesion, det.scan.spacing,
+                                                     title), p),
+        "report": lambda p: Path(p).write_text(json.dumps(rep, indent=1)),
     }
-    save_mask_like(det.lesion, det.scan, paths["bml"])
-    save_mask_like(det.femur, det.scan, paths["femur"])
-    overlay_png(det.normalized, det.femur, det.lesion, paths["overlay"], det.scan.spacing,
-                title=f"{name}: {det.report['lesion_count']} lesion(s), {det.report['lesion_volume_mm3']:.0f} mm3")
-    rep = dict(det.report, outputs={k: str(v) for k, v in paths.items()})
-    atomic_write(paths["report"], lambda p: Path(p).write_text(json.dumps(rep, indent=1)))
-    return paths
+    return write_output_set(outs, writers, overwrite, [Path(p) for p in inputs] + [det.scan.path])

@@ -1,6 +1,8 @@
 """Atomic file writes: a temporary file beside the target, then a rename.
 
 A crash or a bad input never leaves a partial output, and never half-overwrites one.
+Temporary names are hidden and end in ``.part``, so a crash that leaves one never leaves
+something that looks like a scan (``.k_bml.nii.gz.x1y2.part``, not ``....nii.gz``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ def _default_mode() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = "") -> Path:
-    """Call write(tmp_path), then move tmp_path onto `path`."""
+    """Call write(tmp_path), then move tmp_path onto `path`.
+
+    `suffix` goes before the final ``.part`` (for writers that look at the extension).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.part", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

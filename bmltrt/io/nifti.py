@@ -25,6 +25,7 @@ from nibabel.orientations import (
 
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
+from bmltrt.io.outputs import MASK_DESCRIP, is_nifti_name, strip_nifti_suffix
 
 WORKING_AXCODES = ("R", "I", "P")
 _WORKING_ORNT = axcodes2ornt(WORKING_AXCODES)
@@ -37,12 +38,9 @@ MAX_VOXELS = 2**29
 # An axis is "the thick one" when its spacing exceeds the others by this factor.
 THICK_FACTOR = 1.5
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
 
 def _is_nifti_name(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
+    return is_nifti_name(path.name)
 
 
 @dataclass
@@ -57,15 +55,12 @@ class Scan:
     to_working: np.ndarray = field(repr=False)  # nibabel ornt transform input->working
     input_axcodes: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
+    stem: str | None = None  # output name when not the file's (DICOM series, in-memory images)
 
     @property
     def name(self) -> str:
-        """File name without .nii/.nii.gz, used to name outputs."""
-        n = self.path.name
-        for suf in (".nii.gz", ".nii"):
-            if n.lower().endswith(suf):
-                return n[: -len(suf)]
-        return n
+        """Names the outputs: the file name without .nii/.nii.gz (any case), or `stem`."""
+        return self.stem if self.stem else strip_nifti_suffix(self.path.name)
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -100,6 +95,12 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BmlError(f"not a NIfTI image ({type(img).__name__})", path,
                        "convert the scan to NIfTI")
+    check_header(img, path)
+    return img
+
+
+def check_header(img: nib.spatialimages.SpatialImage, path) -> None:
+    """Everything a NIfTI header can tell that makes the image unusable. Raises BmlError."""
     hdr = img.header
     shape = tuple(int(s) for s in img.shape)
     dtype = hdr.get_data_dtype()
@@ -124,6 +125,15 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
     if max(shape3) > MAX_AXIS or int(np.prod(shape3, dtype=np.int64)) > MAX_VOXELS:
         raise BmlError(f"header dimensions {shape3} are implausibly large", path,
                        "the header is corrupt or this is not a knee MRI volume")
+    # Without qform or sform the file says nothing of which way is left-right, so the
+    # sagittal slices cannot be found (nibabel would silently assume 1 mm voxels, LAS).
+    if int(hdr["qform_code"]) <= 0 and int(hdr["sform_code"]) <= 0:
+        raise BmlError("the header has no orientation (qform_code and sform_code are both 0)", path,
+                       "convert from the DICOM again (e.g. dcm2niix) or give bmltrt the DICOM folder")
+    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=float)
+    if int(hdr["sform_code"]) <= 0 and (not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0)):
+        raise BmlError(f"the header's voxel size (pixdim {tuple(float(v) for v in pixdim)}) has zero, "
+                       "negative or NaN entries", path, "fix the header (pixdim) or convert the scan again")
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise BmlError("the affine has NaN/Inf entries", path, "fix the header (qform/sform)")
@@ -137,7 +147,6 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
         if not np.all(np.isfinite(z)) or z.min() < MIN_SPACING_MM or z.max() > MAX_SPACING_MM:
             raise BmlError(f"absurd voxel spacing {tuple(round(float(v), 4) for v in z)} mm",
                            path, f"spacing must lie in [{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm; fix the header")
-    return img
 
 
 def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask: bool = False) -> Scan:
@@ -146,7 +155,31 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask:
     Masks (``is_mask``) may be constant (an empty lesion mask) and skip the sagittal check.
     """
     path = Path(path)
-    img = read_header_checked(path)
+    return scan_from_image(read_header_checked(path), path, force_orientation, is_mask)
+
+
+def image_from_array(array, affine) -> nib.Nifti1Image:
+    """A NIfTI image of an array on a RAS affine (voxel index -> mm), qform/sform code 1."""
+    arr = np.asanyarray(array)
+    aff = np.asarray(affine, dtype=float)
+    if aff.shape != (4, 4):
+        raise BmlError(f"the affine must be 4x4, not {aff.shape}", hint="give the voxel-to-RAS-mm matrix")
+    if arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    img = nib.Nifti1Image(arr, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    return img
+
+
+def scan_from_image(img: nib.spatialimages.SpatialImage, source, force_orientation: bool = False,
+                    is_mask: bool = False, stem: str | None = None) -> Scan:
+    """Validate and reorient an image that is already open (from a file, DICOM or memory)."""
+    path = Path(str(source))
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise BmlError(f"not a NIfTI image ({type(img).__name__})", path, "give a nibabel Nifti1Image")
+    check_header(img, path)
     try:
         raw = np.asanyarray(img.dataobj)
     except Exception as exc:
@@ -186,7 +219,23 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask:
         spacing[int(to_working[i, 0])] = float(zooms[i])
     return Scan(path=path, data=work, spacing=tuple(spacing), image=img,
                 input_shape=tuple(int(s) for s in data.shape), to_working=to_working,
-                input_axcodes=axcodes, warnings=warnings)
+                input_axcodes=axcodes, warnings=warnings, stem=stem)
+
+
+def nifti_bytes(img: nib.spatialimages.SpatialImage, gz: bool) -> bytes:
+    """The file's bytes; gzip like nibabel (level 1, no time stamp: same input, same bytes)."""
+    import gzip
+
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if gz else raw
+
+
+def write_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike, gz: bool | None = None) -> Path:
+    """Write to exactly `path`, whatever its name ends in (compressed when `gz`)."""
+    path = Path(path)
+    gz = path.name.lower().endswith(".gz") if gz is None else gz
+    path.write_bytes(nifti_bytes(img, gz))
+    return path
 
 
 def write_nifti_atomic(img: nib.spatialimages.SpatialImage, out_path: str | os.PathLike,
@@ -196,8 +245,8 @@ def write_nifti_atomic(img: nib.spatialimages.SpatialImage, out_path: str | os.P
     for p in protect:
         if Path(p).exists() and out_path.exists() and os.path.samefile(p, out_path):
             raise BmlError("refusing to overwrite an input scan", out_path, "choose another output folder")
-    suffix = ".nii.gz" if out_path.name.lower().endswith(".gz") else ".nii"
-    return atomic_write(out_path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+    gz = out_path.name.lower().endswith(".gz")
+    return atomic_write(out_path, lambda tmp: write_nifti(img, tmp, gz))
 
 
 def mask_image_like(mask_working: np.ndarray, scan: Scan) -> nib.spatialimages.SpatialImage:
@@ -212,7 +261,7 @@ def mask_image_like(mask_working: np.ndarray, scan: Scan) -> nib.spatialimages.S
     out.set_sform(src.header.get_sform(), code=int(src.header["sform_code"]))
     out.header.set_slope_inter(1.0, 0.0)
     out.header["cal_min"], out.header["cal_max"] = 0, 1
-    out.header["descrip"] = b"bmltrt mask"
+    out.header["descrip"] = MASK_DESCRIP
     return out
 
 

@@ -1,0 +1,113 @@
+"""What `bmltrt detect` was given -> the scans to run: NIfTI files and DICOM series.
+
+Files, folders and globs, in order, without repeats. A folder gives its NIfTI files and
+its DICOM series (not its subfolders). Never taken as scans: hidden files (names
+starting with "."; our temporary files and macOS "._" files among them) and masks that
+bmltrt wrote (told by their header, whatever their names) — these are skipped with a
+note. Anything else that cannot be a scan becomes a one-line error for that item only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bmltrt.errors import BmlError
+from bmltrt.io.outputs import is_nifti_name, is_our_mask, strip_nifti_suffix
+
+
+@dataclass
+class ScanSource:
+    """One scan to run: a NIfTI file, or one series (at one echo) of a DICOM folder."""
+
+    path: Path
+    series: object = None  # bmltrt.io.dicom.DicomSeries for DICOM
+
+    @property
+    def stem(self) -> str:
+        return self.series.stem if self.series is not None else strip_nifti_suffix(self.path.name)
+
+    @property
+    def label(self) -> str:
+        return self.series.label if self.series is not None else str(self.path)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self.series.files) if self.series is not None else [self.path]
+
+    def load(self, force_orientation: bool = False):
+        from bmltrt.io.nifti import load_scan, scan_from_image
+
+        if self.series is None:
+            return load_scan(self.path, force_orientation=force_orientation)
+        from bmltrt.io.dicom import read_series
+
+        return scan_from_image(read_series(self.series), self.path, force_orientation, stem=self.stem)
+
+
+@dataclass
+class Expanded:
+    sources: list[ScanSource]
+    problems: list[BmlError]  # items that gave no scan, each a one-line error
+    notes: list[str]  # what was skipped, and why
+
+
+def _folder(folder: Path, echo: int | None, out: Expanded) -> None:
+    from bmltrt.io.dicom import dicom_files_in, find_series
+
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError as exc:
+        out.problems.append(BmlError(f"cannot list the folder ({os.strerror(exc.errno or 0)})", folder))
+        return
+    visible = [p for p in entries if not p.name.startswith(".")]
+    nifti = [p for p in visible if is_nifti_name(p.name)]
+    ours = [p for p in nifti if is_our_mask(p)]
+    if ours:
+        out.notes.append(f"skipped {len(ours)} mask(s) that bmltrt wrote in {folder}")
+    out.sources += [ScanSource(p) for p in nifti if p not in ours]
+    if dicom_files_in(folder):
+        try:
+            out.sources += [ScanSource(folder, s) for s in find_series(folder, echo)]
+        except BmlError as err:
+            out.problems.append(err)
+    elif not nifti:
+        out.problems.append(BmlError("no NIfTI files (.nii, .nii.gz) and no DICOM series in this folder", folder,
+                                     "give scan files, or a folder of them (subfolders are not searched)"))
+
+
+def expand_inputs(items: list[str], echo: int | None = None) -> Expanded:
+    out = Expanded([], [], [])
+    for item in items:
+        p = Path(item)
+        if any(c in item for c in "*?[") and not p.exists():
+            hits = sorted(glob.glob(item))
+            if not hits:
+                out.problems.append(BmlError("no file matches this pattern", item, "check the path"))
+            for h in hits:
+                hp = Path(h)
+                if hp.is_dir():
+                    _folder(hp, echo, out)
+                elif not hp.name.startswith("."):
+                    out.sources.append(ScanSource(hp))
+        elif p.is_dir():
+            _folder(p, echo, out)
+        else:
+            from bmltrt.io.dicom import is_dicom_file
+
+            if p.is_file() and not is_nifti_name(p.name) and is_dicom_file(p):
+                out.problems.append(BmlError("a single DICOM file: bmltrt reads whole series", p,
+                                             f"give its folder: bmltrt detect {p.parent}"))
+            else:
+                out.sources.append(ScanSource(p))  # a missing or bad file fails with its own line
+    seen, unique = set(), []
+    for s in out.sources:
+        key = (str(s.path.resolve()) if s.path.exists() else str(s.path),
+               getattr(s.series, "uid", None), getattr(s.series, "echo", None))
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    out.sources = unique
+    return out

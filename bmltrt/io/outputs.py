@@ -1,0 +1,268 @@
+"""The one place that names a scan's outputs and writes them as a whole set.
+
+Per scan ``<stem>_bml.nii.gz``, ``<stem>_femur.nii.gz``, ``<stem>_overlay.png`` and
+``<stem>_report.json``. A set is written all-or-nothing:
+
+1. ``.bmltrt-partial-<stem>/`` is made beside the outputs with ``mkdir`` (atomic): it is
+   the lock that keeps two runs off one scan's outputs, and the staging folder. Files in
+   it are named ``<kind>.part`` so nothing there ever looks like a scan.
+2. Every file is written there; nothing in the output folder has changed yet.
+3. Commit, with SIGINT/SIGTERM held back: the old report (the completion mark) is
+   removed first, the new files are moved in by rename, the report last.
+
+So a report means the set is whole. Files of ours without a report are an interrupted
+set, which a rerun completes without ``--overwrite``; a complete set, or any file that
+is not ours, is replaced only with ``--overwrite``, and an input of the run never.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from bmltrt.errors import BmlError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# kind -> file-name ending; the report is the completion mark and is moved in last.
+OUTPUT_ENDINGS = {"bml": "_bml.nii.gz", "femur": "_femur.nii.gz", "overlay": "_overlay.png",
+                  "report": "_report.json"}
+COMMIT_ORDER = ("bml", "femur", "overlay", "report")
+MASK_DESCRIP = b"bmltrt mask"  # written into our masks' header: how we know our own files
+PARTIAL_PREFIX = ".bmltrt-partial-"
+PART_SUFFIX = ".part"
+STALE_AFTER_S = 60.0  # a staging folder without a pid file older than this is left from a crash
+
+
+def is_nifti_name(name: str) -> bool:
+    return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``k.nii.gz``, ``K.NII.GZ``, ``a.b c.nii`` -> ``k``, ``K``, ``a.b c`` (other names unchanged)."""
+    low = name.lower()
+    for suf in NIFTI_SUFFIXES:
+        if low.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def is_output_name(name: str) -> bool:
+    """A name of the kind we write (any case), e.g. ``k_bml.nii.gz``, ``K_REPORT.JSON``."""
+    low = name.lower()
+    return any(low.endswith(e) for e in OUTPUT_ENDINGS.values()) or low.startswith(PARTIAL_PREFIX)
+
+
+def is_our_mask(path: Path) -> bool:
+    """True for a NIfTI file whose header says bmltrt wrote it (reads the header only)."""
+    try:
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        return bytes(img.header["descrip"]).startswith(MASK_DESCRIP)
+    except Exception:
+        return False
+
+
+def _is_ours(path: Path, kind: str) -> bool:
+    if kind in ("bml", "femur"):
+        return is_our_mask(path)
+    if kind == "report":
+        try:
+            return "bmltrt_version" in json.loads(path.read_text())
+        except Exception:
+            return False
+    if kind == "overlay":
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return im.info.get("Software", "").startswith("bmltrt")
+        except Exception:
+            return False
+    return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def os_error(exc: OSError, path, doing: str) -> BmlError:
+    """A user-facing line for an OSError: what failed, where, what to do."""
+    hints = {
+        errno.ENOSPC: "free some space or choose another --out folder",
+        errno.EDQUOT: "free some space or choose another --out folder",
+        errno.EACCES: "check the folder's permissions or choose another --out folder",
+        errno.EPERM: "check the folder's permissions or choose another --out folder",
+        errno.EROFS: "the file system is read-only: choose another --out folder",
+        errno.ENOTDIR: "a path component is a file, not a folder: choose another --out folder",
+        errno.EEXIST: "a file is in the way: choose another --out folder",
+        errno.ENAMETOOLONG: "the file name is too long: rename the scan or use a shorter --out path",
+    }
+    why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return BmlError(f"cannot {doing} ({why})", getattr(exc, "filename", None) or path,
+                    hints.get(exc.errno, "check the output folder"))
+
+
+@dataclass
+class OutputSet:
+    """The four output files of one scan in one folder."""
+
+    out_dir: Path
+    stem: str
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {k: self.out_dir / f"{self.stem}{e}" for k, e in OUTPUT_ENDINGS.items()}
+
+    @property
+    def staging(self) -> Path:
+        return self.out_dir / f"{PARTIAL_PREFIX}{self.stem}"
+
+    def existing(self) -> dict[str, Path]:
+        """Existing files that this set would replace, matched without regard to case
+        (so ``K_BML.NII.GZ`` counts on case-insensitive file systems and on this one)."""
+        if not self.out_dir.is_dir():
+            return {}
+        wanted = {p.name.lower(): k for k, p in self.paths.items()}
+        found = {}
+        try:
+            entries = list(os.scandir(self.out_dir))
+        except OSError:
+            return {}
+        for e in entries:
+            k = wanted.get(e.name.lower())
+            if k is not None:
+                found[k] = Path(e.path)
+        return found
+
+    def is_complete(self) -> bool:
+        have = self.existing()
+        return set(have) == set(OUTPUT_ENDINGS) and all(_is_ours(p, k) for k, p in have.items())
+
+    def check_writable(self, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+        """The overwrite guard over the whole set. Raises BmlError; writes nothing."""
+        have = self.existing()
+        for k, p in self.paths.items():
+            for src in inputs:
+                if _same_file(src, p) or (k in have and _same_file(src, have[k])):
+                    raise BmlError("an output would overwrite an input of this run", p,
+                                   "choose another --out folder")
+        if not have or overwrite:
+            return
+        foreign = [p for k, p in have.items() if not _is_ours(p, k)]
+        if foreign:
+            raise BmlError("a file that bmltrt did not write is where an output goes", foreign[0],
+                           "move it away, choose another --out folder, or pass --overwrite")
+        if "report" in have:
+            raise BmlError("outputs exist already", have["report"],
+                           "pass --overwrite or choose another --out folder")
+        # ours without a report: an interrupted set, which this run completes
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def locked_staging(outs: OutputSet):
+    """Make the staging folder (the per-scan lock); remove it afterwards, whatever happens."""
+    try:
+        outs.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, outs.out_dir, "make the output folder") from None
+    stage = outs.staging
+    for attempt in (0, 1):
+        try:
+            os.mkdir(stage)
+            break
+        except FileExistsError:
+            try:
+                pid = int((stage / "pid").read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            try:
+                young = time.time() - stage.stat().st_mtime < STALE_AFTER_S
+            except OSError:
+                young = False
+            # No pid yet and just made: another run is between its mkdir and its pid file.
+            stale = (pid == os.getpid()) or (not _pid_alive(pid) if pid else not young)
+            if attempt == 0 and stale:
+                shutil.rmtree(stage, ignore_errors=True)  # left by a killed run: take it over
+                continue
+            raise BmlError(f"another bmltrt run (pid {pid}) is writing the outputs of this scan", stage,
+                           "wait for it, or run into another --out folder") from None
+        except OSError as exc:
+            raise os_error(exc, outs.out_dir, "write into the output folder") from None
+    try:
+        try:
+            (stage / "pid").write_text(str(os.getpid()))
+        except OSError as exc:
+            raise os_error(exc, stage, "write into the output folder") from None
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM back during the commit's renames (delivered right after)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def write_output_set(outs: OutputSet, writers: dict[str, Callable[[Path], object]], overwrite: bool = False,
+                     inputs: Iterable[Path] = ()) -> dict[str, Path]:
+    """Write the whole set (writers[kind](path) writes one file), all-or-nothing."""
+    inputs = list(inputs)
+    outs.check_writable(overwrite, inputs)
+    with locked_staging(outs) as stage:
+        # Re-check under the lock: another run may have finished this set meanwhile.
+        outs.check_writable(overwrite, inputs)
+        staged = {}
+        for kind in COMMIT_ORDER:
+            tmp = stage / f"{kind}{PART_SUFFIX}"
+            try:
+                writers[kind](tmp)
+            except OSError as exc:
+                raise os_error(exc, outs.paths[kind], "write the outputs") from None
+            staged[kind] = tmp
+        final = outs.paths
+        with _signals_held():
+            try:
+                old = outs.existing()
+                if "report" in old:
+                    os.unlink(old["report"])  # the set is incomplete from here until the new report
+                for kind in COMMIT_ORDER:
+                    if kind in old and old[kind].name != final[kind].name:
+                        os.unlink(old[kind])  # a differently cased old file
+                    os.replace(staged[kind], final[kind])
+            except OSError as exc:
+                raise os_error(exc, outs.out_dir, "move the outputs into place") from None
+    return final

@@ -1,0 +1,522 @@
+"""A hostile user's tour of `bmltrt detect` and friends (issue 12).
+
+Every case asserts the exit code, that the message is one line (one "error:" line, no
+traceback), which files exist afterwards, and that the input bytes are unchanged.
+Cases that need no detection use small volumes and fail before any network runs; the
+few that need one share the session's phantom and one finished output set.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from typer.testing import CliRunner
+
+from bmltrt.cli import app
+from bmltrt.io.outputs import PARTIAL_PREFIX, OutputSet
+
+from conftest import REPO, SHARED_DATA, save_nifti
+
+DICOM_DIR = SHARED_DATA / "real" / "dicom" / "pymskt_mese_t2"
+OUTPUT_NAMES = ("_bml.nii.gz", "_femur.nii.gz", "_overlay.png", "_report.json")
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+def digest(paths) -> dict:
+    out = {}
+    for p in paths:
+        p = Path(p)
+        for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []):
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(p.name for p in Path(d).iterdir()) if Path(d).exists() else []
+
+
+def run(args, inputs=(), code=2, errors=1):
+    """Run the CLI; check exit code, input bytes unchanged, and (for failures) one line per failed scan."""
+    before = digest(inputs)
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
+    assert digest(inputs) == before, "an input file changed"
+    text = res.stdout + res.stderr
+    assert "Traceback" not in text, text
+    if code != 0:
+        errs = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errs) == errors, res.stderr
+    return res
+
+
+def error_line(res) -> str:
+    return next(ln for ln in res.stderr.splitlines() if ln.startswith("error:"))
+
+
+def smooth_volume(shape, seed=0, scale=1000.0):
+    """Image-like (smooth, many grey values): passes the noise and label-map rules."""
+    rng = np.random.default_rng(seed)
+    return (ndi.gaussian_filter(rng.random(shape), 2) * scale).astype(np.float32)
+
+
+def small_scan(path, shape=(10, 24, 24), spacing=(3.0, 0.5, 0.5)):
+    """A tiny image: loads fine, then is refused as too small to hold a knee (fast)."""
+    return save_nifti(path, smooth_volume(shape), np.diag([*spacing, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def done_set(phantom_case, tmp_path_factory):
+    """One finished detect run on the phantom: (scan path, output folder)."""
+    scan, _ = phantom_case
+    out = tmp_path_factory.mktemp("done")
+    res = CliRunner().invoke(app, ["detect", str(scan), "-o", str(out)])
+    assert res.exit_code == 0, res.stderr
+    assert listing(out) == sorted(f"knee{e}" for e in OUTPUT_NAMES)
+    return scan, out
+
+
+def copy_set(done_set, dest: Path, with_scan=True) -> Path:
+    scan, out = done_set
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in out.iterdir():
+        shutil.copy2(f, dest / f.name)
+    if with_scan:
+        shutil.copy2(scan, dest / scan.name)
+    return dest
+
+
+# ---- outputs: naming, the overwrite guard, inputs never overwritten ----------------------
+
+def test_foreign_femur_file_next_to_the_scan_is_never_overwritten(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    small_scan(d / "k.nii.gz")
+    femur = small_scan(d / "k_femur.nii.gz")  # the user's own file, with our output's name
+    res = run(["detect", d, "-o", d], inputs=[d], errors=2)  # k, and k_femur.nii.gz as a scan of its own
+    assert "an output would overwrite an input of this run | file: " + str(femur) in res.stderr
+    assert listing(d) == ["k.nii.gz", "k_femur.nii.gz"] and femur.exists()
+
+
+def test_upper_case_names_do_not_bypass_the_guard(tmp_path, done_set):
+    d = tmp_path / "in"
+    d.mkdir()
+    scan = shutil.copy2(done_set[0], d / "K.NII.GZ")
+    foreign = small_scan(tmp_path / "K_BML.NII.GZ")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.move(foreign, out / "K_BML.NII.GZ")
+    res = run(["detect", scan, "-o", out], inputs=[d, out])
+    assert "did not write" in error_line(res)
+    assert listing(out) == ["K_BML.NII.GZ"]
+
+
+def test_complete_set_is_not_overwritten_without_overwrite(tmp_path, done_set):
+    d = copy_set(done_set, tmp_path / "d")
+    res = run(["detect", d / "knee.nii.gz", "-o", d], inputs=[d])
+    assert "exist already" in error_line(res)
+
+
+def test_folder_run_into_itself_skips_our_masks(tmp_path, done_set):
+    d = copy_set(done_set, tmp_path / "d")
+    res = run(["detect", d, "-o", d], inputs=[d])
+    assert "skipped 2 mask(s) that bmltrt wrote" in res.stderr
+    assert "knee_bml_bml" not in " ".join(listing(d))
+    assert len(listing(d)) == 5
+
+
+def test_our_mask_given_as_a_scan_is_refused(tmp_path, done_set):
+    d = copy_set(done_set, tmp_path / "d", with_scan=False)
+    res = run(["detect", d / "knee_bml.nii.gz", "-o", tmp_path / "o"], inputs=[d])
+    assert "mask that bmltrt wrote" in error_line(res)
+    assert listing(tmp_path / "o") == []
+
+
+def test_interrupted_set_is_completed_by_a_rerun(tmp_path, done_set):
+    d = copy_set(done_set, tmp_path / "d")
+    (d / "knee_report.json").unlink()  # killed between the renames: no completion mark
+    (d / "knee_overlay.png").unlink()
+    run(["detect", d / "knee.nii.gz", "-o", d], inputs=[d / "knee.nii.gz"], code=0)
+    assert listing(d) == sorted(["knee.nii.gz"] + [f"knee{e}" for e in OUTPUT_NAMES])
+    assert json.loads((d / "knee_report.json").read_text())["lesion_count"] >= 1
+
+
+def test_output_folder_is_a_file(tmp_path):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    f = tmp_path / "out.txt"
+    f.write_text("mine")
+    res = run(["detect", scan, "-o", f], inputs=[scan, f])
+    assert "is a file" in error_line(res)
+
+
+def test_output_folder_below_a_file(tmp_path):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    f = tmp_path / "blocker"
+    f.write_text("mine")
+    res = run(["detect", scan, "-o", f / "sub"], inputs=[scan, f])
+    assert "blocker" in error_line(res)
+
+
+def test_read_only_output_folder(tmp_path, monkeypatch):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    real_mkdir = Path.mkdir
+
+    def ro_mkdir(self, *a, **k):
+        if "ro" in self.parts:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", ro_mkdir)
+    res = run(["detect", scan, "-o", tmp_path / "ro" / "out"], inputs=[scan])
+    assert "read-only" in error_line(res)
+    assert not (tmp_path / "ro").exists()
+
+
+def test_full_disk_fails_the_scan_leaves_nothing_and_the_batch_goes_on(tmp_path, phantom_case, monkeypatch):
+    import bmltrt.report as report
+
+    scan, _ = phantom_case
+    other = small_scan(tmp_path / "tiny.nii.gz")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report, "write_nifti", full)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["detect", str(scan), str(other), "-o", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.stdout + res.stderr
+    errs = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 2 and "No space left" in errs[0] and "tiny.nii.gz" in errs[1]  # the batch went on
+    assert listing(out) == []  # no partial set, no staging folder
+
+
+def test_two_inputs_with_one_name(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    sa, sb = small_scan(a / "k.nii.gz"), small_scan(b / "k.nii")
+    res = run(["detect", sa, sb, "-o", tmp_path / "o"], inputs=[a, b])
+    assert "same outputs" in error_line(res)
+    assert not (tmp_path / "o").exists()
+
+
+def test_names_that_differ_only_by_case_collide(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    sa, sb = small_scan(a / "Knee.nii.gz"), small_scan(b / "knee.NII.GZ")
+    res = run(["detect", sa, sb, "-o", tmp_path / "o"], inputs=[a, b])
+    assert "same outputs" in error_line(res)
+
+
+def test_odd_file_names_are_named_and_guarded(tmp_path, done_set):
+    odd = "my knee.v2 ü [L]"
+    d = tmp_path / "d"
+    d.mkdir()
+    scan = shutil.copy2(done_set[0], d / f"{odd}.NII.GZ")
+    for f in done_set[1].iterdir():  # a complete set under the odd name
+        shutil.copy2(f, d / f.name.replace("knee", odd))
+    res = run(["detect", scan, "-o", d], inputs=[d])
+    line = error_line(res)
+    assert "exist already" in line and f"{odd}_report.json" in line  # the [L] survives rich markup
+
+
+def test_hidden_leftovers_are_never_taken_for_scans(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / ".k_bml.nii.gz.x1y2.part").write_bytes(b"")
+    (d / ".old_tmp.nii.gz").write_bytes(b"")  # an old-style temporary name
+    (d / f"{PARTIAL_PREFIX}k").mkdir()
+    res = run(["detect", d, "-o", tmp_path / "o"], inputs=[d])
+    assert "no NIfTI files" in error_line(res)
+
+
+# ---- the output set itself: locks, interruptions, commits -------------------------------
+
+def _writers(fail=None, exc=None):
+    def make(kind):
+        def w(p):
+            if kind == fail:
+                raise exc
+            Path(p).write_text(kind)
+        return w
+    return {k: make(k) for k in ("bml", "femur", "overlay", "report")}
+
+
+def test_interrupt_while_writing_leaves_no_partial_set(tmp_path):
+    from bmltrt.io.outputs import write_output_set
+
+    outs = OutputSet(tmp_path, "k")
+    with pytest.raises(KeyboardInterrupt):
+        write_output_set(outs, _writers("report", KeyboardInterrupt()))
+    assert listing(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_the_old_set_whole(tmp_path):
+    from bmltrt.io.outputs import write_output_set
+
+    outs = OutputSet(tmp_path, "k")
+    write_output_set(outs, _writers())  # text files: "ours" only by name, so the guard is exercised below
+    before = digest([tmp_path])
+    with pytest.raises(Exception):
+        write_output_set(outs, _writers("overlay", OSError(errno.ENOSPC, "full")), overwrite=True)
+    assert digest([tmp_path]) == before
+
+
+def test_a_concurrent_run_holds_the_scan(tmp_path):
+    from bmltrt.errors import BmlError
+    from bmltrt.io.outputs import write_output_set
+
+    outs = OutputSet(tmp_path, "k")
+    outs.staging.mkdir()
+    (outs.staging / "pid").write_text(str(os.getppid()))  # a live process
+    with pytest.raises(BmlError, match="another bmltrt run"):
+        write_output_set(outs, _writers())
+    assert listing(tmp_path) == [outs.staging.name]
+
+
+def test_a_killed_runs_staging_folder_is_taken_over(tmp_path):
+    from bmltrt.io.outputs import write_output_set
+
+    outs = OutputSet(tmp_path, "k")
+    outs.staging.mkdir()
+    (outs.staging / "pid").write_text("999999999")  # no such process
+    write_output_set(outs, _writers())
+    assert listing(tmp_path) == sorted(f"k{e}" for e in OUTPUT_NAMES)
+
+
+def test_sigterm_leaves_a_complete_set_or_nothing(tmp_path, phantom_case):
+    scan, _ = phantom_case
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "bmltrt", "detect", str(scan), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 120:
+        if (out / f"{PARTIAL_PREFIX}knee").exists():  # writing has begun
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err
+    names = listing(out)
+    if proc.returncode == 143:
+        assert names == [] and "SIGTERM" in err
+    else:  # it had finished before the signal came
+        assert proc.returncode == 0 and names == sorted(f"knee{e}" for e in OUTPUT_NAMES)
+
+
+# ---- internal errors: one line, a log, the batch goes on --------------------------------
+
+def test_internal_error_is_logged_and_the_batch_goes_on(tmp_path, phantom_case, monkeypatch):
+    from bmltrt.pipeline import Detector
+
+    scan, _ = phantom_case
+    d = tmp_path / "in"
+    d.mkdir()
+    first = shutil.copy2(scan, d / "a_first.nii.gz")
+    real = Detector.detect_checked
+
+    def buggy(self, s, progress=None):
+        if s.name == "a_first":
+            raise ZeroDivisionError("a bug")
+        return real(self, s, progress)
+
+    monkeypatch.setattr(Detector, "detect_checked", buggy)
+    out = tmp_path / "out"
+    res = run(["detect", first, scan, "-o", out], inputs=[d, scan])
+    line = error_line(res)
+    assert "internal error on" in line and "a_first" in line and "ZeroDivisionError" in line
+    log = out / "bmltrt-errors.log"
+    assert str(log) in line and "Traceback" in log.read_text()
+    assert sorted(listing(out)) == sorted(["bmltrt-errors.log"] + [f"knee{e}" for e in OUTPUT_NAMES])
+
+
+def test_corrupt_model_file_is_refused(tmp_path, phantom_case):
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "export", models)
+    onnx = models / "segmenter.onnx"
+    b = bytearray(onnx.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(b))
+    scan, _ = phantom_case
+    res = run(["detect", scan, "-o", tmp_path / "o", "--models", models], inputs=[scan])
+    assert "sha256" in error_line(res) and "segmenter" in error_line(res)
+    assert listing(tmp_path / "o") == []
+
+
+# ---- options out of range: every command --------------------------------------------------
+
+OPTION_CASES = [
+    ["detect", "{scan}", "-o", "{out}", "--batch-size", "0"],
+    ["detect", "{scan}", "-o", "{out}", "--batch-size", "-3"],
+    ["detect", "{scan}", "-o", "{out}", "--floor", "-1"],
+    ["detect", "{scan}", "-o", "{out}", "--floor", "nan"],
+    ["detect", "{scan}", "-o", "{out}", "--opening-mm", "100"],
+    ["detect", "{scan}", "-o", "{out}", "--min-area-mm2", "-5"],
+    ["detect", "{scan}", "-o", "{out}", "--resolution", "0"],
+    ["detect", "{scan}", "-o", "{out}", "--echo", "0"],
+    ["detect", "{scan}", "-o", "{out}", "--backend", "tensorrt"],
+    ["synth", "{out}", "--cases", "0"],
+    ["synth", "{out}", "--seed", "-1"],
+    ["synth", "{out}", "--workers", "0"],
+    ["train", "segmenter", "--data", "{out}", "--out", "{out}", "--steps", "0"],
+    ["train", "segmenter", "--data", "{out}", "--out", "{out}", "--lr", "-1"],
+    ["train", "inpainter", "--data", "{out}", "--out", "{out}", "--time-limit", "0"],
+    ["train", "inpainter", "--data", "{out}", "--out", "{out}", "--resolution", "100"],
+    ["train", "inpainter", "--data", "{out}", "--out", "{out}", "--batch-size", "0"],
+    ["evaluate", "{out}", "-o", "{out}", "--limit", "0"],
+    ["evaluate", "{out}", "-o", "{out}", "--split", "nope"],
+    ["export", "--out", "{out}", "--default-resolution", "0"],
+    ["demo", "-o", "{out}", "--seed", "-1"],
+]
+
+
+@pytest.mark.parametrize("args", OPTION_CASES, ids=lambda a: "_".join(x.strip("-") for x in a if "{" not in x))
+def test_option_out_of_range(tmp_path, args):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    out = tmp_path / "out"
+    res = run([a.format(scan=scan, out=out) for a in args], inputs=[scan])
+    assert listing(out) == []
+    assert len(error_line(res)) < 400
+
+
+# ---- inputs that are not knee MRI ---------------------------------------------------------
+
+def _no_orientation(p):
+    img = nib.Nifti1Image(smooth_volume((20, 200, 200)), np.diag([3.0, 0.8, 0.8, 1.0]))
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    raw = bytearray(img.to_bytes())
+    hdr = img.header.copy()
+    hdr["qform_code"], hdr["sform_code"] = 0, 0
+    raw[:348] = hdr.binaryblock
+    p = p.with_name(p.name.replace(".nii.gz", ".nii"))  # header edited in place: uncompressed
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def _zero_pixdim(p):
+    img = nib.Nifti1Image(smooth_volume((20, 200, 200)), np.diag([3.0, 0.8, 0.8, 1.0]))
+    hdr = img.header.copy()
+    hdr["qform_code"], hdr["sform_code"] = 1, 0
+    hdr["pixdim"][1:4] = 0
+    raw = bytearray(img.to_bytes())
+    raw[:348] = hdr.binaryblock
+    p = p.with_name(p.name.replace(".nii.gz", ".nii"))  # header edited in place: uncompressed
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def _label_map(p):
+    v = np.zeros((30, 200, 200), np.uint8)
+    v[5:25, 40:160, 40:160] = 1
+    v[10:20, 60:100, 60:100] = 7
+    return save_nifti(p, v, np.diag([3.0, 0.8, 0.8, 1.0]))
+
+
+def _blank(p):
+    v = np.zeros((30, 200, 200), np.float32)
+    v[15, 100, 100] = 500
+    return save_nifti(p, v, np.diag([3.0, 0.8, 0.8, 1.0]))
+
+
+def _near_constant(p):
+    v = 1000 + smooth_volume((30, 200, 200), scale=0.1)  # 0.01% contrast
+    return save_nifti(p, v.astype(np.float32), np.diag([3.0, 0.8, 0.8, 1.0]))
+
+
+def _noise(p):
+    v = np.random.default_rng(0).random((30, 200, 200)).astype(np.float32) * 1000
+    return save_nifti(p, v, np.diag([3.0, 0.8, 0.8, 1.0]))
+
+
+def _tiny_field(p):
+    return small_scan(p)
+
+
+def _huge_field(p):
+    return save_nifti(p, smooth_volume((30, 250, 250)), np.diag([3.0, 3.0, 3.0, 1.0]))
+
+
+def _thick_slices(p):
+    return save_nifti(p, smooth_volume((12, 200, 200)), np.diag([10.0, 0.8, 0.8, 1.0]))
+
+
+KNEE_RULES = {
+    "no_orientation": (_no_orientation, "no orientation"),
+    "zero_pixdim": (_zero_pixdim, "pixdim"),
+    "label_map": (_label_map, "label map"),
+    "blank": (_blank, "blank"),
+    "near_constant": (_near_constant, "blank"),
+    "noise": (_noise, "noise"),
+    "tiny_field_of_view": (_tiny_field, "too small to hold a knee"),
+    "huge_field_of_view": (_huge_field, "more than a knee"),
+    "slices_too_thick": (_thick_slices, "too thick"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KNEE_RULES))
+def test_not_a_knee_is_refused(tmp_path, kind):
+    make, words = KNEE_RULES[kind]
+    scan = make(tmp_path / f"{kind}.nii.gz")
+    out = tmp_path / "out"
+    res = run(["detect", scan, "-o", out], inputs=[scan])
+    assert words in error_line(res) and scan.name in error_line(res)
+    assert listing(out) == []
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = run(["detect", tmp_path / "empty", "-o", tmp_path / "o"])
+    assert "no NIfTI files" in error_line(res) and not (tmp_path / "o").exists()
+
+
+def test_glob_that_matches_nothing(tmp_path):
+    res = run(["detect", str(tmp_path / "*.nii.gz"), "-o", tmp_path / "o"])
+    assert "no file matches" in error_line(res)
+
+
+def test_a_single_dicom_file_points_to_its_folder(tmp_path):
+    f = tmp_path / "IM0001"
+    f.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    res = run(["detect", f, "-o", tmp_path / "o"], inputs=[f])
+    assert "whole series" in error_line(res)
+
+
+@pytest.mark.skipif(not DICOM_DIR.exists(), reason="../shared/data not present")
+def test_dicom_echo_out_of_range(tmp_path):
+    res = run(["detect", DICOM_DIR, "-o", tmp_path / "o", "--echo", "9"])
+    assert "8 echoes" in error_line(res)
+
+
+@pytest.mark.skipif(not DICOM_DIR.exists(), reason="../shared/data not present")
+def test_dicom_series_with_a_missing_slice(tmp_path):
+    d = tmp_path / "series"
+    d.mkdir()
+    files = sorted(DICOM_DIR.glob("*.dcm"))
+    for i, f in enumerate(files):
+        if i // 8 != 10:  # drop slice 11 (its 8 echoes)
+            shutil.copy2(f, d / f.name)
+    res = run(["detect", d, "-o", tmp_path / "o"], inputs=[d])
+    assert "slices are missing" in error_line(res)
+
+
+def test_rich_markup_does_not_eat_brackets(capsys):
+    from bmltrt.cli import print_error
+
+    print_error("training needs torch | pip install 'bmltrt[train]'")
+    assert "bmltrt[train]" in capsys.readouterr().err
+    res = CliRunner().invoke(app, ["train", "--help"])
+    assert "bmltrt[train]" in res.stdout
