@@ -188,7 +188,7 @@ def _check_dataset(path: Optional[Path], option: str):
 
 
 def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
-                  limit_cases, time_limit, autocast="none", resolutions=None):
+                  limit_cases, time_limit, autocast="none", resolutions=None, more=None):
     import json
 
     try:
@@ -209,7 +209,7 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
         raise BmlError(f"--phantom-fraction {d.phantom_fraction} is not in [0, 1]")
     if autocast not in ("none", "bf16"):
         raise BmlError(f"--autocast {autocast!r} is not none or bf16")
-    extra: dict = {"autocast": autocast}
+    extra: dict = {"autocast": autocast, **(more or {})}
     if d.labels is not None:
         from bmltrt.synth.dataset import label_files
         from bmltrt.training.data import bank_paths
@@ -294,11 +294,17 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                         steps: int = _STEPS, batch_size: int = _BS, lr: float = typer.Option(2e-3, "--lr", min=0.0),
                         device: str = _DEV, seed: int = _SEED, resume: bool = _RESUME, val_every: int = _VAL,
                         limit_cases: Optional[int] = _LIMIT, time_limit: Optional[float] = _TIME,
-                        autocast: str = _AMP):
+                        autocast: str = _AMP,
+                        init: Optional[Path] = typer.Option(None, "--init", help="Start from this segmenter "
+                                                            "checkpoint's weights (fine-tuning)."),
+                        lesion_p: float = typer.Option(0.5, "--lesion-p", min=0.0, max=1.0, help="Share of "
+                                                       "generated scans with oedema-like lesions in the femur."),
+                        max_lesions: int = typer.Option(3, "--max-lesions", min=1, max=20)):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data)
+    more = {"lesion_p": lesion_p, "max_lesions": max_lesions, **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
-                  limit_cases, time_limit, autocast)
+                  limit_cases, time_limit, autocast, more=more)
 
 
 @train_app.command("inpainter")

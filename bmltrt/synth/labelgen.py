@@ -197,8 +197,11 @@ def add_lesions(labels: np.ndarray, spacing_mm, rng: np.random.Generator, max_le
     if marrow.sum() < 100:
         return labels
     femur = T.FEMUR_TABLE[labels].astype(bool)
-    depth = ndi.distance_transform_edt(femur, sampling=spacing_mm)
-    cand = np.argwhere(marrow & (depth < 12))
+    cart = labels == T.FEM_CART
+    if cart.any() and rng.random() < 0.75:  # most BMLs lie under the articular cartilage
+        cand = np.argwhere(marrow & (ndi.distance_transform_edt(~cart, sampling=spacing_mm) < 8))
+    else:
+        cand = np.argwhere(marrow & (ndi.distance_transform_edt(femur, sampling=spacing_mm) < 12))
     if len(cand) == 0:
         return labels
     out = labels.copy()
@@ -255,7 +258,7 @@ def _zero_border(rng: np.random.Generator, shape: tuple[int, int], px_mm: float)
 
 
 def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 1.6, n_sub: int = 3,
-                     lesion_p: float = 0.5, family: str | None = None) -> SegmenterSample:
+                     lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3) -> SegmenterSample:
     """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels)."""
     t = _thickness(rng)
     n = max(8, int(round(rng.uniform(80, 150) / t)))
@@ -266,7 +269,7 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     sub_mm = (t / n_sub, px_mm, px_mm)
     labels = sample_labels(anatomy, pose, rng, lr, rows, cols, px_mm)
     if rng.random() < lesion_p:
-        labels = add_lesions(labels, sub_mm, rng)
+        labels = add_lesions(labels, sub_mm, rng, max_lesions)
     fam, means = draw_contrast(rng, family)
     img = paint(labels, rng, means)
     img = img.reshape(n, n_sub, rows, cols).mean(axis=1)

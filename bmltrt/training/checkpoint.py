@@ -38,3 +38,15 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_weights(path, kind: str, module: str) -> dict:
+    """One module's weights from a checkpoint of the given kind (for --init)."""
+    from bmltrt.errors import BmlError
+
+    if not Path(path).exists():
+        raise BmlError("no such checkpoint", path)
+    st = load(path)
+    if st.get("kind") != kind:
+        raise BmlError(f"checkpoint is a {st.get('kind')}, not a {kind}", path)
+    return st["modules"][module]

@@ -11,7 +11,7 @@ from bmltrt.errors import BmlError
 from bmltrt.models.unetpp import SegmenterConfig, SegmenterLogits, build_segmenter
 from bmltrt.runtime.sliding_window import sliding_window
 from bmltrt.training import augment
-from bmltrt.training.checkpoint import seed_everything
+from bmltrt.training.checkpoint import load_weights, seed_everything
 from bmltrt.training.data import segmenter_volumes
 from bmltrt.training.loop import RunOptions, resolve_device, run_loop
 
@@ -75,7 +75,9 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         bank = LabelBank(bank_files)
         px = cfg.inplane_spacing_mm
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
-        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px), size, int(opts.extra.get("refresh", 1)), rng)
+        lesion_p, max_les = float(opts.extra.get("lesion_p", 0.5)), int(opts.extra.get("max_lesions", 3))
+        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, lesion_p=lesion_p, max_lesions=max_les),
+                          size, int(opts.extra.get("refresh", 1)), rng)
         vrng = np.random.default_rng(12345)  # the same generated validation scans every time
         gen_val = [(f"gen{i}", smp.image, smp.femur, smp.spacing)
                    for i, smp in enumerate(segmenter_sample(bank.pick(vrng), vrng, px)
@@ -85,6 +87,8 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     amp = opts.extra.get("autocast", "none") == "bf16"
     fmt = torch.channels_last_3d if amp else torch.contiguous_format
     net = build_segmenter(cfg).to(device).to(memory_format=fmt)
+    if opts.extra.get("init"):  # start from another run's weights (fine-tuning)
+        net.load_state_dict(load_weights(opts.extra["init"], "segmenter", "net"))
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
 
     skipped = [0]
@@ -146,6 +150,8 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         return out
 
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
+              "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
+              "lesion_p": float(opts.extra.get("lesion_p", 0.5)), "max_lesions": int(opts.extra.get("max_lesions", 3)),
               "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
