@@ -43,7 +43,15 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     assert best["metrics"]["gen_dice"] == ck["history"][-1]["best"]
     assert json.loads((tmp_path / "seg" / "history.json").read_text())[-1]["step"] == 3
     _run(common + ["--steps", "4", "--resume"])
-    assert torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)["step"] == 4
+    last = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
+    assert last["step"] == 4
+    # fine-tuning starts from those weights, with every generated scan carrying lesions
+    tune = [a if a != str(tmp_path / "seg") else str(tmp_path / "tuned") for a in common]
+    _run(tune + ["--steps", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p", "1", "--lr", "1e-9"])
+    tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
+    assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
+    k = "conv_0_0.conv_0.conv.weight"
+    assert torch.allclose(tuned["modules"]["net"][k], last["modules"]["net"][k], atol=1e-6)  # tiny lr: where it started
 
 
 def test_one_inpainter_trains_at_several_resolutions(labels_dir, tmp_path):
