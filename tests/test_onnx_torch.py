@@ -68,7 +68,7 @@ def test_each_tensor_keeps_its_dtype_and_several_outputs_come_as_a_tuple():
     mod = OnnxGraphModule(model)
     seen = {}
     x = torch.from_numpy(np.random.default_rng(2).random((2, 2, 8, 8), np.float32))
-    y, s = mod.run((x,), hook=lambda name, op, outs, res: seen.update({o: r.dtype for o, r in zip(outs, res)}))
+    y, s = mod.run((x,), hook=lambda name, op, ins, outs, res: seen.update({o: r.dtype for o, r in zip(outs, res)}))
     assert seen["xh"] == seen["xp"] == seen["c"] == seen["r"] == torch.float16  # computed in float16
     assert y.dtype == torch.float32 and s.tolist() == [2, 4, 8, 8]
     ref = _ort(model, x.numpy())[0]
