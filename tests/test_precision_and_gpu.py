@@ -15,14 +15,17 @@ from conftest import REPO, has_gpu, needs_torch
 
 @pytest.fixture(scope="module")
 def both_precisions(tmp_path_factory):
-    """The shipped models with FP16 graphs made from their float32 graphs (no calibration: fast)."""
+    """The shipped models with FP16 graphs made from their float32 graphs by the CLI (no
+    calibration, no lint: fast)."""
     if not __import__("conftest").has_torch():
         pytest.skip("torch not installed")
-    from bmltrt.export.build import make_models
-
     out = tmp_path_factory.mktemp("models")
-    make_models(out, from_onnx=REPO / "export", precision="both", calibration_cases=0, lint=False,
-                progress=lambda s: None)
+    r = CliRunner().invoke(app, ["export", "--from-onnx", str(REPO / "export"), "--precision", "both", "--out",
+                                 str(out), "--calibration-cases", "0", "--no-lint"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "PASSED" in r.output and "inpainter_448" in r.output and "segmenter_fp16.onnx" in r.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert sorted(man["files"]) == sorted(f"{n}{s}.onnx" for n in man["models"] for s in ("", "_fp16"))
     return out
 
 
