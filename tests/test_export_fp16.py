@@ -219,3 +219,11 @@ def test_store_reads_both_manifest_formats(tmp_path):
     assert s.path("segmenter", precision="fp16") == tmp_path / "a_fp16.onnx"
     e = ModelStore.open(tmp_path, "fp16").entry("segmenter")
     assert e["sha256"] == "2" and e["config"] == {"patch": [1]} and e["precision"] == "fp16"
+
+
+def test_checkpoint_resolutions_single_and_multi():
+    from bmltrt.export.onnx_export import checkpoint_resolutions
+
+    assert checkpoint_resolutions({"config": {"resolution": 256}}) == [256]
+    assert checkpoint_resolutions({"config": {"resolution": None, "resolutions": [128, 448]}}) == [128, 448]
+    assert checkpoint_resolutions({"config": {}}) == []
