@@ -211,8 +211,8 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
     from bmltrt.runtime.backends import make_backend
 
     be, warns = make_backend(backend, device, models, precision=precision)
-    for w in warns:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    for w in warns:  # one line each, however narrow the terminal
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size,
                        post=_post_options(floor, opening_mm, closing_mm, min_area_mm2))
     return Detector(be, cfg)
