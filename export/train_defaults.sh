@@ -41,4 +41,4 @@ for job in $(jobs -p); do wait "$job" || fail=1; done
 tail -n 2 "$work"/segmenter.log "$work"/inpainter.log
 [ $fail = 0 ] || exit 1
 $py -m bmltrt export --segmenter "$work/segmenter/checkpoint.pt" --inpainter "$work/inpainter/checkpoint.pt" \
-    --resolutions "$resolutions" --default-resolution 256 --out "$work/models"
+    --resolutions "$resolutions" --default-resolution 256 --precision both --out "$work/models"

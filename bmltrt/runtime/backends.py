@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from bmltrt.errors import BmlError
-from bmltrt.optional import cupy_with_gpu, optional_import
+from bmltrt.optional import optional_import
 from bmltrt.runtime.models import ModelStore
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -30,13 +30,13 @@ class Backend(Protocol):
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
-    precision = "fp32"
 
-    def __init__(self, store: ModelStore, device: str = "cpu", threads: int | None = None):
+    def __init__(self, store: ModelStore, device: str = "cpu", threads: int | None = None, precision: str = "fp32"):
         import onnxruntime as ort
 
         self._ort = ort
-        self.store = store
+        self.precision = precision
+        self.store = ModelStore(store.root, store.manifest, precision)
         self.device = device
         self.providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "gpu"
                           else ["CPUExecutionProvider"])
@@ -61,7 +61,9 @@ class OnnxRuntimeBackend:
     def run(self, model: str, batch):
         sess = self.session(model)
         host = batch.get() if hasattr(batch, "get") and not isinstance(batch, np.ndarray) else batch
-        out = sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(host, dtype=np.float32)})[0]
+        inp = sess.get_inputs()[0]
+        dt = np.float16 if inp.type == "tensor(float16)" else np.float32
+        out = sess.run(None, {inp.name: np.ascontiguousarray(host, dtype=dt)})[0].astype(np.float32, copy=False)
         if host is not batch:  # came from cupy: hand cupy back
             import cupy
 
@@ -70,17 +72,22 @@ class OnnxRuntimeBackend:
 
 
 def gpu_available() -> tuple[bool, str]:
+    """(True, "") only when a CUDA device exists *and* ONNX Runtime can use it. The device
+    is asked of the CUDA driver (bmltrt.doctor.cuda_devices), never inferred from the
+    providers an onnxruntime-gpu wheel lists: those appear without any GPU."""
+    from bmltrt.doctor import cuda_devices
+
+    n, why = cuda_devices()
+    if n < 1:
+        return False, why
     ort, _ = optional_import("onnxruntime")
-    if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers():
-        return True, ""
-    cp, why = cupy_with_gpu()
-    if cp is None:
-        return False, why or "no CUDA device"
-    return False, "ONNX Runtime has no CUDA provider (install onnxruntime-gpu)"
+    if ort is None or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "ONNX Runtime has no CUDA provider (install onnxruntime-gpu)"
+    return True, ""
 
 
-def make_backend(backend: str, device: str, models_dir=None) -> tuple[Backend, list[str]]:
-    """Backend for the asked name and device; falls back to the CPU with a warning."""
+def make_backend(backend: str, device: str, models_dir=None, precision: str = "fp32") -> tuple[Backend, list[str]]:
+    """Backend for the asked name, device and precision; falls back to the CPU with a warning."""
     if backend not in BACKENDS:
         raise BmlError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
@@ -89,11 +96,14 @@ def make_backend(backend: str, device: str, models_dir=None) -> tuple[Backend, l
         raise BmlError(f"the {backend} backend is not available in this version of bmltrt",
                        hint="use --backend onnxruntime (or auto)")
     warnings = []
-    store = ModelStore.open(models_dir)
+    store = ModelStore.open(models_dir, precision)
     resolved = device
     if device in ("auto", "gpu"):
         ok, why = gpu_available()
         resolved = "gpu" if ok else "cpu"
         if device == "gpu" and not ok:
             warnings.append(f"--device gpu asked for, but {why}: running on the CPU")
-    return OnnxRuntimeBackend(store, resolved), warnings
+    if precision == "fp16" and resolved == "cpu":
+        warnings.append("--precision fp16 runs the FP16 graphs, but ONNX Runtime on a CPU does not compute in FP16 "
+                        "(it casts to float32 around each op): slower, and no FP16 numerics check")
+    return OnnxRuntimeBackend(store, resolved, precision=precision), warnings
