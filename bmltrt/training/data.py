@@ -13,16 +13,21 @@ from bmltrt.synth.dataset import case_paths
 MIN_FEMUR_FRACTION = 0.002  # a slice "contains femur" above this share of its pixels
 
 
-def segmenter_volumes(root: Path, split: str, inplane_mm: float, limit: int | None = None):
-    """[(case, image (S,H',W') normalised, femur (S,H',W') float, voxel mm)] on the segmenter grid."""
+def segmenter_volumes(root: Path, split: str, inplane_mm: float, limit: int | None = None, lesions: bool = False):
+    """[(case, image (S,H',W') normalised, femur (S,H',W') float, voxel mm)] on the segmenter grid;
+    with `lesions`, a fifth element: the lesion mask on that grid (any overlap counts)."""
     out = []
-    for case, img_p, fem_p, _ in case_paths(root, split)[:limit]:
+    for case, img_p, fem_p, les_p in case_paths(root, split)[:limit]:
         scan = load_scan(img_p)
         fem = load_scan(fem_p, is_mask=True).data
         shape = inplane_shape(scan.data.shape, scan.spacing, inplane_mm)
         img = zoom_to(normalize_intensity(scan.data), shape)
         voxel = (scan.spacing[0], inplane_mm, inplane_mm)
-        out.append((case, img.astype(np.float32), (zoom_to(fem, shape) > 0.5).astype(np.float32), voxel))
+        item = (case, img.astype(np.float32), (zoom_to(fem, shape) > 0.5).astype(np.float32), voxel)
+        if lesions:
+            les = load_scan(les_p, is_mask=True).data if les_p.exists() else np.zeros(scan.data.shape, np.float32)
+            item += (zoom_to(les.astype(np.float32), shape) > 0.25,)
+        out.append(item)
     return out
 
 

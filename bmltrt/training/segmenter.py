@@ -64,7 +64,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     bank_files = opts.extra.get("bank") or []
     train = segmenter_volumes(opts.data, "train", cfg.inplane_spacing_mm, opts.limit_cases) if opts.data else []
     val_root = opts.extra.get("val_data") or opts.data
-    val = segmenter_volumes(val_root, "val", cfg.inplane_spacing_mm, opts.limit_cases) if val_root else []
+    val = segmenter_volumes(val_root, "val", cfg.inplane_spacing_mm, opts.limit_cases, lesions=True) if val_root else []
     if not train and not bank_files:
         raise BmlError("no training data: give label maps (--labels) or a phantom dataset (--data)",
                        opts.data, "make a dataset with `bmltrt synth`")
@@ -133,20 +133,28 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
             return wrapped(torch.from_numpy(batch).to(device)).float().cpu().numpy()
 
     def mean_dice(vols):
-        dices = []
-        for _, img, fem, _ in vols:
+        """Mean femur Dice, and the share of lesion voxels called femur (lesioned marrow is femur:
+        a segmenter that carves lesions out hides them from the inpainter)."""
+        dices, les_in, les_all = [], 0, 0
+        for item in vols:
+            img, fem = item[1], item[2]
             prob = sliding_window(img, cfg.patch, predict, batch_size=2, overlap=cfg.overlap)[1]
             pred = prob > 0.5
             t = fem > 0.5
             dices.append(2 * (pred & t).sum() / max(1, pred.sum() + t.sum()))
-        return float(np.mean(dices)) if dices else float("nan")
+            if len(item) > 4:
+                les_in += int((pred & item[4]).sum())
+                les_all += int(item[4].sum())
+        return (float(np.mean(dices)) if dices else float("nan")), (les_in / les_all if les_all else None)
 
     def validate():
         out = {}
         if val:
-            out["val_dice"] = mean_dice(val)
+            out["val_dice"], cover = mean_dice(val)
+            if cover is not None:
+                out["val_lesion_in_femur"] = cover
         if gen_val:
-            out["gen_dice"] = mean_dice(gen_val)
+            out["gen_dice"] = mean_dice(gen_val)[0]
         return out
 
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
