@@ -202,9 +202,13 @@ def test_store_reads_both_manifest_formats(tmp_path):
     from bmltrt.errors import BmlError
     from bmltrt.runtime.models import ModelStore
 
+    import hashlib
+
     (tmp_path / "a.onnx").write_bytes(b"x")
     (tmp_path / "a_fp16.onnx").write_bytes(b"y")
-    old = {"format": "bmltrt-models-1", "models": {"segmenter": {"file": "a.onnx", "sha256": "1", "kind": "segmenter",
+    # the store checks every file against its sha256, so the manifest carries the real ones
+    h32, h16 = hashlib.sha256(b"x").hexdigest(), hashlib.sha256(b"y").hexdigest()
+    old = {"format": "bmltrt-models-1", "models": {"segmenter": {"file": "a.onnx", "sha256": h32, "kind": "segmenter",
                                                                 "precision": "fp32", "config": {}}}}
     (tmp_path / "manifest.json").write_text(json.dumps(old))
     s = ModelStore.open(tmp_path)
@@ -212,13 +216,13 @@ def test_store_reads_both_manifest_formats(tmp_path):
     with pytest.raises(BmlError, match="no fp16 graph"):
         s.path("segmenter", precision="fp16")
     new = {"format": "bmltrt-models-2", "models": {"segmenter": {
-        "file": "a.onnx", "sha256": "1", "kind": "segmenter", "config": {"patch": [1]},
-        "precisions": {"fp32": {"file": "a.onnx", "sha256": "1"}, "fp16": {"file": "a_fp16.onnx", "sha256": "2"}}}}}
+        "file": "a.onnx", "sha256": h32, "kind": "segmenter", "config": {"patch": [1]},
+        "precisions": {"fp32": {"file": "a.onnx", "sha256": h32}, "fp16": {"file": "a_fp16.onnx", "sha256": h16}}}}}
     (tmp_path / "manifest.json").write_text(json.dumps(new))
     s = ModelStore.open(tmp_path)
     assert s.path("segmenter", precision="fp16") == tmp_path / "a_fp16.onnx"
     e = ModelStore.open(tmp_path, "fp16").entry("segmenter")
-    assert e["sha256"] == "2" and e["config"] == {"patch": [1]} and e["precision"] == "fp16"
+    assert e["sha256"] == h16 and e["config"] == {"patch": [1]} and e["precision"] == "fp16"
 
 
 def test_checkpoint_resolutions_single_and_multi():
