@@ -1,31 +1,28 @@
-"""Export trained checkpoints to ONNX and write the models manifest.
+"""Trained checkpoints -> clean float32 ONNX graphs (checked against torch).
 
 The inpainter is exported with the matrix-product DFT (no ONNX DFT op, which TensorRT
 parses only from 11.2 on): one graph per resolution, the cos/sin matrices baked in as
-float32 constants. Batch is dynamic; spatial sizes are fixed per graph.
+float32 constants. One set of generator weights exports at any resolution (the DFT
+matrices are per resolution; the weights are not). Batch is dynamic; spatial sizes are
+fixed per graph. ``bmltrt.export.build`` writes the models folder (both precisions).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 from pathlib import Path
 
 import numpy as np
 
 from bmltrt.errors import BmlError
-from bmltrt.io.atomic import atomic_write
+from bmltrt.export.checks import TENSORRT_10_3_OPS
 
 OPSET = 17
 MANIFEST = "manifest.json"
-# Ops every TensorRT 10.x parser handles; the exported graphs must stay inside this set.
-TENSORRT10_SAFE_OPS = {
-    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "Relu", "LeakyRelu",
-    "Sigmoid", "Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Concat", "Slice", "Split", "Pad",
-    "MaxPool", "Constant", "Reshape", "Transpose", "Neg", "Cast", "Shape", "Gather", "Unsqueeze",
-    "Squeeze", "Identity", "ReduceMean", "Pow", "Sqrt", "Resize", "Softmax", "Clip", "Where",
-    "Equal", "ConstantOfShape", "Expand", "Range", "Floor", "Tile",
-}
+TENSORRT10_SAFE_OPS = TENSORRT_10_3_OPS  # the old name
+SEGMENTER_IO = ("image", "logits")
+INPAINTER_IO = ("masked_and_mask", "generated")
 
 
 def sha256_of(path: Path) -> str:
@@ -36,43 +33,52 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def graph_ops(path: Path) -> set[str]:
+def graph_ops(path) -> set[str]:
     import onnx
 
-    return {n.op_type for n in onnx.load(str(path)).graph.node}
+    m = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path))
+    return {n.op_type for n in m.graph.node}
 
 
-def _export(module, example, path: Path, input_name: str, output_name: str):
+def torch_to_onnx(module, example, input_name: str, output_name: str):
+    """TorchScript export to an in-memory ModelProto (deterministic for the same weights)."""
+    import onnx
     import torch
 
     module.eval()
-
-    def write(tmp):
-        with torch.no_grad():
-            torch.onnx.export(module, (example,), tmp, input_names=[input_name], output_names=[output_name],
-                              dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
-
-    atomic_write(path, write, suffix=".onnx")
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, (example,), buf, input_names=[input_name], output_names=[output_name],
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
 
 
-def _check_against_torch(module, example, path: Path, atol: float) -> float:
+def max_err_vs_torch(module, example, model, atol: float, what=None) -> float:
     import onnxruntime as ort
     import torch
 
     with torch.no_grad():
         ref = module(example).numpy()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
     err = float(np.abs(got - ref).max())
     if err > atol:
-        raise BmlError(f"ONNX Runtime output differs from torch by {err:.2e} (> {atol})", path)
+        raise BmlError(f"ONNX Runtime output differs from torch by {err:.2e} (> {atol})", what)
     return err
 
 
-def export_segmenter(ckpt: dict, out_dir: Path, name: str = "segmenter") -> dict:
+def _trained(ckpt: dict) -> dict:
+    hist = ckpt.get("history") or [{}]
+    return {"steps": ckpt.get("step"), "metrics": ckpt.get("metrics", {}), "last": hist[-1],
+            "options": ckpt.get("options", {})}
+
+
+def segmenter_graph(ckpt: dict, what=None):
+    """(clean float32 ModelProto, manifest fields) of a segmenter checkpoint."""
     import torch
 
+    from bmltrt.export.graph import clean
     from bmltrt.models.unetpp import SegmenterConfig, SegmenterLogits, build_segmenter
 
     cfg = SegmenterConfig.from_dict(ckpt["config"]["segmenter"])
@@ -80,19 +86,26 @@ def export_segmenter(ckpt: dict, out_dir: Path, name: str = "segmenter") -> dict
     net.load_state_dict(ckpt["modules"]["net"])
     module = SegmenterLogits(net).eval()
     example = torch.from_numpy(np.random.default_rng(0).random((2, 1) + tuple(cfg.patch), np.float32))
-    path = Path(out_dir) / f"{name}.onnx"
-    _export(module, example, path, "image", "logits")
-    err = _check_against_torch(module, example, path, atol=1e-3)
-    return _entry(path, "segmenter", ckpt, {"config": cfg.to_dict(), "max_abs_err_vs_torch": err})
+    raw = torch_to_onnx(module, example, *SEGMENTER_IO)
+    model = clean(raw, {SEGMENTER_IO[0]: [1, *cfg.patch]}, {SEGMENTER_IO[1]: [2, *cfg.patch]}, what)
+    err = max_err_vs_torch(module, example, model, atol=1e-3, what=what)
+    return model, {"kind": "segmenter", "config": cfg.to_dict(), "max_abs_err_vs_torch": err,
+                   "trained": _trained(ckpt)}
 
 
-def export_inpainter(ckpt: dict, out_dir: Path) -> dict:
+def inpainter_graph(ckpt: dict, resolution: int | None = None, what=None):
+    """(clean float32 ModelProto, manifest fields) of a generator at one resolution
+    (default: the one it was trained at)."""
     import torch
 
+    from bmltrt.export.graph import clean
     from bmltrt.models.lama import InpainterConfig, LamaGenerator
 
     cfg = InpainterConfig.from_dict(ckpt["config"]["inpainter"])
-    res = int(ckpt["config"]["resolution"])
+    trained_res = int(ckpt["config"]["resolution"])
+    res = int(resolution or trained_res)
+    if res % (2 ** cfg.n_downsampling):
+        raise BmlError(f"resolution {res} is not a multiple of {2 ** cfg.n_downsampling}", what)
     gen = LamaGenerator(cfg, fft_impl="torch")
     gen.load_state_dict(ckpt["modules"]["gen"])
     gen.set_fft_impl("matmul").eval()
@@ -101,37 +114,18 @@ def export_inpainter(ckpt: dict, out_dir: Path) -> dict:
     mask = np.zeros_like(img)
     mask[:, :, res // 4: res // 2, res // 4: 3 * res // 4] = 1
     example = torch.from_numpy(np.concatenate([img * (1 - mask), mask], axis=1))
-    path = Path(out_dir) / f"inpainter_{res}.onnx"
-    _export(gen, example, path, "masked_and_mask", "generated")
-    err = _check_against_torch(gen, example, path, atol=1e-4)
-    return _entry(path, "inpainter", ckpt, {"config": cfg.to_dict(), "resolution": res, "fft": "matmul",
-                                             "max_abs_err_vs_torch": err})
-
-
-def _entry(path: Path, kind: str, ckpt: dict, extra: dict) -> dict:
-    ops = graph_ops(path)
-    if "DFT" in ops:
-        raise BmlError("the exported graph holds a DFT op (TensorRT < 11.2 cannot parse it)", path)
-    hist = ckpt.get("history") or [{}]
-    return {"file": path.name, "kind": kind, "sha256": sha256_of(path), "bytes": path.stat().st_size,
-            "precision": "fp32", "opset": OPSET, "ops": sorted(ops),
-            "tensorrt10_safe": ops <= TENSORRT10_SAFE_OPS,
-            "trained": {"steps": ckpt.get("step"), "metrics": ckpt.get("metrics", {}), "last": hist[-1],
-                        "options": ckpt.get("options", {})}, **extra}
+    raw = torch_to_onnx(gen, example, *INPAINTER_IO)
+    model = clean(raw, {INPAINTER_IO[0]: [2, res, res]}, {INPAINTER_IO[1]: [1, res, res]}, what)
+    err = max_err_vs_torch(gen, example, model, atol=1e-4, what=what)
+    return model, {"kind": "inpainter", "config": cfg.to_dict(), "resolution": res, "trained_resolution": trained_res,
+                   "fft": "matmul", "max_abs_err_vs_torch": err, "trained": _trained(ckpt)}
 
 
 def export_models(segmenter: Path | None, inpainters: list[Path], out_dir: Path,
-                  default_resolution: int = 256) -> dict:
-    from bmltrt.training.checkpoint import load
+                  default_resolution: int = 256, **kw) -> dict:
+    """float32 only, as before; see bmltrt.export.build.make_models for every option."""
+    from bmltrt.export.build import make_models
 
-    out_dir = Path(out_dir)
-    man_path = out_dir / MANIFEST
-    manifest = json.loads(man_path.read_text()) if man_path.exists() else {"format": "bmltrt-models-1", "models": {}}
-    if segmenter:
-        manifest["models"]["segmenter"] = export_segmenter(load(segmenter), out_dir)
-    for p in inpainters:
-        e = export_inpainter(load(p), out_dir)
-        manifest["models"][f"inpainter_{e['resolution']}"] = e
-    manifest["default_resolution"] = default_resolution
-    atomic_write(man_path, lambda p: Path(p).write_text(json.dumps(manifest, indent=1, sort_keys=True)))
-    return manifest
+    kw.setdefault("precision", "fp32")
+    return make_models(out_dir, segmenter=segmenter, inpainters=list(inpainters),
+                       default_resolution=default_resolution, **kw)

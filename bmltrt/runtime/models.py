@@ -1,4 +1,10 @@
-"""Where the models are, and what they are: the manifest written by `bmltrt export`."""
+"""Where the models are, and what they are: the manifest written by `bmltrt export`.
+
+Format ``bmltrt-models-2``: each network entry keeps its float32 graph's fields at the top
+(``file``, ``sha256``: older readers keep working) and lists every precision under
+``precisions`` (``{"fp32": {...}, "fp16": {...}}``, each with its file, sha256, signature and
+checks; FP16 adds its float32 islands). Format 1 (float32 only) is read as before.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from pathlib import Path
 from bmltrt.errors import BmlError
 
 MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16")
 
 
 def default_models_dir() -> Path:
@@ -26,9 +33,12 @@ def default_models_dir() -> Path:
 class ModelStore:
     root: Path
     manifest: dict
+    precision: str = "fp32"  # what entry() and path() give when not told otherwise
 
     @classmethod
-    def open(cls, root: Path | None = None) -> "ModelStore":
+    def open(cls, root: Path | None = None, precision: str = "fp32") -> "ModelStore":
+        if precision not in PRECISIONS:
+            raise BmlError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
         root = Path(root) if root else Path(os.environ["BMLTRT_MODELS"]) if os.environ.get("BMLTRT_MODELS") \
             else default_models_dir()
         man = root / MANIFEST
@@ -38,9 +48,9 @@ class ModelStore:
             manifest = json.loads(man.read_text())
         except json.JSONDecodeError as exc:
             raise BmlError(f"manifest.json is not valid JSON ({exc.msg})", man) from None
-        return cls(root, manifest)
+        return cls(root, manifest, precision)
 
-    def entry(self, name: str) -> dict:
+    def _raw(self, name: str) -> dict:
         models = self.manifest.get("models", {})
         if name not in models:
             have = ", ".join(sorted(models)) or "none"
@@ -48,8 +58,25 @@ class ModelStore:
                            "export it with `bmltrt export`, or choose another --resolution")
         return models[name]
 
-    def path(self, name: str) -> Path:
-        p = self.root / self.entry(name)["file"]
+    def precisions(self, name: str) -> list[str]:
+        e = self._raw(name)
+        return sorted(e["precisions"]) if "precisions" in e else [e.get("precision", "fp32")]
+
+    def entry(self, name: str, precision: str | None = None) -> dict:
+        """The network's manifest entry as seen at one precision: common fields (config,
+        resolution, training record) with that precision's file, sha256, signature, islands."""
+        precision = precision or self.precision
+        e = self._raw(name)
+        variants = e.get("precisions") or {e.get("precision", "fp32"): e}
+        if precision not in variants:
+            raise BmlError(f"the models folder has no {precision} graph of {name!r} (it has: "
+                           f"{', '.join(sorted(variants))})", self.root,
+                           f"make it with `bmltrt export --precision {precision}` (or both)")
+        common = {k: v for k, v in e.items() if k != "precisions"}
+        return {**common, **variants[precision], "precision": precision}
+
+    def path(self, name: str, precision: str | None = None) -> Path:
+        p = self.root / self.entry(name, precision)["file"]
         if not p.exists():
             raise BmlError(f"model file of {name!r} is missing", p, "re-export or reinstall the models")
         return p

@@ -1,0 +1,177 @@
+"""One command, one complete models folder: float32 and FP16 graphs of the segmenter and
+of the inpainter at every resolution, checked, with a manifest that says what each file is.
+
+    make_models(out, segmenter=CKPT, inpainters=[CKPT], resolutions=[128, 192, 256, 320, 448],
+                precision="both")
+    make_models(out, from_onnx="export/", precision="both")   # float32 graphs already made
+
+Files: ``segmenter.onnx``, ``inpainter_<res>.onnx`` (float32) and ``*_fp16.onnx``. The same
+checkpoints give byte-identical ONNX files (the manifest also records tool versions).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import onnx
+
+from bmltrt.errors import BmlError
+from bmltrt.io.atomic import atomic_write
+
+FORMAT = "bmltrt-models-2"
+MANIFEST = "manifest.json"
+RESOLUTIONS = (128, 192, 256, 320, 448)
+_KEEP_FIELDS = ("kind", "config", "resolution", "trained_resolution", "fft", "trained", "max_abs_err_vs_torch")
+
+
+def _file_name(name: str, precision: str) -> str:
+    return f"{name}.onnx" if precision == "fp32" else f"{name}_{precision}.onnx"
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    data = model.SerializeToString(deterministic=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), suffix=".onnx")
+
+
+def _variant(path: Path, model: onnx.ModelProto, lint: bool) -> dict:
+    from bmltrt.export.checks import check_graph, signature
+    from bmltrt.export.onnx_export import sha256_of
+
+    checks = check_graph(path, lint=lint)
+    return {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+            "ops": sorted({n.op_type for n in model.graph.node}), "opset": model.opset_import[0].version,
+            "io": signature(model), "checks": checks}
+
+
+def tool_versions() -> dict:
+    from bmltrt import __version__
+    from bmltrt.optional import optional_import
+
+    out = {"bmltrt": __version__, "python": platform.python_version()}
+    for mod in ("onnx", "onnxruntime", "torch", "numpy", "monai", "polygraphy"):
+        m, _ = optional_import(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dict[str, tuple]:
+    """name -> (clean float32 ModelProto, manifest fields)."""
+    graphs = {}
+    if from_onnx is not None:
+        from bmltrt.export.graph import clean
+        from bmltrt.runtime.models import ModelStore
+
+        src = ModelStore.open(from_onnx, "fp32")
+        names = sorted(src.manifest.get("models", {}))
+        for name in names:
+            e = src.entry(name, "fp32")
+            if e.get("kind") == "inpainter" and resolutions and int(e["resolution"]) not in resolutions:
+                continue
+            progress(f"clean {name} (from {src.path(name).name})")
+            model = onnx.load(str(src.path(name)))
+            if e["kind"] == "segmenter":
+                patch = list(e["config"]["patch"])
+                ins, outs = {"image": [1, *patch]}, {"logits": [2, *patch]}
+            else:
+                r = int(e["resolution"])
+                ins, outs = {"masked_and_mask": [2, r, r]}, {"generated": [1, r, r]}
+            # the names the graph really has (older exports used the same, but read them)
+            ins = dict(zip([i.name for i in model.graph.input], ins.values()))
+            outs = dict(zip([o.name for o in model.graph.output], outs.values()))
+            fields = {k: e[k] for k in _KEEP_FIELDS if k in e}
+            fields["source"] = {"onnx": str(src.path(name)), "sha256": e.get("sha256")}
+            graphs[name] = (clean(model, ins, outs, src.path(name)), fields)
+        return graphs
+
+    from bmltrt.export.onnx_export import inpainter_graph, segmenter_graph
+    from bmltrt.export.onnx_export import sha256_of
+    from bmltrt.training.checkpoint import load
+
+    if segmenter is not None:
+        progress("export segmenter")
+        model, fields = segmenter_graph(load(segmenter), segmenter)
+        fields["source"] = {"checkpoint": Path(segmenter).name, "sha256": sha256_of(Path(segmenter))}
+        graphs["segmenter"] = (model, fields)
+    inpainters = list(inpainters)
+    if resolutions and len(inpainters) > 1:
+        raise BmlError("--resolutions goes with one --inpainter checkpoint (one per resolution otherwise)")
+    for ck in inpainters:
+        ckpt = load(ck)
+        for res in (resolutions or [None]):
+            progress(f"export inpainter {res or ckpt['config']['resolution']}")
+            model, fields = inpainter_graph(ckpt, res, ck)
+            name = f"inpainter_{fields['resolution']}"
+            if name in graphs:
+                raise BmlError(f"two inpainter checkpoints give resolution {fields['resolution']}", ck)
+            fields["source"] = {"checkpoint": Path(ck).name, "sha256": sha256_of(Path(ck))}
+            graphs[name] = (model, fields)
+    return graphs
+
+
+def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_onnx=None,
+                precision: str = "both", default_resolution: int = 256, calibration_cases: int = 2,
+                calibration_seed: int = 11, bound: float | None = None, fp16_io: bool = False,
+                lint: bool = True, progress=print) -> dict:
+    """Write the models folder (graphs + manifest.json) and return the manifest."""
+    from bmltrt.export.calibrate import activation_ranges, calibration_inputs, fp16_tensors, range_summary
+    from bmltrt.export.fp16 import DEFAULT_BOUND, to_fp16
+    from bmltrt.runtime.models import ModelStore
+
+    if precision not in ("fp32", "fp16", "both"):
+        raise BmlError(f"unknown --precision {precision!r}", hint="choose fp32, fp16 or both")
+    bound = DEFAULT_BOUND if bound is None else float(bound)
+    out_dir = Path(out_dir)
+    if from_onnx is not None and Path(from_onnx).resolve() == out_dir.resolve():
+        raise BmlError("--from-onnx and --out are the same folder", out_dir, "write the new models elsewhere")
+    if from_onnx is None and segmenter is None and not inpainters:
+        raise BmlError("nothing to export", hint="pass --segmenter/--inpainter checkpoints or --from-onnx DIR")
+    resolutions = [int(r) for r in resolutions] if resolutions else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graphs = _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress)
+
+    models = {}
+    for name, (model, fields) in sorted(graphs.items()):
+        path = out_dir / _file_name(name, "fp32")
+        _save(model, path)
+        progress(f"check {path.name}")
+        v = _variant(path, model, lint)
+        models[name] = {**fields, **v, "precision": "fp32", "precisions": {"fp32": v}}
+    manifest = {"format": FORMAT, "default_resolution": int(default_resolution), "models": models,
+                "tools": tool_versions()}
+    have = sorted(int(e["resolution"]) for e in models.values() if e["kind"] == "inpainter")
+    if have and default_resolution not in have:
+        manifest["default_resolution"] = min(have, key=lambda r: abs(r - default_resolution))
+
+    if precision in ("fp16", "both"):
+        store = ModelStore(out_dir, manifest, "fp32")
+        can_calibrate = "segmenter" in models and have
+        calib, crecord = (None, None)
+        if can_calibrate and calibration_cases > 0:
+            progress(f"calibrate on {calibration_cases} phantom knees (float32 pipeline)")
+            calib, crecord = calibration_inputs(store, calibration_cases, calibration_seed, have)
+        manifest["calibration"] = crecord or {"source": "none (no segmenter+inpainter pair, or 0 cases): "
+                                                        "islands by rule only"}
+        for name, (model, _) in sorted(graphs.items()):
+            ranges = None
+            if calib is not None and name in calib:
+                progress(f"activation ranges of {name}")
+                ranges = activation_ranges(model, calib[name])
+            half, islands = to_fp16(model, ranges["tensors"] if ranges else None, bound, keep_io_types=not fp16_io)
+            path = out_dir / _file_name(name, "fp16")
+            _save(half, path)
+            progress(f"check {path.name}")
+            v = _variant(path, half, lint)
+            v["islands"] = islands
+            if ranges:
+                v["activation_ranges"] = range_summary(ranges, fp16_tensors(model, islands["nodes"]))
+            models[name]["precisions"]["fp16"] = v
+        if precision == "fp16":  # keep the float32 graphs (calibration and parity need them) but say so
+            manifest["note"] = "exported with --precision fp16; the float32 graphs are kept as the reference"
+    manifest["files"] = {e["file"]: e["sha256"] for m in models.values() for e in m["precisions"].values()}
+    atomic_write(out_dir / MANIFEST,
+                 lambda p: Path(p).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
+    return manifest
+
