@@ -410,7 +410,7 @@ def build_engines_cmd(
 
     from bmltrt.runtime import engines as eng
     from bmltrt.runtime.models import ModelStore
-    from bmltrt.runtime.trt_build import BuildOptions, build_engines, plan_jobs
+    from bmltrt.runtime.trt_build import BuildOptions, build_engines, plan_jobs, select_resolutions
 
     try:
         res = [int(r) for r in resolutions.replace(" ", "").split(",") if r] if resolutions else None
@@ -420,13 +420,15 @@ def build_engines_cmd(
     precs = {"both": ("fp16", "fp32")}.get(precision, (precision,))
     opts = BuildOptions(precisions=precs, max_batch=max_batch, workspace_gib=workspace, opt_level=opt_level,
                         timing_cache=timing_cache, force=force)
+    opts.validate()  # bad options fail first, then a missing TensorRT or GPU, then missing graphs
     store = ModelStore.open(models)
-    jobs = plan_jobs(store, res, opts)  # bad options and missing graphs fail before TensorRT is asked
+    select_resolutions(store, res)
     trt = eng.require_tensorrt()
     gpu = eng.current_gpu()
+    jobs = plan_jobs(store, res, opts)
     dest = out_dir or eng.default_engines_dir()
-    console.print(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
-                  f"{len(jobs)} engine(s) into {dest}", highlight=False)
+    out.print(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
+              f"{len(jobs)} engine(s) into {dest}", highlight=False)
     with _progress() as prog:
         total = prog.add_task("engines", total=len(jobs), status="")
         phase = prog.add_task("phase", total=None, status="", visible=False)

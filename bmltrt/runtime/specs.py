@@ -5,8 +5,8 @@ graph (the segmenter's patch, the inpainter's resolution). Backends use the spec
 check batches and allocate outputs; `bmltrt build-engines` derives the TensorRT
 optimisation profiles from them.
 
-Where the manifest lists the tensors (``"inputs"``/``"outputs"``: name, dtype, shape with
-a string or -1 for the batch), that is used. Older manifests lack them, and the graphs
+Where the manifest lists the tensors (``"io": {"inputs", "outputs"}``, each name, dtype and
+shape with a string or -1 for the batch: manifest format 2), that is used. Older manifests lack them, and the graphs
 they describe declare some output shapes wrongly (the inpainter's output reads
 ``(batch, 1, batch, ...)``), so the spec is then made from the manifest's kind and config
 (patch, resolution) with the tensor names read from the ONNX graph.
@@ -94,9 +94,10 @@ def graph_io(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def spec_from_entry(model: str, entry: dict, onnx_path: Path | None = None) -> ModelSpec:
     """The I/O spec of one manifest entry (see the module docstring)."""
-    if entry.get("inputs") and entry.get("outputs"):
-        return ModelSpec(model, tuple(_tensor_from_manifest(t) for t in entry["inputs"]),
-                         tuple(_tensor_from_manifest(t) for t in entry["outputs"]))
+    io = entry.get("io") if isinstance(entry.get("io"), dict) else entry
+    if io.get("inputs") and io.get("outputs"):
+        return ModelSpec(model, tuple(_tensor_from_manifest(t) for t in io["inputs"]),
+                         tuple(_tensor_from_manifest(t) for t in io["outputs"]))
     kind, cfg = entry.get("kind"), entry.get("config", {})
     if kind == "segmenter":
         patch = tuple(int(p) for p in cfg["patch"])

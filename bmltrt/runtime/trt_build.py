@@ -57,16 +57,22 @@ class Job:
     ident: dict = field(default_factory=dict)
 
 
-def plan_jobs(store, resolutions: list[int] | None, options: BuildOptions) -> list[Job]:
-    """What to build: the segmenter and the inpainters at `resolutions` (None: all), at each
-    precision; specs, profiles and ONNX files from the manifest. Needs no TensorRT."""
-    options.validate()
+def select_resolutions(store, resolutions: list[int] | None) -> list[int]:
+    """The asked inpainter resolutions (None: all the models folder has), checked."""
     have = store.resolutions()
     res = sorted(set(resolutions)) if resolutions else have
     bad = [r for r in res if r not in have]
     if bad:
         raise BmlError(f"no inpainter for resolution {', '.join(map(str, bad))} in the models folder", store.root,
                        f"choose among {have}")
+    return res
+
+
+def plan_jobs(store, resolutions: list[int] | None, options: BuildOptions) -> list[Job]:
+    """What to build: the segmenter and the inpainters at `resolutions` (None: all), at each
+    precision; specs, profiles and ONNX files from the manifest. Needs no TensorRT."""
+    options.validate()
+    res = select_resolutions(store, resolutions)
     jobs = []
     for prec in options.precisions:
         for model in ["segmenter"] + [f"inpainter_{r}" for r in res]:
