@@ -31,6 +31,41 @@ from bmltrt.runtime.backends import BackendBase, is_cupy, new_stream
 from bmltrt.runtime.specs import model_path
 
 
+# Inputs that OnnxGraphModule's ops read on the host (shapes, slice bounds, pads, axes,
+# clip limits): op -> input positions. On CUDA such a constant on the device costs a
+# device synchronisation per op and per forward (`.tolist()`, `.item()`).
+HOST_PARAMS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Pad": (1, 2, 3), "Clip": (1, 2), "Unsqueeze": (1,),
+               "Squeeze": (1,), "Split": (1,)}
+
+
+def keep_host_params_on_cpu(mod) -> tuple[int, int]:
+    """Move the graph constants that ops only read on the host back to the CPU.
+
+    Returns (moved, left): constants moved, and host-read inputs that still come from the
+    device (computed in the graph, e.g. from a Shape op: each is a synchronisation per
+    forward). Works on OnnxGraphModule's node list; a module without one is left alone.
+    """
+    nodes, buffer_of = getattr(mod, "_nodes", None), getattr(mod, "_buffer_of", None)
+    if nodes is None or buffer_of is None:
+        return 0, 0
+    uses: dict[str, list[bool]] = {}
+    for op, _name, ins, _outs, _attrs in nodes:
+        for i, t in enumerate(ins):
+            if t:
+                uses.setdefault(t, []).append(i in HOST_PARAMS.get(op, ()))
+    moved = 0
+    for tname, key in buffer_of.items():
+        u = uses.get(tname)
+        if u and all(u):
+            buf = getattr(mod, key)
+            if buf.device.type != "cpu":
+                mod._buffers[key] = buf.cpu()
+                moved += 1
+    left = sum(1 for op, _n, ins, _o, _a in nodes for i, t in enumerate(ins)
+               if t and i in HOST_PARAMS.get(op, ()) and t not in buffer_of)
+    return moved, left
+
+
 class TorchBackend(BackendBase):
     name = "torch"
 
@@ -53,6 +88,7 @@ class TorchBackend(BackendBase):
         self.compile = bool(compile)
         self._modules: dict = {}
         self._graphs: dict = {}
+        self.host_reads: dict[str, int] = {}  # per model: host reads left per forward on CUDA
         if threads:
             torch.set_num_threads(int(threads))
         if device == "gpu":
@@ -82,6 +118,8 @@ class TorchBackend(BackendBase):
                 raise BmlError(f"torch cannot run the {model} graph ({type(exc).__name__}: {exc})", path,
                                "use --backend onnxruntime") from None
             mod = mod.eval()
+            if self.tdev.type == "cuda":
+                self.host_reads[model] = keep_host_params_on_cpu(mod)[1]
             if self.compile:
                 mod = self._torch.compile(mod)
             self._modules[model] = mod
