@@ -122,6 +122,7 @@ class Detector:
         self.inp_entry = store.entry(self.inp_name)
         self.xp = getattr(backend, "xp", np)
         self.stream = getattr(backend, "stream", None)
+        self._run_takes_out = _takes_out(backend.run)
         on_gpu = self.xp is not np
         self.static = on_gpu if self.config.static_shapes is None else bool(self.config.static_shapes)
         self.seg_batch = self.config.seg_batch_size or (4 if on_gpu else 2)
@@ -137,6 +138,15 @@ class Detector:
     def upload(self, scan: Scan):
         """The scan as float32 in the loop's array module: the one host -> device copy."""
         return self.xp.asarray(np.asarray(scan.data, np.float32))
+
+    def _infer(self, model, batch, out=None):
+        """backend.run, into `out` (a backend without the `out` argument gets a copy)."""
+        if out is None:
+            return self.backend.run(model, batch)
+        if self._run_takes_out:
+            return self.backend.run(model, batch, out=out)
+        out[...] = self.backend.run(model, batch)
+        return out
 
     def segment_femur(self, norm, spacing, on_patch=None):
         """Femur mask of a normalised volume (normalize_intensity), on its own grid."""
@@ -185,7 +195,7 @@ class Detector:
         gen = xp.empty((n, 1, res, res), xp.float32)
         for i in range(0, n, bs):
             xb, mb = x_sq[i:i + bs], m_sq[i:i + bs]
-            self.backend.run(self.inp_name, xp.stack([xb * (1 - mb), mb], axis=1), out=gen[i:i + bs])
+            self._infer(self.inp_name, xp.stack([xb * (1 - mb), mb], axis=1), out=gen[i:i + bs])
             if on_batch:
                 on_batch(min(i + bs, n), n)
         composite = xp.where(mask, square_to_slices(gen[:, 0], h, w), x)
@@ -303,6 +313,15 @@ class Detector:
             "warnings": warnings,
             "slice_axis": "working slices run left->right; 0 is the leftmost sagittal slice",
         }
+
+
+def _takes_out(fn) -> bool:
+    import inspect
+
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _host(a) -> np.ndarray:

@@ -96,14 +96,14 @@ def configurations(cpu: bool) -> list[dict]:
     return out
 
 
-def make_detector(cfg: dict):
+def make_detector(cfg: dict, resolution: int | None = None):
     from bmltrt.pipeline import DetectConfig, Detector
     from bmltrt.runtime.backends import make_backend
 
     be, warns = make_backend(cfg["backend"], cfg["device"], precision=cfg["precision"], **cfg["options"])
     if warns:
         raise RuntimeError("; ".join(warns))
-    return Detector(be, DetectConfig(**cfg["config"]))
+    return Detector(be, DetectConfig(resolution=resolution, **cfg["config"]))
 
 
 def phantom_scans(root: Path, cases: int, slices: int | None):
@@ -143,8 +143,9 @@ def parity(ref_det, det, scans) -> dict:
     return {"thresholds": {"lesion_dice": LESION_DICE, "femur_dice": FEMUR_DICE}, "cases": rows, "pass": bool(ok)}
 
 
-def timings(det, scan, runs: int) -> dict:
-    det.detect(scan)  # warm-up
+def timings(det, scan, runs: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        det.detect(scan)
     rows = [det.detect(scan).timings for _ in range(runs)]
     med = {k[:-2] + "_ms": round(float(np.median([r[k] for r in rows])) * 1000, 3) for k in rows[0]}
     out = {"median_ms": med, "runs": runs, "shape": list(scan.data.shape),
@@ -186,21 +187,23 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="numpy only: exercise the code without a GPU")
     ap.add_argument("--cases", type=int, default=2, help="phantom scans for parity")
     ap.add_argument("--runs", type=int, default=10, help="timed runs per backend (after a warm-up)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    ap.add_argument("--resolution", type=int, default=None, help="inpainting resolution (default: the models')")
     ap.add_argument("--slices", type=int, default=None, help="crop scans to this many slices (tests)")
     a = ap.parse_args(argv)
     a.outdir.mkdir(parents=True, exist_ok=True)
-    from bmltrt.pipeline import Detector
+    from bmltrt.pipeline import DetectConfig, Detector
     from bmltrt.runtime.backends import make_backend
 
     res = {"check": "bmltrt gpu_check", "mode": "cpu (numpy, dry run)" if a.cpu else "gpu",
            **device_info(a.cpu), "configurations": {}}
-    ref_det = Detector(make_backend("onnxruntime", "cpu")[0])
+    ref_det = Detector(make_backend("onnxruntime", "cpu")[0], DetectConfig(resolution=a.resolution))
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         scans = phantom_scans(Path(tmp), a.cases, a.slices)
         timing_scan = scans[0][1]
         res["cpu_reference"] = {"backend": "onnxruntime-cpu",
-                                "timings": timings(ref_det, timing_scan, max(1, min(a.runs, 3)))}
+                                "timings": timings(ref_det, timing_scan, max(1, min(a.runs, 3)), a.warmup)}
         confs = configurations(a.cpu)
         if not confs:
             res["note"] = "no GPU backend: install torch with CUDA, or TensorRT and build engines"
@@ -208,9 +211,9 @@ def main(argv=None) -> int:
         for cfg in confs:
             row = {k: cfg[k] for k in ("backend", "device", "precision", "options")}
             try:
-                det = make_detector(cfg)
+                det = make_detector(cfg, a.resolution)
                 row["parity"] = parity(ref_det, det, scans)
-                row["timings"] = timings(det, timing_scan, a.runs)
+                row["timings"] = timings(det, timing_scan, a.runs, a.warmup)
                 ok &= row["parity"]["pass"]
                 det.backend.close()
             except Exception as exc:

@@ -11,10 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_dry_run_on_a_cpu(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_ARGS": "--cases 1 --runs 1 --slices 14",
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_ARGS": "--cases 1 --runs 1 --warmup 0 --slices 14 --resolution 128",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--dry-run"],
-                       capture_output=True, text=True, env=env, timeout=900)
+                       capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1].endswith("PASSED")
     res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
