@@ -203,8 +203,8 @@ _FLOOR = typer.Option(None, "--floor", help="Minimum difference (HE units) a les
 _OPEN = typer.Option(None, "--opening-mm", help="Opening footprint radius, mm.")
 _CLOSE = typer.Option(None, "--closing-mm", help="Closing footprint radius, mm.")
 _MINAREA = typer.Option(None, "--min-area-mm2", help="Smallest lesion island kept per slice, mm^2.")
-_PRECISION = typer.Option("auto", "--precision", help="auto, fp32 or fp16 (auto: fp16 for TensorRT, else fp32; "
-                          "fp16 needs the FP16 graphs of `bmltrt export --precision fp16`).")
+_PRECISION = typer.Option("auto", "--precision", help="auto, fp32 or fp16 (auto: fp16 for TensorRT, else fp32; fp16 "
+                          "runs the FP16 graphs; ONNX Runtime on a CPU computes them in float32).")
 _ENGINES = typer.Option(None, "--engines", help="TensorRT engines folder (default: engines/ or $BMLTRT_ENGINES).")
 
 
@@ -232,13 +232,13 @@ def detect(
     scans: List[str] = typer.Argument(..., help="NIfTI files, folders of them, or globs."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
-    models: Optional[Path] = _MODELS,
+    models: Optional[Path] = _MODELS, precision: str = _PRECISION,
     force_orientation: bool = typer.Option(False, "--force-orientation", help="Accept non-sagittal acquisitions."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier run."),
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per inpainting batch."),
     floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
     min_area_mm2: Optional[float] = _MINAREA,
-    precision: str = _PRECISION, engines: Optional[Path] = _ENGINES,
+    engines: Optional[Path] = _ENGINES,
     seg_batch_size: Optional[int] = typer.Option(None, "--seg-batch-size",
                                                  help="Patches per segmenter batch (default 2 on the CPU, 4 on the GPU)."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture CUDA graphs per batch shape "
@@ -348,23 +348,78 @@ def demo(
 @user_errors
 def export(
     segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="Segmenter checkpoint.pt."),
-    inpainter: List[Path] = typer.Option([], "--inpainter", help="Inpainter checkpoint.pt (repeatable, one per resolution)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder (manifest.json is updated)."),
+    inpainter: List[Path] = typer.Option([], "--inpainter", help="Inpainter checkpoint.pt (repeatable, one per resolution; or one, exported at --resolutions or at every resolution it was trained at)."),
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Export the one --inpainter at these resolutions, e.g. 128,192,256,320,448."),
+    from_onnx: Optional[Path] = typer.Option(None, "--from-onnx", help="Start from the float32 graphs of this models folder instead of checkpoints."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder to write (its manifest.json is replaced)."),
+    precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both (fp16 keeps the float32 graphs as reference)."),
     default_resolution: int = typer.Option(256, "--default-resolution"),
+    calibration_cases: int = typer.Option(2, "--calibration-cases", help="Phantom knees for FP16 calibration (0: islands by rule only)."),
+    calibration_seed: int = typer.Option(11, "--calibration-seed"),
+    bound: float = typer.Option(1e4, "--fp16-bound", help="Nodes whose calibrated |activation| exceeds this stay float32."),
+    fp16_io: bool = typer.Option(False, "--fp16-io", help="FP16 graphs take and give float16 (default: float32 I/O)."),
+    no_lint: bool = typer.Option(False, "--no-lint", help="Skip `polygraphy check lint`."),
 ):
-    """Export checkpoints to ONNX (float32, DFT as matrix products) and update the manifest."""
+    """Export checkpoints (or float32 ONNX) to a models folder: float32 and FP16 graphs, checked, with a manifest."""
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise BmlError("export needs torch", hint="pip install 'bmltrt[train]'") from None
-    from bmltrt.export.onnx_export import export_models
+        raise BmlError("export needs torch", hint="pip install 'bmltrt[export]'") from None
+    from bmltrt.export.build import make_models
 
-    for p in [segmenter, *inpainter]:
+    for p in [segmenter, *inpainter, from_onnx]:
         if p is not None and not p.exists():
-            raise BmlError("checkpoint not found", p)
-    man = export_models(segmenter, list(inpainter), out_dir, default_resolution)
+            raise BmlError("not found", p)
+    if from_onnx is not None and (segmenter or inpainter):
+        raise BmlError("give checkpoints or --from-onnx, not both")
+    res = None
+    if resolutions:
+        try:
+            res = [int(r) for r in resolutions.replace(" ", "").split(",") if r]
+        except ValueError:
+            raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of integers") from None
+    man = make_models(out_dir, segmenter=segmenter, inpainters=list(inpainter), resolutions=res,
+                      from_onnx=from_onnx, precision=precision, default_resolution=default_resolution,
+                      calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
+                      fp16_io=fp16_io, lint=not no_lint,
+                      progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
     for k, e in sorted(man["models"].items()):
-        out.print(f"{k:15s} {e['file']:22s} sha256 {e['sha256'][:12]}  max|onnx-torch| {e['max_abs_err_vs_torch']:.1e}")
+        for prec, v in sorted(e["precisions"].items(), reverse=True):
+            extra = ""
+            if "islands" in v:
+                c = v["islands"]["counts"]
+                extra = f"  float32 islands {', '.join(f'{n} {r}' for r, n in c.items()) or 'none'}"
+                if "activation_ranges" in v:
+                    extra += f"  max|act| {v['activation_ranges']['max_abs']:.4g}"
+            out.print(f"{k:15s} {prec}  {v['file']:26s} sha256 {v['sha256'][:12]}{extra}", highlight=False)
+    out.print(f"models folder {out_dir} (manifest.json); checks PASSED")
+
+
+@app.command("export-check")
+@user_errors
+def export_check(
+    models: Path = typer.Argument(..., help="Models folder with float32 and FP16 graphs (bmltrt export --precision both)."),
+    data: Path = typer.Option(..., "--data", help="Phantom dataset (bmltrt synth) whose split is used."),
+    split: str = typer.Option("val", "--split"),
+    out_dir: Path = typer.Option(Path("benchmarks/results/fp16_parity"), "--out", "-o", help="Where parity.json and parity.md go."),
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Comma-separated; default: all in the folder."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N scans of the split."),
+):
+    """FP16 against float32, honestly (graphs run op by op in torch, float16 kernels): NaN/Inf, Dice, reconstruction error."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise BmlError("export-check needs torch", hint="pip install 'bmltrt[export]'") from None
+    from bmltrt.export.parity import parity_report
+
+    res = [int(r) for r in resolutions.split(",")] if resolutions else None
+    rep = parity_report(models, data, split, out_dir, res, limit,
+                        progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+    out.print((out_dir / "parity.md").read_text())
+    if rep["failed"]:
+        out.print(f"FAILED: {'; '.join(rep['failed'])}")
+        raise typer.Exit(1)
+    out.print("PASSED")
 
 
 @app.command()

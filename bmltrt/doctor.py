@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
 import shutil
 import subprocess
+import sys
 
 from bmltrt.optional import cupy_with_gpu, optional_import
+
+_CUDA_LIBS = {"win32": ("nvcuda.dll",)}.get(sys.platform, ("libcuda.so.1", "libcuda.so"))
+
+
+def cuda_devices() -> tuple[int, str]:
+    """(number of CUDA devices, why none) from the CUDA driver itself (cuInit, cuDeviceGetCount).
+
+    This is what decides "is there a GPU": an onnxruntime-gpu or CuPy wheel installs and lists
+    CUDA on a machine without one. CUDA_VISIBLE_DEVICES is honoured (the driver applies it),
+    and BMLTRT_NO_GPU=1 says "no device" whatever the driver says (to test the CPU paths).
+    """
+    if os.environ.get("BMLTRT_NO_GPU", "") not in ("", "0"):
+        return 0, "no CUDA device (BMLTRT_NO_GPU is set)"
+    lib = None
+    for name in _CUDA_LIBS:
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        return 0, "no CUDA driver (libcuda not found): no NVIDIA GPU here"
+    try:
+        rc = lib.cuInit(0)
+        if rc != 0:
+            return 0, f"the CUDA driver finds no usable device (cuInit error {rc})"
+        n = ctypes.c_int(0)
+        rc = lib.cuDeviceGetCount(ctypes.byref(n))
+        if rc != 0:
+            return 0, f"the CUDA driver cannot count devices (error {rc})"
+    except (AttributeError, OSError) as exc:
+        return 0, f"the CUDA driver cannot be used ({type(exc).__name__})"
+    if n.value < 1:
+        return 0, "the CUDA driver finds no device"
+    return n.value, ""
 
 
 def check() -> list[dict]:
@@ -15,9 +53,12 @@ def check() -> list[dict]:
     def add(name, ok, version="", detail=""):
         rows.append({"component": name, "ok": bool(ok), "version": version, "detail": detail})
 
+    n_gpu, no_gpu = cuda_devices()
     ort, why = optional_import("onnxruntime")
-    add("onnxruntime", ort is not None, getattr(ort, "__version__", ""),
-        ", ".join(ort.get_available_providers()) if ort else why)
+    detail = ", ".join(ort.get_available_providers()) if ort else why
+    if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers() and n_gpu < 1:
+        detail += " (the CUDA provider is listed, but there is no CUDA device: it will not be used)"
+    add("onnxruntime", ort is not None, getattr(ort, "__version__", ""), detail)
     torch, why = optional_import("torch")
     if torch is None:
         add("torch", False, "", why + " (only needed to train and export: pip install 'bmltrt[train]')")
@@ -38,8 +79,8 @@ def check() -> list[dict]:
     cucim, why = optional_import("cucim")
     add("cucim", cucim is not None, getattr(cucim, "__version__", ""),
         "optional; CuPy alone suffices" if cucim else why + " (optional; CuPy alone suffices, e.g. on Jetson)")
-    gpu = _nvidia_smi()
-    add("gpu", bool(gpu), "", gpu or "no NVIDIA GPU found (nvidia-smi absent or silent)")
+    gpu = _nvidia_smi() if n_gpu else ""
+    add("gpu", n_gpu > 0, "", (gpu or f"{n_gpu} CUDA device(s)") if n_gpu else no_gpu)
     add("python", True, platform.python_version(), f"{platform.system()} {platform.machine()}")
     return rows
 

@@ -30,5 +30,5 @@ if [ "${MORE_448:-0}" != "0" ]; then
 fi
 tail -n 2 "$work"/*.log
 [ $fail = 0 ] || exit 1
-$py -m bmltrt export --segmenter "$work/segmenter/checkpoint.pt" --out "$work/models" \
+$py -m bmltrt export --segmenter "$work/segmenter/checkpoint.pt" --out "$work/models" --precision both \
     $(for r in ${RESOLUTIONS:-128 192 256 320 448}; do echo --inpainter "$work/inpainter_$r/checkpoint.pt"; done)

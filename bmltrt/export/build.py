@@ -23,7 +23,7 @@ from bmltrt.io.atomic import atomic_write
 FORMAT = "bmltrt-models-2"
 MANIFEST = "manifest.json"
 RESOLUTIONS = (128, 192, 256, 320, 448)
-_KEEP_FIELDS = ("kind", "config", "resolution", "trained_resolution", "fft", "trained", "max_abs_err_vs_torch")
+_KEEP_FIELDS = ("kind", "config", "resolution", "trained_resolutions", "fft", "trained", "max_abs_err_vs_torch")
 
 
 def _file_name(name: str, precision: str) -> str:
@@ -86,8 +86,7 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
             graphs[name] = (clean(model, ins, outs, src.path(name)), fields)
         return graphs
 
-    from bmltrt.export.onnx_export import inpainter_graph, segmenter_graph
-    from bmltrt.export.onnx_export import sha256_of
+    from bmltrt.export.onnx_export import checkpoint_resolutions, inpainter_graph, segmenter_graph, sha256_of
     from bmltrt.training.checkpoint import load
 
     if segmenter is not None:
@@ -100,8 +99,8 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
         raise BmlError("--resolutions goes with one --inpainter checkpoint (one per resolution otherwise)")
     for ck in inpainters:
         ckpt = load(ck)
-        for res in (resolutions or [None]):
-            progress(f"export inpainter {res or ckpt['config']['resolution']}")
+        for res in (resolutions or checkpoint_resolutions(ckpt) or [None]):
+            progress(f"export inpainter {res}")
             model, fields = inpainter_graph(ckpt, res, ck)
             name = f"inpainter_{fields['resolution']}"
             if name in graphs:

@@ -52,7 +52,7 @@ def op_problems(model: onnx.ModelProto) -> list[str]:
     """Why TensorRT 10.3 could not parse this graph ([] when it can)."""
     probs = []
     g = model.graph
-    inits = {t.name for t in g.initializer}
+    inits = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     for o in model.opset_import:
         if o.domain not in ("", "ai.onnx"):
             probs.append(f"custom op domain {o.domain!r} (needs a TensorRT plugin)")
@@ -64,8 +64,7 @@ def op_problems(model: onnx.ModelProto) -> list[str]:
         elif n.op_type in FORBIDDEN_OPS or n.op_type not in TENSORRT_10_3_OPS:
             probs.append(f"node {n.name!r}: op {n.op_type} is not parsed by TensorRT 10.3")
         elif n.op_type in ("Pad", "Slice"):
-            axes_at = 3 if n.op_type == "Pad" else 3
-            if len(n.input) > axes_at and n.input[axes_at] and n.input[axes_at] not in inits:
+            if len(n.input) > 3 and n.input[3] and n.input[3] not in inits:  # `axes` (Pad and Slice)
                 probs.append(f"node {n.name!r}: {n.op_type} axes must be an initializer for TensorRT 10.3")
         elif n.op_type == "MaxPool":
             a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}

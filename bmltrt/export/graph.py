@@ -198,6 +198,30 @@ def strict_check(model: onnx.ModelProto, what=None) -> onnx.ModelProto:
     return inferred
 
 
+def rename_anonymous_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exporter names folded weights by a global counter (``onnx::Conv_1295``); name them
+    by their first consumer (``/stem/ffc/l2l/Conv.in1``) so names do not depend on it."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    rename = {}
+    for node in g.node:
+        for k, i in enumerate(node.input):
+            if i in inits and i.startswith("onnx::") and i not in rename:
+                new = f"{node.name or node.op_type}.in{k}"
+                while new in taken:
+                    new += "_"
+                taken.add(new)
+                rename[i] = new
+    for t in g.initializer:
+        t.name = rename.get(t.name, t.name)
+    for node in g.node:
+        for k, i in enumerate(node.input):
+            if i in rename:
+                node.input[k] = rename[i]
+    return model
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     keep = []
@@ -225,6 +249,7 @@ def clean(model: onnx.ModelProto, inputs: dict[str, list[int]], outputs: dict[st
     m = fold_constants(m)
     m = remove_noop_casts(m)
     m = remove_unused(m)
+    m = rename_anonymous_initializers(m)
     # initialisers sorted by first use: deterministic and readable
     order = {}
     for node in m.graph.node:

@@ -93,6 +93,15 @@ def segmenter_graph(ckpt: dict, what=None):
                    "trained": _trained(ckpt)}
 
 
+def checkpoint_resolutions(ckpt: dict) -> list[int]:
+    """Resolutions a generator checkpoint was trained at: ``resolutions`` (a list, several
+    resolutions with one set of weights) or ``resolution`` (one)."""
+    cfg = ckpt.get("config", {})
+    if cfg.get("resolutions"):
+        return [int(r) for r in cfg["resolutions"]]
+    return [int(cfg["resolution"])] if cfg.get("resolution") else []
+
+
 def inpainter_graph(ckpt: dict, resolution: int | None = None, what=None):
     """(clean float32 ModelProto, manifest fields) of a generator at one resolution
     (default: the one it was trained at)."""
@@ -102,8 +111,10 @@ def inpainter_graph(ckpt: dict, resolution: int | None = None, what=None):
     from bmltrt.models.lama import InpainterConfig, LamaGenerator
 
     cfg = InpainterConfig.from_dict(ckpt["config"]["inpainter"])
-    trained_res = int(ckpt["config"]["resolution"])
-    res = int(resolution or trained_res)
+    trained = checkpoint_resolutions(ckpt)
+    if resolution is None and len(trained) != 1:
+        raise BmlError("the checkpoint does not say one resolution", what, "pass --resolutions")
+    res = int(resolution or trained[0])
     if res % (2 ** cfg.n_downsampling):
         raise BmlError(f"resolution {res} is not a multiple of {2 ** cfg.n_downsampling}", what)
     gen = LamaGenerator(cfg, fft_impl="torch")
@@ -117,7 +128,7 @@ def inpainter_graph(ckpt: dict, resolution: int | None = None, what=None):
     raw = torch_to_onnx(gen, example, *INPAINTER_IO)
     model = clean(raw, {INPAINTER_IO[0]: [2, res, res]}, {INPAINTER_IO[1]: [1, res, res]}, what)
     err = max_err_vs_torch(gen, example, model, atol=1e-4, what=what)
-    return model, {"kind": "inpainter", "config": cfg.to_dict(), "resolution": res, "trained_resolution": trained_res,
+    return model, {"kind": "inpainter", "config": cfg.to_dict(), "resolution": res, "trained_resolutions": trained,
                    "fft": "matmul", "max_abs_err_vs_torch": err, "trained": _trained(ckpt)}
 
 

@@ -16,6 +16,7 @@ input/output specs from the manifest, and closes cleanly (also as a context mana
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
@@ -64,6 +65,8 @@ class BackendBase:
     name = "base"
 
     def __init__(self, store: ModelStore, device: str = "cpu", precision: str = "fp32", stream=None):
+        if getattr(store, "precision", precision) != precision:  # entry()/path() give this precision's graph
+            store = dataclasses.replace(store, precision=precision)
         self.store = store
         self.device = device
         self.precision = precision
@@ -195,17 +198,27 @@ class OnnxRuntimeBackend(BackendBase):
 
 
 def gpu_available() -> tuple[bool, str]:
+    """(True, "") only when a CUDA device exists *and* ONNX Runtime can use it. The device
+    is asked of the CUDA driver (bmltrt.doctor.cuda_devices), never inferred from the
+    providers an onnxruntime-gpu wheel lists: those appear without any GPU."""
+    from bmltrt.doctor import cuda_devices
+
+    n, why = cuda_devices()
+    if n < 1:
+        return False, why
     ort, _ = optional_import("onnxruntime")
-    if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers():
-        return True, ""
-    cp, why = cupy_with_gpu()
-    if cp is None:
-        return False, why or "no CUDA device"
-    return False, "ONNX Runtime has no CUDA provider (install onnxruntime-gpu)"
+    if ort is None or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "ONNX Runtime has no CUDA provider (install onnxruntime-gpu)"
+    return True, ""
 
 
 def torch_cuda() -> tuple[bool, str]:
     """Can the torch backend run on CUDA here?"""
+    from bmltrt.doctor import cuda_devices
+
+    n, why = cuda_devices()
+    if n < 1:
+        return False, why
     torch, why = optional_import("torch")
     if torch is None:
         return False, f"torch is not installed ({why})"
@@ -258,24 +271,22 @@ def make_backend(backend: str, device: str, models_dir=None, precision: str = "a
         resolved = "gpu" if ok else "cpu"
         if device == "gpu" and not ok:
             warnings.append(f"--device gpu asked for, but {why}: running on the CPU")
+    if prec == "fp16" and resolved == "cpu":
+        warnings.append("--precision fp16 runs the FP16 graphs, but ONNX Runtime on a CPU does not compute in FP16 "
+                        "(it casts to float32 around each op): slower, and no FP16 numerics check")
     return OnnxRuntimeBackend(store, resolved, precision=prec), warnings
 
 
 def _auto_backend(device: str, precision: str, store: ModelStore, engines_dir) -> str:
-    if device == "cpu":
-        return "onnxruntime"
+    from bmltrt.doctor import cuda_devices
     from bmltrt.runtime import engines
+
+    if device == "cpu" or cuda_devices()[0] < 1:  # asks the driver: cheap, and no wheel fools it
+        return "onnxruntime"
 
     if engines.tensorrt_ready(store, engines_dir, "fp16" if precision == "auto" else precision):
         return "tensorrt"
-    if _maybe_gpu():  # importing torch only to learn there is no GPU would cost seconds
-        ok, _ = torch_cuda()
-        if ok and optional_import("bmltrt.runtime.onnx_torch")[0] is not None:
-            return "torch"
+    ok, _ = torch_cuda()
+    if ok and optional_import("bmltrt.runtime.onnx_torch")[0] is not None:
+        return "torch"
     return "onnxruntime"
-
-
-def _maybe_gpu() -> bool:
-    """Cheap: could there be an NVIDIA GPU here (device nodes of a desktop driver or a Jetson)?"""
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvhost-ctrl-gpu")) \
-        or cupy_with_gpu()[0] is not None

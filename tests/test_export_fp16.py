@@ -1,0 +1,229 @@
+"""Export: both precisions, float32 islands, graph checks, determinism (toy-size networks)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import REPO, needs_torch
+
+SHIPPED = REPO / "export"
+
+
+def _toy_checkpoints(root):
+    """Tiny random-initialised segmenter and generator saved like training checkpoints."""
+    import torch
+
+    from bmltrt.models.lama import InpainterConfig, LamaGenerator
+    from bmltrt.models.unetpp import SegmenterConfig, build_segmenter
+
+    torch.manual_seed(0)
+    seg_cfg = SegmenterConfig(features=(4, 4, 8, 16, 32, 4), patch=(16, 32, 32), inplane_spacing_mm=3.2)
+    seg = build_segmenter(seg_cfg)
+    inp_cfg = InpainterConfig(ngf=8, n_blocks=1)
+    gen = LamaGenerator(inp_cfg)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in gen.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    seg_p, inp_p = root / "seg.pt", root / "inp.pt"
+    torch.save({"config": {"segmenter": seg_cfg.to_dict()}, "modules": {"net": seg.state_dict()}, "step": 0}, seg_p)
+    torch.save({"config": {"inpainter": inp_cfg.to_dict(), "resolution": 64}, "modules": {"gen": gen.state_dict()},
+                "step": 0}, inp_p)
+    return seg_p, inp_p
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory):
+    if not __import__("conftest").has_torch():
+        pytest.skip("torch not installed")
+    from bmltrt.export.build import make_models
+
+    root = tmp_path_factory.mktemp("toy")
+    seg, inp = _toy_checkpoints(root)
+    man = make_models(root / "a", segmenter=seg, inpainters=[inp], resolutions=[64, 96], precision="both",
+                      default_resolution=64, calibration_cases=1, progress=lambda s: None)
+    return root, seg, inp, man
+
+
+@needs_torch
+def test_one_command_makes_both_precisions_of_every_network(toy_models):
+    root, _, _, man = toy_models
+    assert man["format"] == "bmltrt-models-2"
+    assert sorted(man["models"]) == ["inpainter_64", "inpainter_96", "segmenter"]
+    for name, e in man["models"].items():
+        assert sorted(e["precisions"]) == ["fp16", "fp32"]
+        f16 = e["precisions"]["fp16"]
+        assert f16["file"] == f"{name}_fp16.onnx" and e["file"] == f"{name}.onnx"
+        assert f16["islands"]["counts"].get("norm", 0) > 0
+        assert f16["activation_ranges"]["max_abs"] > 0  # calibrated on a phantom
+        for v in e["precisions"].values():
+            c = v["checks"]
+            assert c["onnx_checker_full"] == c["strict_shape_inference"] == "passed"
+            assert c["tensorrt_10_3_ops"] == c["signature"] == "passed"
+            assert c["polygraphy_lint"]["status"] in ("passed", "unavailable")
+            assert man["files"][v["file"]] == v["sha256"]
+    assert man["calibration"]["cases"] == 1 and len(man["calibration"]["sha256"]) == 64
+    assert {"onnx", "onnxruntime", "torch"} <= set(man["tools"])
+    assert man["models"]["inpainter_96"]["precisions"]["fp16"]["io"] == {
+        "inputs": [{"name": "masked_and_mask", "dtype": "float32", "shape": ["batch", 2, 96, 96]}],
+        "outputs": [{"name": "generated", "dtype": "float32", "shape": ["batch", 1, 96, 96]}]}
+    on_disk = json.loads((root / "a" / "manifest.json").read_text())
+    assert on_disk["files"] == man["files"]
+
+
+@needs_torch
+def test_export_is_byte_identical(toy_models, tmp_path):
+    from bmltrt.export.build import make_models
+
+    root, seg, inp, man = toy_models
+    again = make_models(tmp_path / "b", segmenter=seg, inpainters=[inp], resolutions=[64, 96], precision="both",
+                        default_resolution=64, calibration_cases=1, lint=False, progress=lambda s: None)
+    assert again["files"] == man["files"]
+    for f in man["files"]:
+        assert (tmp_path / "b" / f).read_bytes() == (root / "a" / f).read_bytes(), f
+
+
+@needs_torch
+def test_fp16_islands_keep_dft_constants_exact_and_norms_float32(toy_models):
+    from bmltrt.models.dft import dft_matrices
+
+    root, *_ = toy_models
+    m = onnx.load(str(root / "a" / "inpainter_64_fp16.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    exact = {k: v.astype(np.float32) for k, v in dft_matrices(8, 8).items()}  # the FourierUnit runs at 64/8
+    seen = 0
+    for n in m.graph.node:
+        consts = [inits[i] for i in n.input if i in inits]
+        if n.op_type == "MatMul" and consts:
+            (c,) = consts
+            assert c.data_type == TensorProto.FLOAT
+            arr = numpy_helper.to_array(c)
+            assert any(arr.shape == v.shape and np.array_equal(arr, v) for v in exact.values())
+            seen += 1
+        if n.op_type in ("BatchNormalization", "InstanceNormalization"):
+            src = producers.get(n.input[0])
+            assert src is None or src.op_type != "Cast" or src.attribute[0].i == TensorProto.FLOAT
+            assert all(inits[i].data_type == TensorProto.FLOAT for i in n.input[1:])
+        if n.op_type == "Conv" and "/fu/" not in n.name:
+            assert inits[n.input[1]].data_type == TensorProto.FLOAT16  # weights stored FP16
+    assert seen == 24  # 2 FourierUnits (1 block x 2 FFC layers) x (6 rfft + 6 irfft products)
+    seg = onnx.load(str(root / "a" / "segmenter_fp16.onnx"))
+    assert {i.type.tensor_type.elem_type for i in list(seg.graph.input) + list(seg.graph.output)} == {TensorProto.FLOAT}
+
+
+@needs_torch
+def test_fp16_graph_runs_honestly_close_to_float32(toy_models):
+    import torch
+
+    from bmltrt.runtime.onnx_torch import OnnxGraphModule
+
+    root, *_ = toy_models
+    x = np.random.default_rng(0).random((3, 2, 64, 64), np.float32)
+    x[:, 1] = 0
+    x[:, 1, 20:40, 16:48] = 1
+    x[:, 0] *= 1 - x[:, 1]
+    seen = set()
+    m16 = OnnxGraphModule(root / "a" / "inpainter_64_fp16.onnx")
+    with torch.no_grad():
+        y16 = m16.run((torch.from_numpy(x),), hook=lambda nm, op, ins, outs, res: seen.update(r.dtype for r in res))
+        y32 = OnnxGraphModule(root / "a" / "inpainter_64.onnx")(torch.from_numpy(x))
+    assert torch.float16 in seen and torch.float32 in seen
+    assert torch.isfinite(y16).all()
+    assert 0 < float((y16 - y32).abs().max()) < 2e-2
+
+
+@needs_torch
+def test_calibrated_range_above_the_bound_makes_an_island():
+    from bmltrt.export.fp16 import to_fp16
+
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="c1"), helper.make_node("Relu", ["a"], ["y"], name="r")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 4, 4])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    half, rec = to_fp16(model, ranges={"x": 1.0, "a": 2e4, "y": 2e4}, bound=1e4)
+    assert rec["nodes"] == {"c1": "range", "r": "range"} and rec["fp16_nodes"] == 0
+    half, rec = to_fp16(model, ranges={"x": 1.0, "a": 50.0, "y": 50.0}, bound=1e4)
+    assert rec["nodes"] == {} and rec["fp16_nodes"] == 2
+    onnx.checker.check_model(half, full_check=True)
+    assert [n.op_type for n in half.graph.node] == ["Cast", "Conv", "Relu", "Cast"]
+
+
+def test_tensorrt_op_check_rejects_dft_custom_ops_and_tensor_pad_axes():
+    from bmltrt.export.checks import op_problems
+
+    def model(nodes, inits=()):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert any("DFT" in p for p in op_problems(model([helper.make_node("DFT", ["x"], ["y"], name="f")])))
+    assert any("custom" in p for p in op_problems(model([helper.make_node("Foo", ["x"], ["y"], domain="my.ops")])))
+    pads = numpy_helper.from_array(np.array([0, 1, 0, 1], np.int64), "p")
+    assert any("axes" in p for p in op_problems(model([helper.make_node("Pad", ["x", "p", "", "ax"], ["y"])], [pads])))
+    assert op_problems(model([helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")], [pads])) == []
+
+
+def test_shipped_graphs_pass_the_checks_and_their_fp16_pass():
+    """The shipped float32 graphs (and the FP16 graphs made from them) pass onnx.checker, strict
+    shape inference and the TensorRT 10.3 op list; every listed file matches its sha256."""
+    from bmltrt.export.checks import op_problems, signature, signature_problems
+    from bmltrt.export.fp16 import to_fp16
+    from bmltrt.export.graph import clean, strict_check
+    from bmltrt.export.onnx_export import sha256_of
+    from bmltrt.runtime.models import ModelStore
+
+    store = ModelStore.open(SHIPPED)
+    for name in sorted(store.manifest["models"]):
+        for prec in store.precisions(name):
+            e = store.entry(name, prec)
+            assert sha256_of(store.path(name, prec)) == e["sha256"], (name, prec)
+            m = onnx.load(str(store.path(name, prec)))
+            assert op_problems(m) == [], (name, prec)
+    for name in ("segmenter", "inpainter_128"):
+        e = store.entry(name)
+        m = onnx.load(str(store.path(name)))
+        dims = e["config"]["patch"] if name == "segmenter" else [e["resolution"]] * 2
+        ins, outs = ([1, *dims], [2, *dims]) if name == "segmenter" else ([2, *dims], [1, *dims])
+        c = clean(m, {m.graph.input[0].name: ins}, {m.graph.output[0].name: outs}, name)
+        half, _ = to_fp16(c)
+        for g in (c, half):
+            strict_check(g, name)
+            assert op_problems(g) == [] and signature_problems(signature(g)) == []
+
+
+def test_store_reads_both_manifest_formats(tmp_path):
+    from bmltrt.errors import BmlError
+    from bmltrt.runtime.models import ModelStore
+
+    (tmp_path / "a.onnx").write_bytes(b"x")
+    (tmp_path / "a_fp16.onnx").write_bytes(b"y")
+    old = {"format": "bmltrt-models-1", "models": {"segmenter": {"file": "a.onnx", "sha256": "1", "kind": "segmenter",
+                                                                "precision": "fp32", "config": {}}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    s = ModelStore.open(tmp_path)
+    assert s.path("segmenter") == tmp_path / "a.onnx" and s.precisions("segmenter") == ["fp32"]
+    with pytest.raises(BmlError, match="no fp16 graph"):
+        s.path("segmenter", precision="fp16")
+    new = {"format": "bmltrt-models-2", "models": {"segmenter": {
+        "file": "a.onnx", "sha256": "1", "kind": "segmenter", "config": {"patch": [1]},
+        "precisions": {"fp32": {"file": "a.onnx", "sha256": "1"}, "fp16": {"file": "a_fp16.onnx", "sha256": "2"}}}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(new))
+    s = ModelStore.open(tmp_path)
+    assert s.path("segmenter", precision="fp16") == tmp_path / "a_fp16.onnx"
+    e = ModelStore.open(tmp_path, "fp16").entry("segmenter")
+    assert e["sha256"] == "2" and e["config"] == {"patch": [1]} and e["precision"] == "fp16"
+
+
+def test_checkpoint_resolutions_single_and_multi():
+    from bmltrt.export.onnx_export import checkpoint_resolutions
+
+    assert checkpoint_resolutions({"config": {"resolution": 256}}) == [256]
+    assert checkpoint_resolutions({"config": {"resolution": None, "resolutions": [128, 448]}}) == [128, 448]
+    assert checkpoint_resolutions({"config": {}}) == []
