@@ -12,8 +12,8 @@ primitives the pipeline needs, each one code path for numpy and cupy:
   result is an AND/OR of shifted views (one small kernel per footprint pixel); on numpy
   scipy.ndimage does it (faster on a CPU). Both give scipy's result (border value 0,
   odd footprints centred), which the tests check with the shift code run on numpy.
-- ``component_ids(mask, structure)``: an id per connected component (-1 outside the
-  mask) with a host-known upper bound; numpy: scipy's labels; cupy: union-find roots
+- ``component_ids(mask, structure)``: an id per connected component (0 outside the
+  mask) below a host-known bound; numpy: scipy's labels; cupy: union-find roots + 1
   (Playne & Hawick 2018, one pass with atomicMin), the root being the component's
   smallest linear index, so components are ordered as scipy numbers them.
 - ``bincount_fixed``, ``largest_component``, ``fill_holes_inplane``,
@@ -41,12 +41,6 @@ def bincount_fixed(x, length: int):
     out = xp.zeros(length, xp.int32)
     cupyx.scatter_add(out, flat.astype(xp.int32, copy=False), xp.ones(flat.shape, xp.int32))
     return out
-
-
-def _dummy(ids, bound):
-    """Ids with background (-1) moved to the extra bin `bound`."""
-    xp = array_module(ids)
-    return xp.where(ids >= 0, ids, bound)
 
 
 # --------------------------------------------------------------------------- morphology
@@ -203,7 +197,7 @@ def _cc_kernels():
 
 def component_ids(mask, structure) -> tuple:
     """(ids, bound): an int id per connected component of `mask` (3D, `structure` a 3x3x3
-    connectivity), -1 outside it, 0 <= id < bound. Ids order components as scipy's
+    connectivity), 0 outside it, 0 < id < bound. Ids order components as scipy's
     `label` numbers them (by their first voxel in raster order)."""
     xp = array_module(mask)
     if mask.ndim != 3:
@@ -212,7 +206,7 @@ def component_ids(mask, structure) -> tuple:
         from scipy import ndimage
 
         labels, n = ndimage.label(mask, structure=np.asarray(structure, bool))
-        return labels.astype(np.int64) - 1, max(int(n), 1)
+        return labels, int(n) + 1
     n = int(mask.size)
     if n >= 2**31:
         raise ValueError("volume too large for int32 component ids")
@@ -225,18 +219,21 @@ def component_ids(mask, structure) -> tuple:
     mod.get_function("bml_cc_init")(grid, (_CC_THREADS,), (m, p, np.int32(n)))
     mod.get_function("bml_cc_merge")(grid, (_CC_THREADS,), (m, p, d0, d1, d2, offs, np.int32(len(offs) // 3)))
     mod.get_function("bml_cc_flatten")(grid, (_CC_THREADS,), (p, np.int32(n)))
-    return p, n
+    p += 1  # roots 0..n-1 -> ids 1..n, background -1 -> 0
+    return p, n + 1
 
 
 def component_sizes(ids, bound: int):
-    """Voxels per component id (length `bound`)."""
-    return bincount_fixed(_dummy(ids, bound), bound + 1)[:bound]
+    """Voxels per component id (length `bound`; entry 0 counts the background)."""
+    return bincount_fixed(ids, bound)
 
 
 def largest_component(mask, structure):
     """The largest connected component (ties: the one scipy would label first)."""
     ids, bound = component_ids(mask, structure)
-    best = component_sizes(ids, bound).argmax()  # stays on the device
+    sizes = component_sizes(ids, bound)
+    sizes[0] = 0
+    best = sizes.argmax()  # stays on the device
     return (ids == best) & mask.astype(bool, copy=False)
 
 
@@ -251,24 +248,20 @@ def fill_holes_inplane(mask):
     slice border: scipy.ndimage.binary_fill_holes(mask, structure=INPLANE_CROSS)."""
     xp = array_module(mask)
     m = mask.astype(bool, copy=False)
-    bg = ~m
-    ids, bound = component_ids(bg, INPLANE_CROSS)
-    border = xp.zeros(m.shape, bool)
-    border[:, 0, :] = True
-    border[:, -1, :] = True
-    border[:, :, 0] = True
-    border[:, :, -1] = True
-    touches = bincount_fixed(xp.where(border & bg, ids, bound), bound + 1)[:bound] > 0
-    holes = bg & ~touches[xp.where(ids >= 0, ids, 0)]
-    return m | holes
+    ids, bound = component_ids(~m, INPLANE_CROSS)
+    edges = xp.concatenate([ids[:, 0, :].ravel(), ids[:, -1, :].ravel(), ids[:, :, 0].ravel(), ids[:, :, -1].ravel()])
+    touches = bincount_fixed(edges, bound) > 0  # background components that reach the border
+    touches[0] = False  # id 0 is the mask itself: kept
+    return ~touches[ids]  # the mask, and background that never reaches the border
 
 
 def remove_small_islands(mask, min_pixels: int, structure=INPLANE_SQUARE):
     """Drop connected components (default: 8-connected in-plane) smaller than `min_pixels`."""
     if min_pixels <= 1:
         return mask
-    xp = array_module(mask)
+    if array_module(mask) is np and not mask.any():  # a free shortcut on the host (same result)
+        return mask
     ids, bound = component_ids(mask, structure)
-    keep = bincount_fixed(_dummy(ids, bound), bound + 1) >= min_pixels
-    keep[bound] = False
-    return keep[_dummy(ids, bound)]
+    keep = bincount_fixed(ids, bound) >= min_pixels
+    keep[0] = False
+    return keep[ids]

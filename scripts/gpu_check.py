@@ -165,15 +165,19 @@ def host_ran_ahead(det, scan) -> bool:
     import cupy as cp
 
     spin = cp.RawKernel(r'''
-    extern "C" __global__ void bml_spin(long long cycles) {
-        long long t0 = clock64();
-        while (clock64() - t0 < cycles) { }
+    __device__ unsigned long long bml_now() {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        return t;
+    }
+    extern "C" __global__ void bml_spin(unsigned long long ns) {
+        unsigned long long t0 = bml_now();
+        while (bml_now() - t0 < ns) { }
     }''', "bml_spin")
-    rate_khz = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"]
     with det._on_stream():
         vol = det.upload(scan)
         done = cp.cuda.Event()
-        spin((1,), (1,), (np.int64(rate_khz * 1000),))  # about one second
+        spin((1,), (1,), (np.uint64(1_000_000_000),))  # one second
         done.record(det.stream)
         det.run_loop(vol, scan.spacing)
         ahead = not done.query()

@@ -132,7 +132,7 @@ def cc_lib(tmp_path_factory):
 
 def _run_cc(lib, mask, structure, reverse):
     m = np.ascontiguousarray(mask, bool)
-    p = np.empty(m.shape, np.int32)
+    p = np.empty(m.shape, np.int32)  # roots; component_ids adds 1 on the device
     offs = np.ascontiguousarray(mo.backward_offsets(structure).ravel())
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     lib.run_cc(ptr(m), ptr(p), *[ctypes.c_int(s) for s in m.shape], ptr(offs), ctypes.c_int(len(offs) // 3),
