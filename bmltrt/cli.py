@@ -345,11 +345,13 @@ def _post_options(floor, opening_mm, closing_mm, min_area_mm2):
 
 _RES = typer.Option(None, "--resolution", "-r", min=8, max=4096,
                     help="Inpainting resolution (128, 192, 256, 320, 448); default: the models'.")
-# tensorrt and torch stay valid names (they answer "not in this version"), but the help lists what runs.
-_BACKEND = typer.Option("auto", "--backend", help="auto or onnxruntime (tensorrt and torch: not in this version).")
+_BACKEND = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch (auto: TensorRT if its "
+                        "engines are built, else torch on CUDA, else ONNX Runtime).")
 _DEVICE = typer.Option("auto", "--device", help="auto, cpu or gpu (gpu falls back to cpu with a warning).")
 _MODELS = typer.Option(None, "--models", help="Models folder (manifest.json); default: the shipped models.")
-_PRECISION = typer.Option("fp32", "--precision", help="fp32 or fp16 (the FP16 graphs; ONNX Runtime on a CPU computes them in float32).")
+_PRECISION = typer.Option("auto", "--precision", help="auto, fp32 or fp16 (auto: fp16 for TensorRT, else fp32; fp16 "
+                          "runs the FP16 graphs; ONNX Runtime on a CPU computes them in float32).")
+_ENGINES = typer.Option(None, "--engines", help="TensorRT engines folder (default: engines/ or $BMLTRT_ENGINES).")
 _FLOOR = typer.Option(None, "--floor", min=0.0, max=1.0,
                       help="Minimum difference (HE units, 0-1) a lesion pixel must exceed.")
 _OPEN = typer.Option(None, "--opening-mm", min=0.0, max=20.0, help="Opening footprint radius, mm (0-20).")
@@ -359,16 +361,21 @@ _MINAREA = typer.Option(None, "--min-area-mm2", min=0.0, max=10_000.0,
 
 
 def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size=8,
-              precision="fp32"):
+              precision="auto", engines=None, seg_batch_size=None, cuda_graphs=False, torch_compile=False):
     from bmltrt.pipeline import DetectConfig, Detector
     from bmltrt.runtime.backends import make_backend
 
-    be, warns = make_backend(backend, device, models, precision=precision)
+    be, warns = make_backend(backend, device, models, precision=precision, engines_dir=engines,
+                             cuda_graphs=cuda_graphs, torch_compile=torch_compile)
     for w in warns:
         print_warning(w)
-    cfg = DetectConfig(resolution=resolution, batch_size=batch_size,
+    cfg = DetectConfig(resolution=resolution, batch_size=batch_size, seg_batch_size=seg_batch_size,
                        post=_post_options(floor, opening_mm, closing_mm, min_area_mm2))
-    return Detector(be, cfg)
+    det = Detector(be, cfg)
+    prepare = getattr(be, "prepare", None)
+    if prepare:  # load the networks now: a missing engine or graph fails before the first scan
+        prepare(["segmenter", det.inp_name])
+    return det
 
 
 class Interrupted(KeyboardInterrupt):
@@ -404,6 +411,13 @@ def detect(
                                        help="DICOM multi-echo series: which echo (1 = shortest TE, the default)."),
     floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
     min_area_mm2: Optional[float] = _MINAREA,
+    engines: Optional[Path] = _ENGINES,
+    seg_batch_size: Optional[int] = typer.Option(None, "--seg-batch-size",
+                                                 help="Patches per segmenter batch (default 2 on the CPU, 4 on the GPU)."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture CUDA graphs per batch shape "
+                                     "(torch, TensorRT; off by default: not yet measured)."),
+    torch_compile: bool = typer.Option(False, "--torch-compile", help="torch.compile the torch backend's "
+                                       "networks (off by default: not yet measured)."),
 ):
     """Find bone marrow lesions: <name>_bml.nii.gz, _femur.nii.gz, _report.json, _overlay.png per scan."""
     from rich.table import Table
@@ -431,7 +445,7 @@ def detect(
         stems[key] = src.label
     inputs = [f for src in sources for f in src.files if f.exists()]
     det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size,
-                    precision)
+                    precision, engines, seg_batch_size, cuda_graphs, torch_compile)
     _check_out_dir(out_dir)
     rows, failed = [], 0
     for err in found.problems:
@@ -497,6 +511,7 @@ def detect(
         t.add_row(*row)
     out.print(t)
     out.print(f"outputs in {escape(str(out_dir))}")
+    det.backend.close()
     if failed:
         raise typer.Exit(2)
 
@@ -651,6 +666,73 @@ def evaluate(
         summary = evaluate_split(det, data, split, out_dir, limit,
                                  lambda d, n, c: prog.update(task, completed=d, total=n, status=c))
     print_summary(summary, out)
+
+
+@app.command("build-engines")
+@user_errors
+def build_engines_cmd(
+    models: Optional[Path] = _MODELS,
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Engines folder (default: engines/, git-ignored, "
+                                           "or $BMLTRT_ENGINES)."),
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Inpainter resolutions, comma-separated "
+                                              "(default: all in the models folder)."),
+    precision: str = typer.Option("fp16", "--precision", help="fp16 (from the FP16 graphs), fp32, or both."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Largest batch of the optimisation profile (min 1)."),
+    workspace: float = typer.Option(4.0, "--workspace", help="Builder workspace pool limit, GiB."),
+    opt_level: int = typer.Option(3, "--opt-level", help="TensorRT builder optimisation level, 0..5."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, read and updated "
+                                                "(default: <out>/timing_<gpu>_trt<version>.cache)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild engines that fit this GPU and TensorRT."),
+):
+    """Build TensorRT engines (strongly typed, FP16 from the FP16 graphs) for this GPU; skip those that fit."""
+    from rich.table import Table
+
+    from bmltrt.runtime import engines as eng
+    from bmltrt.runtime.models import ModelStore
+    from bmltrt.runtime.trt_build import BuildOptions, build_engines, plan_jobs, select_resolutions
+
+    try:
+        res = [int(r) for r in resolutions.replace(" ", "").split(",") if r] if resolutions else None
+    except ValueError:
+        raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of numbers",
+                       hint="e.g. --resolutions 256,448") from None
+    precs = {"both": ("fp16", "fp32")}.get(precision, (precision,))
+    opts = BuildOptions(precisions=precs, max_batch=max_batch, workspace_gib=workspace, opt_level=opt_level,
+                        timing_cache=timing_cache, force=force)
+    opts.validate()  # bad options fail first, then a missing TensorRT or GPU, then missing graphs
+    store = ModelStore.open(models)
+    select_resolutions(store, res)
+    trt = eng.require_tensorrt()
+    gpu = eng.current_gpu()
+    jobs = plan_jobs(store, res, opts)
+    dest = out_dir or eng.default_engines_dir()
+    out.print(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
+              f"{len(jobs)} engine(s) into {dest}", highlight=False)
+    with _progress() as prog:
+        total = prog.add_task("engines", total=len(jobs), status="")
+        phase = prog.add_task("phase", total=None, status="", visible=False)
+
+        def on_job(job, status, why):
+            if status == "building":
+                prog.update(total, status=f"{job.model} {job.precision}" + (f" ({why})" if why else ""))
+            else:
+                prog.advance(total)
+
+        def on_event(kind, name, a, b):
+            if kind == "start":
+                prog.update(phase, description=str(name)[:40], completed=0, total=b or None, visible=True)
+            elif kind == "step":
+                prog.update(phase, completed=int(a) + 1)
+            else:
+                prog.update(phase, visible=False)
+
+        rows = build_engines(store, dest, jobs, opts, trt, gpu, on_job, on_event)
+    t = Table(title=f"bmltrt build-engines: TensorRT {trt.__version__}, {gpu.name}")
+    for c in ("model", "precision", "status", "why", "seconds", "plan"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["model"], r["precision"], r["status"], r["why"], f"{r['seconds']:.0f}", Path(r["plan"]).name)
+    out.print(t)
 
 
 @app.command()

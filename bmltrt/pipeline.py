@@ -1,13 +1,19 @@
 """The whole method for one scan or many, models loaded once.
 
-load/reorient -> femur segmentation (3D sliding window) -> femur clean-up (largest 3D
-component, holes filled) -> per femur slice: resize to the working resolution,
-normalise, stack(x*(1-m), m), inpaint in batches, resize back, composite -> HE,
-difference, Otsu, opening, closing -> lesion mask on the input's own grid.
+load/reorient -> upload (GPU loop) -> femur segmentation (3D sliding window) -> femur
+clean-up (largest 3D component, holes filled) -> per femur slice: resize to the working
+resolution, normalise, stack(x*(1-m), m), inpaint in batches, resize back, composite ->
+HE, difference, Otsu, opening, closing -> download -> lesion mask on the input's grid.
+
+One code path for numpy (CPU) and cupy (GPU). On the GPU the scan is uploaded once,
+every stage runs on the backend's stream without reading anything back to the host
+(shapes never depend on the data: all slices go through the inpainter, those without
+enough femur keep a zero mask), and the masks come back in one download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from bmltrt import __version__
-from bmltrt.arrays import array_module, ndimage_of, to_numpy
+from bmltrt.arrays import array_module
 from bmltrt.errors import BmlError
 from bmltrt.io import Scan
 from bmltrt.io.knee_input import check_knee_input
+from bmltrt.morphology import binary_dilation, fill_holes_inplane, largest_component
 from bmltrt.postprocess import PostConfig, lesion_mask
 from bmltrt.postprocess.femur_check import check_femur
 from bmltrt.runtime.backends import Backend
@@ -28,14 +35,20 @@ from bmltrt.runtime.sliding_window import sliding_window
 MIN_FEMUR_SLICE_MM2 = 20.0  # slices with less femur than this are not inpainted
 # Real BMLs rarely exceed a few percent of the femur; more means a suspect femur mask.
 SUSPICIOUS_LESION_FRACTION = 0.05
+FULL_3D = np.ones((3, 3, 3), bool)
 
 
 @dataclass
 class DetectConfig:
     resolution: int | None = None  # None: the models' default
     mask_dilate_mm: float = 1.0  # the inpainter paints a little beyond the femur border
-    batch_size: int = 8
+    batch_size: int = 8  # slices per inpainter call
+    seg_batch_size: int | None = None  # patches per segmenter call; None: 2 on the CPU, 4 on the GPU
     femur_threshold: float = 0.5
+    # True: every slice goes through the inpainter (shapes never depend on the data, so the
+    # GPU loop never waits for the device); False: only slices with femur. None: True on
+    # the GPU, False on the CPU. The masks are the same either way.
+    static_shapes: bool | None = None
     post: PostConfig = field(default_factory=PostConfig)
 
     def to_dict(self) -> dict:
@@ -61,22 +74,49 @@ def _input_order(working_values, scan: Scan) -> list:
 
 
 def largest_component_filled(mask):
-    xp = array_module(mask)
-    nd = ndimage_of(xp)
-    if not bool(mask.any()):
-        return mask
-    labels, n = nd.label(mask, structure=xp.ones((3, 3, 3), bool))
-    if int(n) > 1:
-        sizes = xp.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(sizes.argmax())
-    structure = xp.zeros((3, 3, 3), bool)
-    structure[1] = nd.generate_binary_structure(2, 1)
-    return nd.binary_fill_holes(mask, structure=structure)
+    """Largest 3D component (26-connected), then in-plane holes filled (no device sync)."""
+    return fill_holes_inplane(largest_component(mask, FULL_3D))
+
+
+class StageClock:
+    """Stage timings: wall clock on the CPU; CUDA events on the GPU, read after the
+    download (which waits for the device anyway), so timing adds no synchronisation."""
+
+    def __init__(self, xp, stream=None):
+        self.gpu = xp is not np
+        self.stream = stream
+        self.marks: list[tuple[str, object]] = []
+        self.mark("start")
+
+    def mark(self, name: str):
+        if self.gpu:
+            import cupy
+
+            ev = cupy.cuda.Event()
+            ev.record(self.stream)
+            self.marks.append((name, ev))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def seconds(self) -> dict:
+        """{stage: seconds since the previous mark}; call after the download."""
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            if self.gpu:
+                import cupy
+
+                out[name] = cupy.cuda.get_elapsed_time(a, b) / 1000.0
+            else:
+                out[name] = b - a
+        return out
 
 
 class Detector:
-    """Holds a backend (models loaded once) and runs the method on scans."""
+    """Holds a backend (models loaded once) and runs the method on scans.
+
+    The array module of the loop is the backend's (`backend.xp`): numpy on the CPU,
+    cupy on the GPU, where everything runs on `backend.stream`.
+    """
 
     def __init__(self, backend: Backend, config: DetectConfig | None = None):
         self.backend = backend
@@ -91,15 +131,41 @@ class Detector:
         self.resolution = res
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)
+        self.xp = getattr(backend, "xp", np)
+        self.stream = getattr(backend, "stream", None)
+        self._run_takes_out = _takes_out(backend.run)
+        on_gpu = self.xp is not np
+        self.static = on_gpu if self.config.static_shapes is None else bool(self.config.static_shapes)
+        self.seg_batch = self.config.seg_batch_size or (4 if on_gpu else 2)
+        for what, n in (("--batch-size", self.config.batch_size), ("segmentation batch size", self.seg_batch)):
+            if int(n) < 1:
+                raise BmlError(f"{what} must be at least 1 (got {n})")
+
+    def _on_stream(self):
+        """Make the backend's stream current (cupy), or nothing (numpy)."""
+        return self.stream if self.stream is not None and self.xp is not np else contextlib.nullcontext()
 
     # -- stages -------------------------------------------------------------------
+    def upload(self, scan: Scan):
+        """The scan as float32 in the loop's array module: the one host -> device copy."""
+        return self.xp.asarray(np.asarray(scan.data, np.float32))
+
+    def _infer(self, model, batch, out=None):
+        """backend.run, into `out` (a backend without the `out` argument gets a copy)."""
+        if out is None:
+            return self.backend.run(model, batch)
+        if self._run_takes_out:
+            return self.backend.run(model, batch, out=out)
+        out[...] = self.backend.run(model, batch)
+        return out
+
     def femur_probability(self, norm, spacing, on_patch=None):
         """Femur probability of a normalised volume (normalize_intensity), on its own grid."""
         cfg = self.seg_cfg
         shape = inplane_shape(norm.shape, spacing, cfg["inplane_spacing_mm"])
         small = zoom_to(norm, shape)
         prob = sliding_window(small, tuple(cfg["patch"]), lambda b: self.backend.run("segmenter", b),
-                              batch_size=2, overlap=cfg["overlap"], on_patch=on_patch)[1]
+                              batch_size=self.seg_batch, overlap=cfg["overlap"], on_patch=on_patch)[1]
         return zoom_to(prob, norm.shape, order=1)
 
     def femur_mask(self, prob):
@@ -110,68 +176,131 @@ class Detector:
         """Femur mask of a normalised volume, on its own grid."""
         return self.femur_mask(self.femur_probability(norm, spacing, on_patch))
 
-    def inpaint(self, norm, femur, spacing, on_batch=None):
-        """Composite x~ for every slice with femur (other slices returned unchanged)."""
-        xp = array_module(norm)
-        nd = ndimage_of(xp)
-        s, h, w = norm.shape
-        area_mm2 = femur.reshape(s, -1).sum(axis=1) * spacing[1] * spacing[2]
-        idx = xp.flatnonzero(area_mm2 > MIN_FEMUR_SLICE_MM2)
-        out = norm.copy()
-        if idx.size == 0:
-            return out, []
-        mask = femur[idx]
-        r = self.config.mask_dilate_mm
-        if r > 0:
-            ry, rx = max(1, int(round(r / spacing[1]))), max(1, int(round(r / spacing[2])))
-            fp = xp.zeros((1, 2 * ry + 1, 2 * rx + 1), bool)
-            yy, xx = xp.ogrid[-ry:ry + 1, -rx:rx + 1]
-            fp[0] = (yy / ry) ** 2 + (xx / rx) ** 2 <= 1
-            mask = nd.binary_dilation(mask, structure=fp)
-        res = self.resolution
-        x_sq = slices_to_square(norm[idx], res)
-        m_sq = (slices_to_square(mask.astype(xp.float32), res) > 0.5).astype(xp.float32)
-        gen = xp.empty_like(x_sq)
-        bs = self.config.batch_size
-        for i in range(0, len(idx), bs):
-            xb, mb = x_sq[i:i + bs], m_sq[i:i + bs]
-            inp = xp.stack([xb * (1 - mb), mb], axis=1)
-            gen[i:i + bs] = self.backend.run(self.inp_name, inp)[:, 0]
-            if on_batch:
-                on_batch(min(i + bs, len(idx)), len(idx))
-        gen_full = square_to_slices(gen, h, w)
-        m = mask.astype(xp.float32)
-        out[idx] = m * gen_full + (1 - m) * norm[idx]
-        return out, [int(i) for i in to_numpy(idx)]
+    def slice_plan(self, femur, spacing):
+        """Per slice: is there enough femur to inpaint it? (S,) bool, on the device."""
+        s = femur.shape[0]
+        area_mm2 = femur.reshape(s, -1).sum(axis=1) * (spacing[1] * spacing[2])
+        return area_mm2 > MIN_FEMUR_SLICE_MM2
 
-    # -- the whole scan -----------------------------------------------------------
-    def detect(self, scan: Scan, progress=None) -> Detection:
-        t = {}
-        t0 = time.perf_counter()
-        vol = scan.data  # numpy; a GPU backend would upload once here
-        spacing = scan.spacing
+    def _dilation_footprint(self, spacing):
+        r = self.config.mask_dilate_mm
+        if r <= 0:
+            return None
+        ry, rx = max(1, int(round(r / spacing[1]))), max(1, int(round(r / spacing[2])))
+        yy, xx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
+        return ((yy / ry) ** 2 + (xx / rx) ** 2 <= 1)[None]  # host footprint: no device sync
+
+    def inpaint(self, norm, femur, spacing, on_batch=None):
+        """Composite x~ (the inpainter's femur pasted into the scan) and the per-slice
+        (S,) bool of the slices it was pasted into; other slices are returned unchanged."""
+        xp = array_module(norm)
+        s, h, w = norm.shape
+        keep = self.slice_plan(femur, spacing)
+        if self.static:  # every slice, the others with an empty mask: no data-dependent shape
+            idx = None
+            x, mask = norm, femur & keep[:, None, None]
+        else:
+            idx = np.flatnonzero(_host(keep))
+            if idx.size == 0:
+                return norm.copy(), keep
+            x, mask = norm[idx], femur[idx]
+        fp = self._dilation_footprint(spacing)
+        if fp is not None:
+            mask = binary_dilation(mask, fp)
+        res, n, bs = self.resolution, x.shape[0], self.config.batch_size
+        x_sq = slices_to_square(x, res)
+        m_sq = (slices_to_square(mask.astype(xp.float32), res) > 0.5).astype(xp.float32)
+        gen = xp.empty((n, 1, res, res), xp.float32)
+        for i in range(0, n, bs):
+            xb, mb = x_sq[i:i + bs], m_sq[i:i + bs]
+            self._infer(self.inp_name, xp.stack([xb * (1 - mb), mb], axis=1), out=gen[i:i + bs])
+            if on_batch:
+                on_batch(min(i + bs, n), n)
+        composite = xp.where(mask, square_to_slices(gen[:, 0], h, w), x)
+        if idx is None:
+            return composite, keep
+        out = norm.copy()
+        out[idx] = composite
+        return out, keep
+
+    def postprocess(self, norm, composite, femur, keep, spacing):
+        """Lesion mask (S, H, W) bool: HE, difference, Otsu, opening, closing per slice."""
+        xp = array_module(norm)
+        px, cfg = (spacing[1], spacing[2]), self.config.post
+        if self.static:
+            return lesion_mask(norm, composite, femur, px, cfg) & keep[:, None, None]
+        lesion = xp.zeros(norm.shape, bool)
+        idx = np.flatnonzero(_host(keep))
+        if idx.size:
+            lesion[idx] = lesion_mask(norm[idx], composite[idx], femur[idx], px, cfg)
+        return lesion
+
+    def run_loop(self, vol, spacing, progress=None, clock: StageClock | None = None, femur_check=None):
+        """Everything between upload and download: (normalised, femur, lesion, keep).
+
+        With cupy arrays nothing here reads the device back (test_gpu holds it to that
+        under cupyx.allow_synchronize(False)); the backend's stream must be current.
+        `femur_check(prob, femur, norm)`, if given, may refuse the scan before inpainting
+        (it reads a few scalars back: detect's one deliberate sync).
+        """
+        mark = clock.mark if clock else (lambda name: None)
         norm = normalize_intensity(vol)
         prob = self.femur_probability(norm, spacing, on_patch=progress and (lambda d, n: progress("femur", d, n)))
         femur = self.femur_mask(prob)
-        check = check_femur(prob, femur, spacing, norm)
-        if check.refuse:
-            raise BmlError(check.reasons[0], scan.path, "give a sagittal knee MRI (see the README: inputs)")
-        t["femur_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        x_tilde, slices = self.inpaint(norm, femur, spacing,
+        if femur_check is not None:
+            femur_check(prob, femur, norm)
+        mark("femur_s")
+        composite, keep = self.inpaint(norm, femur, spacing,
                                        on_batch=progress and (lambda d, n: progress("inpaint", d, n)))
-        t["inpaint_s"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        lesion = np.zeros(vol.shape, bool)
-        if slices:
-            lesion[slices] = to_numpy(lesion_mask(norm[slices], x_tilde[slices], femur[slices],
-                                                  (spacing[1], spacing[2]), self.config.post))
-        t["postprocess_s"] = time.perf_counter() - t2
+        mark("inpaint_s")
+        lesion = self.postprocess(norm, composite, femur, keep, spacing)
+        mark("postprocess_s")
+        return norm, femur, lesion, keep
+
+    def download(self, norm, femur, lesion, keep):
+        """(normalised float32, femur uint8, lesion uint8, keep bool) on the host: with
+        cupy, one device -> host copy of one packed buffer."""
+        xp = array_module(norm)
+        if xp is np:
+            return norm, femur.astype(np.uint8), lesion.astype(np.uint8), keep
+        packed = femur.astype(xp.uint8) | (lesion.astype(xp.uint8) << 1)
+        a, b = norm.nbytes, norm.nbytes + packed.size
+        blob = xp.empty(b + keep.size, xp.uint8)
+        blob[:a] = xp.ascontiguousarray(norm, xp.float32).ravel().view(xp.uint8)
+        blob[a:b] = packed.ravel()
+        blob[b:] = keep.astype(xp.uint8)
+        host = blob.get(stream=self.stream)  # the one download; it waits for the device
+        packed_h = host[a:b].reshape(norm.shape)
+        return (host[:a].view(np.float32).reshape(norm.shape), packed_h & 1, (packed_h >> 1) & 1,
+                host[b:].astype(bool))
+
+    # -- the whole scan -----------------------------------------------------------
+    def detect(self, scan: Scan, progress=None) -> Detection:
+        t0 = time.perf_counter()
+        with self._on_stream():
+            clock = StageClock(self.xp, self.stream)
+            vol = self.upload(scan)
+            clock.mark("upload_s")
+            checks = []
+
+            def femur_check(prob, femur, norm):
+                # a few scalars read back from the device: the one deliberate sync, so that
+                # a non-knee is refused before any inpainting is spent on it
+                c = check_femur(prob, femur, scan.spacing, norm)
+                if c.refuse:
+                    raise BmlError(c.reasons[0], scan.path, "give a sagittal knee MRI (see the README: inputs)")
+                checks.append(c)
+
+            norm, femur, lesion, keep = self.run_loop(vol, scan.spacing, progress, clock, femur_check)
+            norm_np, femur_np, lesion_np, keep_np = self.download(norm, femur, lesion, keep)
+            clock.mark("download_s")
+            if clock.gpu:
+                clock.marks[-1][1].synchronize()
+        t = clock.seconds()
         t["total_s"] = time.perf_counter() - t0
-        femur_np = to_numpy(femur).astype(np.uint8)
-        lesion_np = lesion.astype(np.uint8)
-        report = self._report(scan, femur_np, lesion_np, t, slices, check)
-        return Detection(scan, femur_np, lesion_np, to_numpy(norm), t, report)
+        slices = [int(i) for i in np.flatnonzero(keep_np)]
+        report = self._report(scan, femur_np, lesion_np, t, slices, checks[0])
+        return Detection(scan, femur_np, lesion_np, norm_np, t, report)
 
     # -- entry points that check the input first ------------------------------------
     def detect_checked(self, scan: Scan, progress=None) -> Detection:
@@ -278,3 +407,17 @@ class Detector:
             "warnings": warnings,
             "slice_axis": "working slices run left->right; 0 is the leftmost sagittal slice",
         }
+
+
+def _takes_out(fn) -> bool:
+    import inspect
+
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _host(a) -> np.ndarray:
+    """A small array on the host (the CPU path only: on the GPU nothing is read back)."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)

@@ -42,7 +42,7 @@ def score(cached, cfg: PostConfig) -> float:
     total = Counts()
     for _, sp, diff, otsu, fem, truth, slices in cached:
         pred = np.zeros(truth.shape, bool)
-        if slices:
+        if np.any(slices):
             pred[slices] = mask_from_anomaly(diff, otsu, fem, (sp[1], sp[2]), cfg)
         total = total + confusion(pred, truth)
     return scores(total)["dice"]

@@ -124,7 +124,8 @@ def test_batch_with_a_corrupt_file_finishes_the_others(phantom_case, tmp_path):
 def test_unavailable_backend_is_said_plainly(phantom_case, tmp_path):
     scan_path, _ = phantom_case
     res = CliRunner().invoke(app, ["detect", str(scan_path), "-o", str(tmp_path / "o"), "--backend", "tensorrt"])
-    assert res.exit_code == 2 and "tensorrt backend is not available" in res.stderr
+    assert res.exit_code == 2 and "TensorRT is not installed" in res.stderr and "tensorrt-cu12" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
     res = CliRunner().invoke(app, ["detect", str(scan_path), "-o", str(tmp_path / "o"), "--resolution", "999"])
     assert res.exit_code == 2 and "no inpainter" in res.stderr
 

@@ -1,8 +1,9 @@
 """The paper's post-processing as one code path over numpy or cupy.
 
 All functions work on stacks of slices (N, H, W) at once (batched histograms via
-bincount, morphology with in-plane footprints), in float32, with no host round trip:
-the array module is taken from the input, so the same lines run on the GPU.
+bincount, morphology with in-plane footprints), in float32, with no host round trip
+and no device synchronisation (bmltrt.morphology): the array module is taken from the
+input, so the same lines run on the GPU.
 
 x' = HE(x), x~' = HE(x~)         histogram equalisation per slice
 d  = max(x' - x~', 0)            lesions are brighter than the healthy marrow painted in
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from bmltrt.arrays import array_module, ndimage_of
+import numpy as np
+
+from bmltrt.arrays import array_module
+from bmltrt.morphology import bincount_fixed, binary_closing, binary_opening, remove_small_islands  # noqa: F401
 
 
 @dataclass
@@ -46,9 +50,10 @@ def equalize_hist(stack, nbins: int = 256, mask=None):
     scale = nbins / xp.maximum(hi - lo, 1e-12)
     bins = xp.clip(((flat - lo) * scale).astype(xp.int32), 0, nbins - 1)
     offset = (xp.arange(n, dtype=xp.int32) * nbins)[:, None]
-    weights = None if mask is None else mask.reshape(n, -1).astype(xp.float32)
-    hist = xp.bincount((bins + offset).ravel(), weights=None if weights is None else weights.ravel(),
-                       minlength=n * nbins).reshape(n, nbins).astype(xp.float32)
+    idx = bins + offset
+    if mask is not None:  # pixels outside the mask go to one extra bin, dropped
+        idx = xp.where(mask.reshape(n, -1).astype(bool), idx, n * nbins)
+    hist = bincount_fixed(idx, n * nbins + 1)[:n * nbins].reshape(n, nbins).astype(xp.float32)
     cdf = xp.cumsum(hist, axis=1)
     cdf /= xp.maximum(cdf[:, -1:], 1e-12)
     out = xp.take_along_axis(cdf, bins, axis=1)
@@ -72,8 +77,8 @@ def otsu_thresholds(values, region, nbins: int = 256):
     width = xp.maximum(hi - lo, 1e-12)
     bins = xp.clip(((v - lo) / width * nbins).astype(xp.int32), 0, nbins - 1)
     offset = (xp.arange(n, dtype=xp.int32) * nbins)[:, None]
-    hist = xp.bincount((bins + offset).ravel(), weights=r.ravel().astype(xp.float32),
-                       minlength=n * nbins).reshape(n, nbins)
+    idx = xp.where(r, bins + offset, n * nbins)  # pixels outside the region: an extra bin, dropped
+    hist = bincount_fixed(idx, n * nbins + 1)[:n * nbins].reshape(n, nbins).astype(xp.float64)
     centers = lo + (xp.arange(nbins, dtype=xp.float32)[None, :] + 0.5) * width / nbins
     w0 = xp.cumsum(hist, axis=1)
     w1 = w0[:, -1:] - w0
@@ -88,31 +93,18 @@ def otsu_thresholds(values, region, nbins: int = 256):
     return xp.where(ok, t, xp.float32(xp.inf)).astype(xp.float32)
 
 
-def _disk(xp, radius_mm: float, pixel_mm: tuple[float, float]):
-    """In-plane elliptical footprint (1, h, w) of the given radius in mm, or None."""
+def _disk(radius_mm: float, pixel_mm: tuple[float, float]):
+    """In-plane elliptical footprint (1, h, w) of the given radius in mm, or None.
+
+    A host (numpy) array: its offsets are known without asking the device."""
     ry, rx = radius_mm / pixel_mm[0], radius_mm / pixel_mm[1]
     if max(ry, rx) < 0.5:
         return None
     ny, nx = int(ry), int(rx)
-    yy = xp.arange(-ny, ny + 1, dtype=xp.float32)[:, None]
-    xx = xp.arange(-nx, nx + 1, dtype=xp.float32)[None, :]
+    yy = np.arange(-ny, ny + 1, dtype=np.float32)[:, None]
+    xx = np.arange(-nx, nx + 1, dtype=np.float32)[None, :]
     fp = (yy / max(ry, 1e-6)) ** 2 + (xx / max(rx, 1e-6)) ** 2 <= 1.0
     return fp[None]
-
-
-def remove_small_islands(mask, min_pixels: int):
-    """Drop in-plane connected components (8-connectivity) smaller than `min_pixels`."""
-    xp = array_module(mask)
-    if min_pixels <= 1 or not bool(mask.any()):
-        return mask
-    nd = ndimage_of(xp)
-    structure = xp.zeros((3, 3, 3), bool)
-    structure[1] = True
-    labels, n = nd.label(mask, structure=structure)
-    sizes = xp.bincount(labels.ravel(), minlength=int(n) + 1)
-    keep = sizes >= min_pixels
-    keep[0] = False
-    return keep[labels]
 
 
 def lesion_mask(x, x_tilde, femur, pixel_mm: tuple[float, float], cfg: PostConfig | None = None,
@@ -144,18 +136,17 @@ def anomaly_map(x, x_tilde, femur, nbins: int = 256):
 def mask_from_anomaly(diff, otsu, femur, pixel_mm, cfg: PostConfig):
     """Threshold max(Otsu, floor), opening, closing, small islands out, inside the femur."""
     xp = array_module(diff)
-    nd = ndimage_of(xp)
     femur = femur.astype(bool)
     t = xp.maximum(otsu, xp.float32(cfg.floor))
     mask = diff > t[:, None, None]
-    fp = _disk(xp, cfg.opening_mm, pixel_mm)
+    fp = _disk(cfg.opening_mm, pixel_mm)
     if fp is not None:
-        mask = nd.binary_opening(mask, structure=fp)
-    fp = _disk(xp, cfg.closing_mm, pixel_mm)
+        mask = binary_opening(mask, fp)
+    fp = _disk(cfg.closing_mm, pixel_mm)
     if fp is not None:
         # Pad so the closing does not erode at the array border, then crop.
         p = (fp.shape[1] // 2, fp.shape[2] // 2)
         padded = xp.pad(mask, ((0, 0), (p[0], p[0]), (p[1], p[1])))
-        mask = nd.binary_closing(padded, structure=fp)[:, p[0]:p[0] + mask.shape[1], p[1]:p[1] + mask.shape[2]]
+        mask = binary_closing(padded, fp)[:, p[0]:p[0] + mask.shape[1], p[1]:p[1] + mask.shape[2]]
     min_px = int(round(cfg.min_area_mm2 / (pixel_mm[0] * pixel_mm[1])))
     return remove_small_islands(mask & femur, min_px)
