@@ -8,6 +8,7 @@ difference, Otsu, opening, closing -> lesion mask on the input's own grid.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,7 +35,12 @@ class DetectConfig:
     mask_dilate_mm: float = 1.0  # the inpainter paints a little beyond the femur border
     batch_size: int = 8
     femur_threshold: float = 0.5
-    post: PostConfig = field(default_factory=PostConfig)
+    # None: the models folder's postprocess.json for this resolution (tuned on a validation
+    # split by `bmltrt evaluate tune --save`), else PostConfig's defaults; then
+    # `post_overrides` (field -> value, the CLI's explicit options) on top.
+    post: PostConfig | None = None
+    post_overrides: dict = field(default_factory=dict)
+    post_source: str = ""  # filled in by Detector: where `post` came from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +71,21 @@ def largest_component_filled(mask):
     return nd.binary_fill_holes(mask, structure=structure)
 
 
+def resolve_post(config: DetectConfig, store, resolution: int) -> tuple[DetectConfig, list[str]]:
+    """The config with `post` filled in (see DetectConfig.post), and any warnings."""
+    from bmltrt.postprocess.tuned import read_tuned
+
+    warnings: list[str] = []
+    post, source = config.post, "given"
+    if post is None:
+        post, source, warnings = read_tuned(store.root, store.manifest, resolution)
+        post = post or PostConfig()
+    if config.post_overrides:
+        post = dataclasses.replace(post, **config.post_overrides)
+        source += " + options " + ", ".join(sorted(config.post_overrides))
+    return dataclasses.replace(config, post=post, post_source=source), warnings
+
+
 class Detector:
     """Holds a backend (models loaded once) and runs the method on scans."""
 
@@ -81,6 +102,7 @@ class Detector:
         self.resolution = res
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)
+        self.config, self.post_warnings = resolve_post(self.config, store, res)
 
     # -- stages -------------------------------------------------------------------
     def femur_probability(self, norm, spacing, on_patch=None):
@@ -164,7 +186,7 @@ class Detector:
         return Detection(scan, femur_np, lesion_np, to_numpy(norm), t, report)
 
     def _report(self, scan, femur, lesion, timings, slices, check) -> dict:
-        from bmltrt.metrics import components
+        from bmltrt.evaluation.metrics import components
 
         vox = scan.voxel_volume_mm3
         labels, n = components(lesion)
@@ -179,7 +201,7 @@ class Detector:
                 })
             lesions.sort(key=lambda d: -d["volume_mm3"])
         store = self.backend.store
-        warnings = list(scan.warnings)
+        warnings = list(scan.warnings) + self.post_warnings
         fem_mm3, les_mm3 = float(femur.sum() * vox), float(lesion.sum() * vox)
         warnings += [f"implausible femur mask: {r}; look at the overlay before trusting any figure"
                      for r in check.reasons]
