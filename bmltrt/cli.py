@@ -90,7 +90,9 @@ def _check_dataset(path: Optional[Path], option: str):
 
 
 def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
-                  limit_cases, time_limit, autocast="none", resolutions=None):
+                  limit_cases, time_limit, autocast="none", resolutions=None, trainer=None):
+    """Shared by every `bmltrt train` command; `trainer(opts, progress)` runs the kinds
+    defined elsewhere (the evaluation baselines)."""
     import json
 
     try:
@@ -136,7 +138,9 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
             prog.update(task, completed=done,
                         status="  ".join(f"{k} {v:.4g}" for k, v in logs.items() if isinstance(v, float)))
 
-        if kind == "segmenter":
+        if trainer is not None:
+            res = trainer(opts, progress)
+        elif kind == "segmenter":
             from bmltrt.models.unetpp import SEGMENTER_PRESETS, SegmenterConfig
             from bmltrt.training.segmenter import train_segmenter
 
@@ -248,21 +252,19 @@ def _expand_inputs(items: list[str]) -> list[Path]:
     return out_
 
 
-def _post_options(floor, opening_mm, closing_mm, min_area_mm2):
-    from bmltrt.postprocess import PostConfig
-
-    d = PostConfig()
-    return PostConfig(floor=d.floor if floor is None else floor,
-                      opening_mm=d.opening_mm if opening_mm is None else opening_mm,
-                      closing_mm=d.closing_mm if closing_mm is None else closing_mm,
-                      min_area_mm2=d.min_area_mm2 if min_area_mm2 is None else min_area_mm2)
+def _post_overrides(floor, opening_mm, closing_mm, min_area_mm2) -> dict:
+    """The post-processing options given on the command line; the others come from the
+    models folder's postprocess.json (tuned on a validation split) or the defaults."""
+    given = {"floor": floor, "opening_mm": opening_mm, "closing_mm": closing_mm, "min_area_mm2": min_area_mm2}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 _RES = typer.Option(None, "--resolution", "-r", help="Inpainting resolution (128, 192, 256, 320, 448); default: the models'.")
 _BACKEND = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch.")
 _DEVICE = typer.Option("auto", "--device", help="auto, cpu or gpu (gpu falls back to cpu with a warning).")
 _MODELS = typer.Option(None, "--models", help="Models folder (manifest.json); default: the shipped models.")
-_FLOOR = typer.Option(None, "--floor", help="Minimum difference (HE units) a lesion pixel must exceed.")
+_FLOOR = typer.Option(None, "--floor", help="Minimum difference (HE units) a lesion pixel must exceed "
+                      "(default for this and the next three: the models' postprocess.json, else built-in).")
 _OPEN = typer.Option(None, "--opening-mm", help="Opening footprint radius, mm.")
 _CLOSE = typer.Option(None, "--closing-mm", help="Closing footprint radius, mm.")
 _MINAREA = typer.Option(None, "--min-area-mm2", help="Smallest lesion island kept per slice, mm^2.")
@@ -276,7 +278,7 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
     for w in warns:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size,
-                       post=_post_options(floor, opening_mm, closing_mm, min_area_mm2))
+                       post_overrides=_post_overrides(floor, opening_mm, closing_mm, min_area_mm2))
     return Detector(be, cfg)
 
 
@@ -361,7 +363,7 @@ def demo(
 ):
     """Make a phantom knee with known lesions, run detect on it, print Dice against the truth."""
     from bmltrt.io import load_scan
-    from bmltrt.metrics import confusion, lesion_detection, scores
+    from bmltrt.evaluation.metrics import confusion, lesion_detection, scores
     from bmltrt.report import write_outputs
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
@@ -413,28 +415,6 @@ def export(
 
 
 @app.command()
-@user_errors
-def evaluate(
-    data: Path = typer.Argument(..., help="Dataset folder (bmltrt synth) with lesion masks."),
-    split: str = typer.Option("test", "--split"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Where evaluation.json and cases.csv go."),
-    resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
-    models: Optional[Path] = _MODELS, limit: Optional[int] = typer.Option(None, "--limit"),
-    floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
-    min_area_mm2: Optional[float] = _MINAREA,
-):
-    """Lesion Dice/IoU/sensitivity/specificity/accuracy (pooled, per case; slice and femur) and lesion-wise F1."""
-    from bmltrt.evaluate import evaluate_split, print_summary
-
-    det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2)
-    with _progress() as prog:
-        task = prog.add_task(f"evaluate {split}", total=None, status="")
-        summary = evaluate_split(det, data, split, out_dir, limit,
-                                 lambda d, n, c: prog.update(task, completed=d, total=n, status=c))
-    print_summary(summary, out)
-
-
-@app.command()
 def doctor():
     """Say which backends can run here, with versions and the GPU, and why others cannot."""
     from rich.table import Table
@@ -447,6 +427,12 @@ def doctor():
     for r in check():
         t.add_row(r["component"], "[green]ok[/]" if r["ok"] else "[yellow]missing[/]", r["version"], r["detail"])
     out.print(t)
+
+
+# `bmltrt evaluate ...` and `bmltrt train autoencoder|mkd` live with the evaluation code.
+from bmltrt.evaluation.cli import register  # noqa: E402
+
+register(app, train_app)
 
 
 def main():

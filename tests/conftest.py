@@ -64,7 +64,19 @@ def save_nifti(path, data, affine=None, dtype=None):
     return Path(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """`bmltrt synth --cases 3 --seed 4`: one train, one val, one test case."""
+    from bmltrt.synth.dataset import synth_dataset
+
+    ds = tmp_path_factory.mktemp("tiny") / "ds"
+    synth_dataset(ds, 3, 4, workers=1)
+    return ds
+
+
 @pytest.fixture(autouse=True)
-def _quiet_progress(monkeypatch):
+def _quiet_progress(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("BMLTRT_PROGRESS", "0")
+    # Evaluation caches go to the session's temporary folder, never to ~/.cache.
+    monkeypatch.setenv("BMLTRT_CACHE", str(tmp_path_factory.getbasetemp() / "bmltrt-cache"))
     os.environ.setdefault("BMLTRT_THREADS", "2")
