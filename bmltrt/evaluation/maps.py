@@ -51,7 +51,8 @@ def file_identity(path: Path) -> dict:
 
 
 class MapCache:
-    """Arrays on disk (one uncompressed .npz per key); `None` root: nothing is kept."""
+    """Arrays on disk (one compressed .npz per key: the crops are mostly zeros outside the
+    femur); `None` root: nothing is kept."""
 
     def __init__(self, root: Path | None):
         self.root = Path(root) if root else None
@@ -88,7 +89,7 @@ class MapCache:
 
         def write(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez_compressed(f, **arrays)
         atomic_write(self.root / f"{self.key(desc)}.npz", write, suffix=".npz")
 
 

@@ -2,9 +2,11 @@
 
 The objective is the pooled whole-volume lesion Dice (all validation cases' voxels
 counted together). The search runs on the cached anomaly maps (bmltrt.evaluation.maps):
-the networks never run again. For every threshold setting (floor x Otsu scope), opening
-and closing, `mask_from_anomaly` — detect's own last step — makes the mask once; the
-minimum-area choices are then read off its in-plane components.
+the networks never run again. Opening and closing are done once per footprint pair in
+grey-scale (they commute with thresholding), every floor and Otsu scope is then one
+threshold, and the minimum-area choices are read off that mask's in-plane components.
+The counts equal those of `mask_from_anomaly`, detect's own last step (tested); the
+chosen parameters are then scored with `mask_from_anomaly` itself.
 
 Search spaces (per method; `quick` is a smaller one for trials):
 - ours and the autoencoder (both max(HE(x) - HE(reconstruction), 0)): floor 0.1-0.7 and
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from scipy import ndimage as ndi
 
-from bmltrt.evaluation.maps import MapCache, SplitMaps, mask_of
+from bmltrt.evaluation.maps import MAX_CLOSING_MM, MapCache, SplitMaps
 from bmltrt.postprocess import PostConfig
 from bmltrt.postprocess.lesion import scoped_otsu
 
@@ -98,10 +100,64 @@ def resolve_floors(space: SearchSpace, maps: SplitMaps, cache: MapCache, method_
     return [float(np.quantile(pool, q)) for q in space.floors]
 
 
+def footprint(radius_mm: float, pixel_mm) -> np.ndarray | None:
+    """The in-plane elliptical footprint (1, h, w) post-processing uses for `radius_mm`
+    (postprocess.lesion; `test_grid_search_counts_match_masks...` holds the two equal)."""
+    ry, rx = radius_mm / pixel_mm[0], radius_mm / pixel_mm[1]
+    if max(ry, rx) < 0.5:
+        return None
+    ny, nx = int(ry), int(rx)
+    yy = np.arange(-ny, ny + 1, dtype=np.float32)[:, None]
+    xx = np.arange(-nx, nx + 1, dtype=np.float32)[None, :]
+    return ((yy / max(ry, 1e-6)) ** 2 + (xx / max(rx, 1e-6)) ** 2 <= 1.0)[None]
+
+
+def open_close(score: np.ndarray, opening_mm: float, closing_mm: float, pixel_mm) -> np.ndarray:
+    """Grey-scale opening then closing of the anomaly map with post-processing's footprints.
+
+    Flat footprints commute with thresholding: (open_close(d) > t) is exactly the binary
+    opening and closing of (d > t) for every t >= 0 (outside the array counts as 0, as
+    the binary operations' border does), so one grey-scale pass serves every floor and
+    Otsu scope, and only the thresholding is repeated.
+    """
+    g = score
+    fp = footprint(opening_mm, pixel_mm)
+    if fp is not None:
+        g = ndi.grey_erosion(g, footprint=fp, mode="constant", cval=0.0)
+        g = ndi.grey_dilation(g, footprint=fp, mode="constant", cval=0.0)
+    fp = footprint(closing_mm, pixel_mm)
+    if fp is not None:  # padded like the binary closing, then cropped
+        py, px = fp.shape[1] // 2, fp.shape[2] // 2
+        padded = np.pad(g, ((0, 0), (py, py), (px, px)))
+        padded = ndi.grey_dilation(padded, footprint=fp, mode="constant", cval=0.0)
+        padded = ndi.grey_erosion(padded, footprint=fp, mode="constant", cval=0.0)
+        g = padded[:, py:py + g.shape[1], px:px + g.shape[2]]
+    return g
+
+
+def _counts_by_min_area(mask: np.ndarray, lesion: np.ndarray, min_areas, pixel_mm) -> dict:
+    """{min_area: (tp, predicted voxels)} after dropping smaller in-plane islands."""
+    if not mask.any():
+        return {ma: (0, 0) for ma in min_areas}
+    # Components never cross slices, so only the mask's bounding box needs labelling.
+    s = np.flatnonzero(mask.any(axis=(1, 2)))
+    y = np.flatnonzero(mask.any(axis=(0, 2)))
+    x = np.flatnonzero(mask.any(axis=(0, 1)))
+    box = (slice(s[0], s[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1))
+    sizes, tps = component_counts(mask[box], lesion[box])
+    out = {}
+    for ma in min_areas:
+        keep = sizes >= max(1, _min_pixels(ma, pixel_mm))
+        out[ma] = (int(tps[keep].sum()), int(sizes[keep].sum()))
+    return out
+
+
 def grid_counts(maps: SplitMaps, cache: MapCache, method_key: str, models: str, space: SearchSpace,
                 floors: list[float], progress=None) -> tuple[dict, int]:
     """{(floor, scope, opening, closing, min_area): [tp, predicted voxels]} pooled over
     the split's cases, and the number of true lesion voxels."""
+    if min(floors) < 0:
+        raise ValueError("floors must be >= 0")
     counts: dict[tuple, list[int]] = {}
     n_truth = 0
     for k, case in enumerate(maps.cases):
@@ -115,22 +171,23 @@ def grid_counts(maps: SplitMaps, cache: MapCache, method_key: str, models: str, 
             amap = maps.amap(cache, method_key, case)
             lesion = crop.crop(truth.lesion)
             px = truth.pixel_mm
-            done: dict[tuple, dict] = {}  # same thresholds on every slice -> same masks
-            for scope, floor in itertools.product(space.scopes, floors):
-                t = np.maximum(scoped_otsu(amap.score, amap.otsu, crop.femur, scope), np.float32(floor))
-                tkey = t.tobytes()
-                if tkey not in done:
-                    res = {}
-                    for op, cl in itertools.product(space.openings, space.closings):
-                        cfg = PostConfig(floor=float(floor), otsu_scope=scope, opening_mm=op, closing_mm=cl,
-                                         min_area_mm2=0.0)
-                        sizes, tps = component_counts(mask_of(amap, crop, px, cfg), lesion)
-                        for ma in space.min_areas:
-                            keep = sizes >= max(1, _min_pixels(ma, px))
-                            res[(op, cl, ma)] = (int(tps[keep].sum()), int(sizes[keep].sum()))
-                    done[tkey] = res
-                for (op, cl, ma), v in done[tkey].items():
-                    per_case[(floor, scope, op, cl, ma)] = v
+            thresholds = {}
+            for scope in space.scopes:
+                base = np.asarray(scoped_otsu(amap.score, amap.otsu, crop.femur, scope), np.float32)
+                for floor in floors:
+                    thresholds[(floor, scope)] = np.maximum(base, np.float32(floor))
+            for op, cl in itertools.product(space.openings, space.closings):
+                if cl > MAX_CLOSING_MM:
+                    raise ValueError(f"closing {cl} mm is larger than the crop margin ({MAX_CLOSING_MM} mm)")
+                g = open_close(amap.score, op, cl, px)
+                done: dict[bytes, dict] = {}  # the same thresholds on every slice: the same mask
+                for (floor, scope), t in thresholds.items():
+                    tkey = t.tobytes()
+                    if tkey not in done:
+                        done[tkey] = _counts_by_min_area((g > t[:, None, None]) & crop.femur, lesion,
+                                                         space.min_areas, px)
+                    for ma, v in done[tkey].items():
+                        per_case[(floor, scope, op, cl, ma)] = v
         for key in itertools.product(floors, space.scopes, space.openings, space.closings, space.min_areas):
             tp, pred = per_case.get(key, (0, 0))
             c = counts.setdefault(key, [0, 0])
