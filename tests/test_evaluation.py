@@ -16,7 +16,7 @@ from bmltrt.evaluation.metrics import confusion
 from bmltrt.evaluation.tune import SearchSpace, grid_counts, pooled_dice, tune_method
 from bmltrt.postprocess import PostConfig
 
-from conftest import needs_torch
+from conftest import dataset_of, needs_torch
 
 SPACING = (3.0, 0.5, 0.5)
 
@@ -137,24 +137,12 @@ def test_intensity_baseline_map():
 
 # -- against detect itself ------------------------------------------------------------------
 
-def _dataset_of(root: Path, scan: Path, split: str = "test") -> Path:
-    """A one-case dataset around an existing phantom case (files linked, not copied)."""
-    case = scan.name.split(".nii")[0]
-    for kind in ("images", "femur", "lesion"):
-        d = root / split / kind
-        d.mkdir(parents=True)
-        (d / f"{case}.nii.gz").symlink_to(scan.parent.parent / kind / f"{case}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({"splits": {"train": [], "val": [], "test": [], split: [case]},
-                                                   "settings": {"mode": "phantom"}}))
-    return root
-
-
 def test_evaluation_masks_are_detects_masks(phantom_case, detector, tmp_path):
     from bmltrt.evaluation.maps import OursMethod, compute_split
     from bmltrt.io import load_scan
 
     scan_path, _ = phantom_case
-    data = _dataset_of(tmp_path / "ds", scan_path)
+    data = dataset_of(tmp_path / "ds", {"test": [scan_path]})
     maps = compute_split(data, "test", [("shipped", detector)], [OursMethod(detector, "shipped")], MapCache(None))
     case = maps.cases[0]
     crop, truth = maps.crops[("shipped", case)], maps.truths[case]
@@ -298,7 +286,8 @@ def test_evaluate_tune_then_test(tiny_dataset, tmp_path):
     assert ours["status"] == "ok" and ours["params_source"].startswith("tuned on val")
     assert 0.0 <= ours["summary"]["volume"]["pooled"]["dice"] <= 1.0 and ours["femur_dice_mean"] > 0.95
     assert set(doc["tuning"]["methods"]) == set(keys[:3]) and doc["tuning"]["split"] == "val"
-    assert doc["data"]["split"] == "test" and doc["timing"]["scans_loaded"] == 2  # one val, one test scan
+    # val and test hold the same scan: its maps, made for val, come from the cache for test
+    assert doc["data"]["split"] == "test" and doc["timing"]["scans_loaded"] == 0 and doc["timing"]["cache_hits"] > 0
     pp = json.loads((out / "postprocess.json").read_text())
     assert set(pp["by_resolution"]) == {"128", "256"}
     for f in ("table1.md", "table1.csv", "cases.csv", "figure3.png"):

@@ -276,9 +276,7 @@ def model_card_cmd(
     from bmltrt.evaluation.model_card import model_card
     from bmltrt.io.atomic import atomic_write
 
-    if split not in ("train", "val", "test"):
-        raise BmlError(f"--split {split!r} is not train, val or test")
-    check_inputs(data, "test" if split == "train" else split, None, False)
+    check_inputs(data, split, None, False, allowed=("train", "val", "test"))
     det = base._detector(resolution, backend, device, models, None, None, None, None)
     with base._progress() as prog:
         res = model_card(det, data, split, limit, lambda d, n, c: _progress_cb(prog)("model card", d, n, c))

@@ -137,13 +137,13 @@ class Plan:
         return self
 
 
-def check_inputs(data: Path, split: str, out_dir: Path | None, tune: bool) -> None:
+def check_inputs(data: Path, split: str, out_dir: Path | None, tune: bool, allowed=SPLITS) -> None:
     """Everything that can be wrong with the command line, before any model is loaded."""
     from bmltrt.synth.dataset import case_paths
 
-    if split not in SPLITS:
-        raise BmlError(f"--split {split!r} is not a split with lesions to score",
-                       hint=f"choose {' or '.join(SPLITS)}")
+    if split not in allowed:
+        raise BmlError(f"--split {split!r} is not a split with lesions to score" if allowed == SPLITS
+                       else f"--split {split!r} is not a split", hint=f"choose {' or '.join(allowed)}")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise BmlError("the output path is a file, not a folder", out_dir, "give a folder with -o")
     if not Path(data).is_dir():

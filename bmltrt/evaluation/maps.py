@@ -203,6 +203,12 @@ def mask_of(amap: AnomalyMap, crop: FemurCrop, pixel_mm, cfg: PostConfig) -> np.
     return np.asarray(mask_from_anomaly(amap.score, amap.otsu, crop.femur, pixel_mm, cfg), bool)
 
 
+def engine_of(det) -> list[str]:
+    """Backend, device and precision: the same network on another engine gives other maps."""
+    b = det.backend
+    return [b.name, b.device, b.precision]
+
+
 def slice_indices(slices, n: int) -> list[int]:
     """The pipeline's "which slices were inpainted", as a list of indices (it may hand a
     list, or one bool per slice)."""
@@ -263,7 +269,7 @@ class OursMethod(Method):
     def identity(self) -> dict:
         c = self.det.config
         return {"method": "ours", "inpainter": self.det.inp_entry["sha256"], "resolution": self.resolution,
-                "mask_dilate_mm": c.mask_dilate_mm, "nbins": PostConfig().nbins}
+                "mask_dilate_mm": c.mask_dilate_mm, "nbins": PostConfig().nbins, "engine": engine_of(self.det)}
 
     def compute(self, ctx: ScanContext) -> np.ndarray:
         comp, sl = self.det.inpaint(ctx.norm, ctx.femur, ctx.spacing)
@@ -364,7 +370,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
 
         femurs: dict[str, np.ndarray] = {}
         for label, det in model_sets:
-            desc = {"kind": "femur", "scan": scan_id, "segmenter": det.seg_entry["sha256"],
+            desc = {"kind": "femur", "scan": scan_id, "segmenter": det.seg_entry["sha256"], "engine": engine_of(det),
                     "threshold": det.config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
                     "femur_truth": file_identity(fem_p)}
             hit = cache.get(desc)
@@ -387,6 +393,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
         for m in methods:
             crop = out.crops[(m.models, case)]
             desc = {"kind": "map", "scan": scan_id, "segmenter": seg_of[m.models].seg_entry["sha256"],
+                    "engine": engine_of(seg_of[m.models]),
                     "threshold": seg_of[m.models].config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
                     "method": m.identity()}
             out.map_keys[(m.key, case)] = desc
