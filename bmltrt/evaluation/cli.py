@@ -54,6 +54,8 @@ _NOCACHE = typer.Option(False, "--no-cache", help="Keep anomaly maps in memory o
 _LIMIT = typer.Option(None, "--limit", min=1, help="Only the first N cases of each split (trials).")
 _NOBASE = typer.Option(False, "--no-baselines", help="Only our method (no baseline rows).")
 _SCOPE = typer.Option(None, "--otsu-scope", help="Ours: Otsu per slice (the paper), per volume, or none.")
+_SAME = typer.Option(False, "--same-femur", help="Every row scores the femur of the first --models folder's "
+                     "segmenter (compares inpainters alone; default: each folder its own segmenter).")
 
 
 def _cache(cache_dir, no_cache):
@@ -68,7 +70,7 @@ def _resolutions(text):
     return "all" if text is not None and text.strip() == "all" else parse_resolutions(text)
 
 
-def _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, overrides=None):
+def _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, overrides=None, same_femur=False):
     from bmltrt.evaluation.evaluate import Plan, open_model_sets
 
     res = _resolutions(resolutions)
@@ -83,7 +85,7 @@ def _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, 
             sets += open_model_sets([spec] if spec else None, store_res, backend, device, overrides, _warn)
     else:
         sets = open_model_sets(models, res, backend, device, overrides, _warn)
-    plan = Plan(sets, autoencoder=autoencoder, mkd=mkd, intensity=not no_baselines)
+    plan = Plan(sets, autoencoder=autoencoder, mkd=mkd, intensity=not no_baselines, same_femur=same_femur)
     plan.build()
     if no_baselines:
         plan.missing = []
@@ -141,7 +143,7 @@ def run_cmd(
     limit: Optional[int] = _LIMIT,
     floor: Optional[float] = base._FLOOR, opening_mm: Optional[float] = base._OPEN,
     closing_mm: Optional[float] = base._CLOSE, min_area_mm2: Optional[float] = base._MINAREA,
-    otsu_scope: Optional[str] = _SCOPE,
+    otsu_scope: Optional[str] = _SCOPE, same_femur: bool = _SAME,
 ):
     """Table 1 (Dice, IoU, Sens, Spec, Acc; pooled and per case; femur and whole volume; lesion-wise F1)
     and Figure 3 for ours at each resolution and the baselines, the paper's numbers beside."""
@@ -157,7 +159,7 @@ def run_cmd(
     if save and not tune:
         raise BmlError("--save writes what --tune chose", hint="add --tune (or use `bmltrt evaluate tune --save`)")
     given = load_params(params) if params else None
-    plan = _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, overrides)
+    plan = _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, overrides, same_femur)
     with base._progress() as prog:
         doc = run(plan, data, split, tune=tune, params=given, space=search, cache=_cache(cache_dir, no_cache),
                   limit=limit, progress=_progress_cb(prog))
@@ -191,7 +193,7 @@ def tune_cmd(
                               "postprocess.json: `detect` uses it from then on."),
     search: str = _SEARCH, autoencoder: Optional[Path] = _AE, mkd: Optional[Path] = _MKD,
     no_baselines: bool = _NOBASE, cache_dir: Optional[Path] = _CACHE, no_cache: bool = _NOCACHE,
-    limit: Optional[int] = _LIMIT,
+    limit: Optional[int] = _LIMIT, same_femur: bool = _SAME,
 ):
     """Choose the post-processing (floor, Otsu scope, opening, closing, minimum area) on the val split only."""
     from bmltrt.evaluation.evaluate import check_inputs, clean, tune_split
@@ -199,7 +201,7 @@ def tune_cmd(
 
     check_inputs(data, "val", out_dir, False)
     _check_search(search)
-    plan = _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines)
+    plan = _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, same_femur=same_femur)
     with base._progress() as prog:
         tuning = tune_split(plan, data, space=search, cache=_cache(cache_dir, no_cache), limit=limit,
                             progress=_progress_cb(prog))

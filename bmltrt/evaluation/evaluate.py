@@ -30,6 +30,7 @@ from bmltrt import __version__
 from bmltrt.errors import BmlError
 from bmltrt.evaluation.maps import IntensityMethod, MapCache, Method, OursMethod, compute_split, mask_of
 from bmltrt.evaluation.metrics import evaluate_case, summarize
+from bmltrt.evaluation.tables import PAPER_NOTE, PAPER_TABLE1, paper_row
 from bmltrt.evaluation.tune import SPACES, tune_method
 from bmltrt.postprocess import PostConfig
 
@@ -109,13 +110,15 @@ class Plan:
     autoencoder: Path | None = None
     mkd: Path | None = None
     intensity: bool = True
+    same_femur: bool = False  # every row scores the first models folder's femur
     methods: list[Method] = field(default_factory=list)
     missing: list[dict] = field(default_factory=list)  # rows that cannot run here, and why
 
     def build(self) -> "Plan":
         ref = self.model_sets[0].label
         for ms in self.model_sets:
-            self.methods += [OursMethod(det, ms.label) for det in ms.detectors.values()]
+            self.methods += [OursMethod(det, ms.label, ref if self.same_femur else None)
+                             for det in ms.detectors.values()]
         if self.intensity:
             self.methods.append(IntensityMethod(ref))
         if self.autoencoder is not None:
@@ -194,7 +197,9 @@ def tune_split(plan: Plan, data: Path, *, space: str = "full", cache: MapCache |
                                                lambda d, n, c, m=m: prog(f"val: tune {m.key}", d, n, c))
     info = {"data": str(data), "split": "val", "cases": len(val.cases), "objective": "pooled whole-volume lesion Dice",
             "date": tuning["date"], "command": tuning["command"]}
-    for ms in plan.model_sets:
+    for i, ms in enumerate(plan.model_sets):
+        if plan.same_femur and i > 0:
+            continue  # tuned on another folder's femur: not this folder's setting for detect
         by_res = {}
         for r in ms.detectors:
             t = tuning["methods"].get(f"ours/{ms.label}/{r}")
@@ -234,7 +239,7 @@ def run(plan: Plan, data: Path, split: str, *, tune: bool = False, params: dict 
         results, fem_dice, refused = [], [], []
         for case in maps.cases:
             truth = maps.truths[case]
-            crop = maps.crops[(m.models, case)]
+            crop = maps.crops[(m.femur_label, case)]
             pred = crop.paste(mask_of(maps.amap(cache, m.key, case), crop, truth.pixel_mm, cfg), truth.shape)
             r = evaluate_case(case, pred, truth.lesion, truth.femur, truth.voxel_mm3)
             results.append(r)
@@ -252,6 +257,8 @@ def run(plan: Plan, data: Path, split: str, *, tune: bool = False, params: dict 
     for miss in plan.missing:
         rows.append({"key": "/".join(str(p) for p in (miss["method"], miss.get("resolution")) if p is not None),
                      "models": None, "resolution": miss.get("resolution"), **miss, "status": "not run"})
+    for r in rows:
+        r["paper"] = paper_row(r["method"], r.get("resolution"))
     n_lesions = sum(r["summary"]["lesion_wise"]["n_true"] for r in rows[:1] if r["status"] == "ok")
     first = plan.model_sets[0].first.backend
     doc = {
@@ -266,6 +273,7 @@ def run(plan: Plan, data: Path, split: str, *, tune: bool = False, params: dict 
         "model_sets": [ms.describe() for ms in plan.model_sets],
         "regions": {"volume": "every voxel of the scan", "femur": "voxels inside the true femur mask"},
         "rows": rows,
+        "paper": {"table1": PAPER_TABLE1, "note": PAPER_NOTE},
         "tuning": tuning,
         "timing": {"seconds": round(time.perf_counter() - t0, 1),
                    "seconds_per_scan": {k: _median(v) for k, v in maps.seconds.items()},

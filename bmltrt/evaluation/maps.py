@@ -235,7 +235,12 @@ class Method:
     name = ""  # ours, intensity, autoencoder, mkd
     title = ""
     resolution: int | None = None
-    models: str | None = None  # label of the models folder whose femur it scores
+    models: str | None = None  # label of the models folder the row belongs to
+    femur_from: str | None = None  # label of the models folder whose segmenter gives the femur
+
+    @property
+    def femur_label(self) -> str | None:
+        return self.femur_from or self.models
 
     @property
     def key(self) -> str:
@@ -254,16 +259,17 @@ class Method:
 
     def describe(self) -> dict:
         return {"key": self.key, "method": self.name, "title": self.title, "models": self.models,
-                "resolution": self.resolution}
+                "resolution": self.resolution, "femur_from": self.femur_label}
 
 
 class OursMethod(Method):
     name = "ours"
     title = "LaMa inpainting (ours)"
 
-    def __init__(self, detector, models_label: str):
+    def __init__(self, detector, models_label: str, femur_from: str | None = None):
         self.det = detector
         self.models = models_label
+        self.femur_from = femur_from
         self.resolution = detector.resolution
 
     def identity(self) -> dict:
@@ -346,6 +352,8 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
 
     cases = case_paths(data, split)[:limit]
     out = SplitMaps(Path(data), split)
+    needed = {m.femur_label for m in methods}
+    model_sets = [(label, det) for label, det in model_sets if label in needed]
     seg_of = dict(model_sets)
     for k, (case, img_p, fem_p, les_p) in enumerate(cases):
         if progress:
@@ -391,23 +399,23 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
             out.crops[(label, case)] = crop
             femurs[label] = femur
         for m in methods:
-            crop = out.crops[(m.models, case)]
-            desc = {"kind": "map", "scan": scan_id, "segmenter": seg_of[m.models].seg_entry["sha256"],
-                    "engine": engine_of(seg_of[m.models]),
-                    "threshold": seg_of[m.models].config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
+            crop = out.crops[(m.femur_label, case)]
+            desc = {"kind": "map", "scan": scan_id, "segmenter": seg_of[m.femur_label].seg_entry["sha256"],
+                    "engine": engine_of(seg_of[m.femur_label]),
+                    "threshold": seg_of[m.femur_label].config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
                     "method": m.identity()}
             out.map_keys[(m.key, case)] = desc
             if cache.has(desc):
                 continue
             norm = norm_of()
             sp = loaded["spacing"]
-            if m.models not in femurs:  # cached crop, but this map is new: segment again
-                det = seg_of[m.models]
-                femurs[m.models] = np.asarray(det.femur_mask(det.femur_probability(norm, sp)), bool)
+            if m.femur_label not in femurs:  # cached crop, but this map is new: segment again
+                det = seg_of[m.femur_label]
+                femurs[m.femur_label] = np.asarray(det.femur_mask(det.femur_probability(norm, sp)), bool)
             t0 = time.perf_counter()
             amap = AnomalyMap(np.zeros(crop.femur.shape, np.float32), np.zeros(crop.femur.shape[0], np.float32))
             if crop.slices:
-                amap = crop_map(m.compute(ScanContext(case, norm, sp, femurs[m.models], crop)), crop)
+                amap = crop_map(m.compute(ScanContext(case, norm, sp, femurs[m.femur_label], crop)), crop)
             out.seconds.setdefault(m.key, []).append(time.perf_counter() - t0)
             if cache.root is None:
                 out.memory[(m.key, case)] = amap

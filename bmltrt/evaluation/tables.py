@@ -249,6 +249,11 @@ def report_markdown(docs: list[dict], short: bool = False, figure: dict | None =
     for key, ds in groups.items():
         doc = merge(ds) if len(ds) > 1 else ds[0]
         parts.append(f"**{caption(doc)}.**\n")
+        borrowed = sorted({(r["models"], r["femur_from"]) for r in doc["rows"]
+                           if r.get("femur_from") and r.get("models") and r["femur_from"] != r["models"]})
+        if borrowed:
+            parts.append("Same femur for every row: " + "; ".join(f"[{a}] scores the femur of [{b}]'s segmenter"
+                                                                 for a, b in borrowed) + ".\n")
         parts.append("Table 1 (ours beside the paper's). Dice and IoU pooled over the whole volume; "
                      "Sens/Spec/Acc pooled over the true femur; lesion-wise F1 over 3D components.\n")
         parts.append(table1_markdown(doc) + "\n")

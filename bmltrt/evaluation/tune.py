@@ -204,8 +204,8 @@ def pooled_dice(tp: int, pred: int, n_truth: int) -> float:
 
 def tune_method(maps: SplitMaps, cache: MapCache, method, space: SearchSpace, progress=None) -> dict:
     """Best parameters of one method on `maps` (a validation split), and the top of the grid."""
-    floors = resolve_floors(space, maps, cache, method.key, method.models)
-    counts, n_truth = grid_counts(maps, cache, method.key, method.models, space, floors, progress)
+    floors = resolve_floors(space, maps, cache, method.key, method.femur_label)
+    counts, n_truth = grid_counts(maps, cache, method.key, method.femur_label, space, floors, progress)
     order = {k: i for i, k in enumerate(counts)}
     ranked = sorted(counts.items(), key=lambda kv: (-pooled_dice(kv[1][0], kv[1][1], n_truth), order[kv[0]]))
 
