@@ -352,3 +352,22 @@ def test_mkd_mechanics_with_random_weights(tiny_dataset, tmp_path):
     r = CliRunner().invoke(app, ["train", "mkd", "--vgg16-weights", str(tmp_path / "none.pth"), "--data",
                                  str(tiny_dataset), "--out", str(tmp_path / "m2")])
     assert "needs VGG16 ImageNet weights" in _one_line_exit_2(r)
+
+
+def test_two_models_folders_side_by_side(tiny_dataset, tmp_path):
+    from bmltrt.runtime.models import default_models_dir
+
+    d = str(default_models_dir())
+    out = tmp_path / "two"
+    r = CliRunner().invoke(app, ["evaluate", str(tiny_dataset), "--models", f"new={d}", "--models", f"old={d}",
+                                 "--same-femur", "--no-baselines", "-o", str(out)])
+    assert r.exit_code == 0, r.output + r.stderr
+    doc = json.loads((out / "evaluation.json").read_text())
+    a, b = doc["rows"]
+    assert (a["key"], b["key"]) == ("ours/new/256", "ours/old/256") and b["femur_from"] == "new"
+    assert a["summary"] == b["summary"] and doc["timing"]["scans_loaded"] <= 1
+    md = (out / "table1.md").read_text()
+    assert "Dice [new]" in md and "Dice [old]" in md and "[old] scores the femur of [new]" in md
+    line = _one_line_exit_2(CliRunner().invoke(app, ["evaluate", str(tiny_dataset), "--models", f"x={d}",
+                                                     "--models", f"x={d}", "-o", str(tmp_path / "o")]))
+    assert "labelled 'x'" in line
