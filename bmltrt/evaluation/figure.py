@@ -35,9 +35,11 @@ def series_of(docs: list[dict]) -> tuple[list[dict], list[tuple[str, list[dict],
         groups = groups or g
         name = TITLES.get(r["method"], r["method"])
         if r["method"] == "ours":
-            name = f"ours {r['resolution']}" + (f" [{r['models']}]" if several else "")
+            name = f"ours {r['resolution']}"
         elif r.get("resolution"):
             name += f" {r['resolution']}"
+        if several and r.get("models"):
+            name += f" [{r['models']}]"
         series.append((name, g, r["method"] != "ours"))
     return groups, series
 
@@ -63,7 +65,7 @@ def size_figure(docs: list[dict], path: Path) -> Path | None:
         xs = [x0 + pw * (i + 0.5) / n for i in range(n)]
         for x, lab in zip(xs, labels):
             d.text((x, y0 + ph + 6), lab, fill="black", font=small, anchor="mt")
-        d.text((x0 + pw / 2, y0 + ph + 26), "true lesion volume per case (mm³), groups of equal size",
+        d.text((x0 + pw / 2, y0 + ph + 26), "true lesion volume per case (mm3), groups of equal size",
                fill="black", font=small, anchor="mt")
         for s, (name, g, dashed) in enumerate(series):
             col = COLOURS[s % len(COLOURS)]

@@ -96,7 +96,7 @@ def cases_csv_text(doc: dict) -> str:
 
 def _label(r: dict, several_models: bool) -> str:
     t = TITLES.get(r["method"], r["method"])
-    if r["method"] == "ours" and several_models:
+    if several_models and r.get("models") and (r["method"] == "ours" or r.get("femur_from", r["models"])):
         t += f" [{r['models']}]"
     return t
 
@@ -221,7 +221,6 @@ def size_groups_markdown(doc: dict) -> str:
 def verdict(doc: dict) -> list[str]:
     """Does our method at its largest size beat baselines (a) and (b) on pooled Dice? Facts only."""
     out = []
-    base = {r["method"]: r for r in doc["rows"] if r["method"] in ("intensity", "autoencoder")}
     for ms in doc.get("model_sets", []):
         ours = [r for r in doc["rows"] if r["method"] == "ours" and r["models"] == ms["label"] and r["status"] == "ok"]
         if not ours:
@@ -229,7 +228,9 @@ def verdict(doc: dict) -> list[str]:
         top = max(ours, key=lambda r: r["resolution"])
         d = top["summary"]["volume"]["pooled"]["dice"]
         for name in ("intensity", "autoencoder"):
-            b = base.get(name)
+            cands = [r for r in doc["rows"] if r["method"] == name]
+            b = next((r for r in cands if r.get("models") == ms["label"] and r["status"] == "ok"),
+                     next((r for r in cands if r["status"] == "ok"), cands[0] if cands else None))
             if b is None or b["status"] != "ok":
                 out.append(f"ours [{ms['label']}] at {top['resolution']}: {TITLES[name]} not run")
                 continue
@@ -350,6 +351,7 @@ def paste_readme(readme: Path, block: str) -> None:
 
 
 def print_table(doc: dict, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     several = len(doc.get("model_sets", [])) > 1
@@ -359,16 +361,16 @@ def print_table(doc: dict, console) -> None:
     for r in _sorted_rows(doc):
         p = paper_row(r["method"], r.get("resolution"))
         if r["status"] != "ok":
-            t.add_row(_label(r, several), str(r.get("resolution") or ""), r.get("note", ""), "", "", "", "", "", "",
+            t.add_row(escape(_label(r, several)), str(r.get("resolution") or ""), r.get("note", ""), "", "", "", "", "", "",
                       _f(p and p["dice"], 2))
             continue
         s = r["summary"]
-        t.add_row(_label(r, several), str(r.get("resolution") or "native"), _f(s["volume"]["pooled"]["dice"]),
+        t.add_row(escape(_label(r, several)), str(r.get("resolution") or "native"), _f(s["volume"]["pooled"]["dice"]),
                   _f(s["volume"]["pooled"]["iou"]), _f(s["femur"]["pooled"]["sensitivity"]),
                   _f(s["femur"]["pooled"]["specificity"]), _f(s["femur"]["pooled"]["accuracy"]),
                   _f(s["volume"]["per_case_mean"]["dice"]), _f(s["lesion_wise"]["f1"]), _f(p and p["dice"], 2))
     console.print(t)
     console.print("Dice/IoU pooled over the whole volume; Sens/Spec/Acc (·F) pooled over the true femur; "
-                  + PAPER_NOTE)
+                  + PAPER_NOTE, markup=False)
     for line in verdict(doc):
-        console.print(line)
+        console.print(line, markup=False)
