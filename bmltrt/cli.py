@@ -188,7 +188,9 @@ def _check_dataset(path: Optional[Path], option: str):
 
 
 def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
-                  limit_cases, time_limit, autocast="none", resolutions=None, more=None):
+                  limit_cases, time_limit, autocast="none", resolutions=None, more=None, trainer=None):
+    """Shared by every `bmltrt train` command; `more` adds run options, `trainer(opts, progress)`
+    runs the kinds defined elsewhere (the evaluation baselines)."""
     import json
 
     try:
@@ -238,7 +240,9 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
             prog.update(task, completed=done,
                         status="  ".join(f"{k} {v:.4g}" for k, v in logs.items() if isinstance(v, float)))
 
-        if kind == "segmenter":
+        if trainer is not None:
+            res = trainer(opts, progress)
+        elif kind == "segmenter":
             from bmltrt.models.unetpp import SEGMENTER_PRESETS, SegmenterConfig
             from bmltrt.training.segmenter import train_segmenter
 
@@ -333,14 +337,11 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                   limit_cases, time_limit, autocast, resolutions)
 
 
-def _post_options(floor, opening_mm, closing_mm, min_area_mm2):
-    from bmltrt.postprocess import PostConfig
-
-    d = PostConfig()
-    return PostConfig(floor=d.floor if floor is None else floor,
-                      opening_mm=d.opening_mm if opening_mm is None else opening_mm,
-                      closing_mm=d.closing_mm if closing_mm is None else closing_mm,
-                      min_area_mm2=d.min_area_mm2 if min_area_mm2 is None else min_area_mm2)
+def _post_overrides(floor, opening_mm, closing_mm, min_area_mm2) -> dict:
+    """The post-processing options given on the command line; the others come from the
+    models folder's postprocess.json (tuned on a validation split) or the defaults."""
+    given = {"floor": floor, "opening_mm": opening_mm, "closing_mm": closing_mm, "min_area_mm2": min_area_mm2}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 _RES = typer.Option(None, "--resolution", "-r", min=8, max=4096,
@@ -353,7 +354,8 @@ _PRECISION = typer.Option("auto", "--precision", help="auto, fp32 or fp16 (auto:
                           "runs the FP16 graphs; ONNX Runtime on a CPU computes them in float32).")
 _ENGINES = typer.Option(None, "--engines", help="TensorRT engines folder (default: engines/ or $BMLTRT_ENGINES).")
 _FLOOR = typer.Option(None, "--floor", min=0.0, max=1.0,
-                      help="Minimum difference (HE units, 0-1) a lesion pixel must exceed.")
+                      help="Minimum difference (HE units, 0-1) a lesion pixel must exceed "
+                      "(default for this and the next three: the models' postprocess.json, else built-in).")
 _OPEN = typer.Option(None, "--opening-mm", min=0.0, max=20.0, help="Opening footprint radius, mm (0-20).")
 _CLOSE = typer.Option(None, "--closing-mm", min=0.0, max=20.0, help="Closing footprint radius, mm (0-20).")
 _MINAREA = typer.Option(None, "--min-area-mm2", min=0.0, max=10_000.0,
@@ -370,7 +372,7 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
     for w in warns:
         print_warning(w)
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size, seg_batch_size=seg_batch_size,
-                       post=_post_options(floor, opening_mm, closing_mm, min_area_mm2))
+                       post_overrides=_post_overrides(floor, opening_mm, closing_mm, min_area_mm2))
     det = Detector(be, cfg)
     prepare = getattr(be, "prepare", None)
     if prepare:  # load the networks now: a missing engine or graph fails before the first scan
@@ -527,7 +529,7 @@ def demo(
 ):
     """Make a phantom knee with known lesions, run detect on it, print Dice against the truth."""
     from bmltrt.io import load_scan
-    from bmltrt.metrics import confusion, lesion_detection, scores
+    from bmltrt.evaluation.metrics import confusion, lesion_detection, scores
     from bmltrt.report import write_outputs
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
@@ -639,35 +641,6 @@ def export_check(
     out.print("PASSED")
 
 
-@app.command()
-@user_errors
-def evaluate(
-    data: Path = typer.Argument(..., help="Dataset folder (bmltrt synth) with lesion masks."),
-    split: str = typer.Option("test", "--split", help="train, val or test."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Where evaluation.json and cases.csv go."),
-    resolution: Optional[int] = _RES, backend: str = _BACKEND, device: str = _DEVICE,
-    models: Optional[Path] = _MODELS, limit: Optional[int] = typer.Option(None, "--limit", min=1),
-    floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
-    min_area_mm2: Optional[float] = _MINAREA,
-):
-    """Lesion Dice/IoU/sensitivity/specificity/accuracy (pooled, per case; slice and femur) and lesion-wise F1."""
-    from bmltrt.evaluate import evaluate_split, print_summary
-
-    if split not in ("train", "val", "test"):
-        raise BmlError(f"unknown --split {split!r}", hint="choose train, val or test")
-    if not (data / "dataset.json").exists():
-        raise BmlError("not a bmltrt dataset (no dataset.json)", data, "make one with `bmltrt synth`")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
-
-    det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2)
-    with _progress() as prog:
-        task = prog.add_task(f"evaluate {split}", total=None, status="")
-        summary = evaluate_split(det, data, split, out_dir, limit,
-                                 lambda d, n, c: prog.update(task, completed=d, total=n, status=c))
-    print_summary(summary, out)
-
-
 @app.command("build-engines")
 @user_errors
 def build_engines_cmd(
@@ -749,6 +722,12 @@ def doctor():
         t.add_row(escape(r["component"]), "[green]ok[/]" if r["ok"] else "[yellow]missing[/]", escape(r["version"]),
                   escape(r["detail"]))
     out.print(t)
+
+
+# `bmltrt evaluate ...` and `bmltrt train autoencoder|mkd` live with the evaluation code.
+from bmltrt.evaluation.cli import register  # noqa: E402
+
+register(app, train_app)
 
 
 def main():

@@ -14,6 +14,7 @@ enough femur keep a zero mask), and the masks come back in one download.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +50,12 @@ class DetectConfig:
     # GPU loop never waits for the device); False: only slices with femur. None: True on
     # the GPU, False on the CPU. The masks are the same either way.
     static_shapes: bool | None = None
-    post: PostConfig = field(default_factory=PostConfig)
+    # None: the models folder's postprocess.json for this resolution (tuned on a validation
+    # split by `bmltrt evaluate tune --save`), else PostConfig's defaults; then
+    # `post_overrides` (field -> value, the CLI's explicit options) on top.
+    post: PostConfig | None = None
+    post_overrides: dict = field(default_factory=dict)
+    post_source: str = ""  # filled in by Detector: where `post` came from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +117,21 @@ class StageClock:
         return out
 
 
+def resolve_post(config: DetectConfig, store, resolution: int) -> tuple[DetectConfig, list[str]]:
+    """The config with `post` filled in (see DetectConfig.post), and any warnings."""
+    from bmltrt.postprocess.tuned import read_tuned
+
+    warnings: list[str] = []
+    post, source = config.post, "given"
+    if post is None:
+        post, source, warnings = read_tuned(store.root, store.manifest, resolution)
+        post = post or PostConfig()
+    if config.post_overrides:
+        post = dataclasses.replace(post, **config.post_overrides)
+        source += " + options " + ", ".join(sorted(config.post_overrides))
+    return dataclasses.replace(config, post=post, post_source=source), warnings
+
+
 class Detector:
     """Holds a backend (models loaded once) and runs the method on scans.
 
@@ -131,6 +152,7 @@ class Detector:
         self.resolution = res
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)
+        self.config, self.post_warnings = resolve_post(self.config, store, res)
         self.xp = getattr(backend, "xp", np)
         self.stream = getattr(backend, "stream", None)
         self._run_takes_out = _takes_out(backend.run)
@@ -358,7 +380,7 @@ class Detector:
         return self.detect_checked(scan, progress)
 
     def _report(self, scan, femur, lesion, timings, slices, check) -> dict:
-        from bmltrt.metrics import components
+        from bmltrt.evaluation.metrics import components
 
         vox = scan.voxel_volume_mm3
         labels, n = components(lesion)
@@ -373,7 +395,7 @@ class Detector:
                 })
             lesions.sort(key=lambda d: -d["volume_mm3"])
         store = self.backend.store
-        warnings = list(scan.warnings)
+        warnings = list(scan.warnings) + self.post_warnings
         fem_mm3, les_mm3 = float(femur.sum() * vox), float(lesion.sum() * vox)
         check = check.to_dict() if hasattr(check, "to_dict") else check
         warnings += [f"implausible femur mask: {r}; look at the overlay before trusting any figure"

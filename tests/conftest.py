@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -64,7 +65,35 @@ def save_nifti(path, data, affine=None, dtype=None):
     return Path(path)
 
 
+def dataset_of(root: Path, splits: dict) -> Path:
+    """A `bmltrt synth`-style dataset whose cases are links to existing phantom files:
+    splits = {split: [image path, ...]}."""
+    names = {}
+    for split, scans in splits.items():
+        names[split] = []
+        for scan in scans:
+            case = Path(scan).name.split(".nii")[0]
+            for kind in ("images", "femur", "lesion"):
+                d = root / split / kind
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{case}.nii.gz").symlink_to(Path(scan).parent.parent / kind / f"{case}.nii.gz")
+            names[split].append(case)
+    man = {"format": "bmltrt-dataset-1", "settings": {"mode": "phantom"},
+           "splits": {s: names.get(s, []) for s in ("train", "val", "test")}}
+    (root / "dataset.json").write_text(json.dumps(man))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, phantom_case, healthy_case):
+    """train: the healthy phantom; val and test: the two-lesion phantom (links, no new scans)."""
+    return dataset_of(tmp_path_factory.mktemp("tiny") / "ds",
+                      {"train": [healthy_case[0]], "val": [phantom_case[0]], "test": [phantom_case[0]]})
+
+
 @pytest.fixture(autouse=True)
-def _quiet_progress(monkeypatch):
+def _quiet_progress(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("BMLTRT_PROGRESS", "0")
+    # Evaluation caches go to the session's temporary folder, never to ~/.cache.
+    monkeypatch.setenv("BMLTRT_CACHE", str(tmp_path_factory.getbasetemp() / "bmltrt-cache"))
     os.environ.setdefault("BMLTRT_THREADS", "2")

@@ -33,16 +33,15 @@ def test_gpu_request_falls_back_with_a_warning(phantom_case, tmp_path):
     assert rep["device"] == "cpu"
 
 
-def test_evaluate_writes_scores(tmp_path):
-    ds = tmp_path / "ds"
-    assert CliRunner().invoke(app, ["synth", str(ds), "--cases", "3", "--seed", "4", "-j", "1"]).exit_code == 0
-    r = CliRunner().invoke(app, ["evaluate", str(ds), "--split", "test", "-o", str(tmp_path / "ev")])
+def test_evaluate_writes_scores(tiny_dataset, tmp_path):
+    r = CliRunner().invoke(app, ["evaluate", str(tiny_dataset), "--split", "test", "-o", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output + r.stderr
     ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
-    s = ev["summary"]
-    assert s["n_cases"] == 1 and 0.0 <= s["slice"]["pooled"]["dice"] <= 1.0
-    assert s["femur_dice_mean"] > 0.95
-    assert (tmp_path / "ev" / "cases.csv").read_text().startswith("case,")
+    ours = ev["rows"][0]
+    assert ours["key"] == "ours/shipped/256" and ev["data"]["n_cases"] == 1
+    assert 0.0 <= ours["summary"]["volume"]["pooled"]["dice"] <= 1.0
+    assert ours["femur_dice_mean"] > 0.95
+    assert (tmp_path / "ev" / "cases.csv").read_text().startswith("row,case,")
 
 
 def test_post_options_reach_the_detector(phantom_case, tmp_path):

@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from bmltrt.metrics import Counts, confusion, evaluate_case, lesion_detection, scores, size_groups, summarize
+from bmltrt.evaluation.metrics import Counts, confusion, evaluate_case, lesion_detection, scores, size_groups, summarize
 
 
 def test_confusion_and_scores_hand_worked():
@@ -72,8 +72,8 @@ def test_pooled_vs_per_case_and_size_groups():
     p2 = np.zeros_like(t2)  # missed
     r = [evaluate_case("a", p1, t1, np.ones_like(t1), 1.0), evaluate_case("b", p2, t2, np.ones_like(t2), 1.0)]
     s = summarize(r)
-    assert math.isclose(s["slice"]["pooled"]["dice"], 50 / 51)
-    assert math.isclose(s["slice"]["per_case_mean"]["dice"], 0.5)
+    assert math.isclose(s["volume"]["pooled"]["dice"], 50 / 51)
+    assert math.isclose(s["volume"]["per_case_mean"]["dice"], 0.5)
     g = size_groups(r, n_groups=5)
     assert len(g) == 2 and g[0]["volume_mm3_max"] == 1.0 and g[1]["dice_mean"] == 1.0
     assert Counts(1, 2, 3, 4) + Counts(1, 1, 1, 1) == Counts(2, 3, 4, 5)

@@ -7,7 +7,9 @@ input, so the same lines run on the GPU.
 
 x' = HE(x), x~' = HE(x~)         histogram equalisation per slice
 d  = max(x' - x~', 0)            lesions are brighter than the healthy marrow painted in
-t  = max(Otsu(d | femur), floor) per slice, over the femur region only
+t  = max(Otsu(d | femur), floor) per slice, over the femur region only (otsu_scope
+                                 "slice"; "volume": one Otsu over the femur of every
+                                 slice; "none": the floor alone)
 mask = close(open(d > t))        footprints in millimetres; small islands removed
 """
 
@@ -21,6 +23,9 @@ from bmltrt.arrays import array_module
 from bmltrt.morphology import bincount_fixed, binary_closing, binary_opening, remove_small_islands  # noqa: F401
 
 
+OTSU_SCOPES = ("slice", "volume", "none")
+
+
 @dataclass
 class PostConfig:
     nbins: int = 256
@@ -30,9 +35,18 @@ class PostConfig:
     opening_mm: float = 1.2  # removes specks thinner than ~2.4 mm
     closing_mm: float = 1.2  # fills holes narrower than ~2.4 mm
     min_area_mm2: float = 4.0  # per-slice islands smaller than this are dropped
+    otsu_scope: str = "slice"  # where Otsu's threshold is taken: slice, volume or none
+
+    def __post_init__(self):
+        if self.otsu_scope not in OTSU_SCOPES:
+            raise ValueError(f"otsu_scope {self.otsu_scope!r} is not one of {', '.join(OTSU_SCOPES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PostConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def equalize_hist(stack, nbins: int = 256, mask=None):
@@ -133,11 +147,23 @@ def anomaly_map(x, x_tilde, femur, nbins: int = 256):
     return diff, otsu_thresholds(diff, femur, nbins)
 
 
+def scoped_otsu(diff, otsu, femur, scope: str, nbins: int = 256):
+    """Per-slice thresholds for `scope`: the per-slice Otsu (`otsu`), one Otsu over the
+    femur of all slices, or none (-inf: the floor alone decides)."""
+    xp = array_module(diff)
+    if scope == "slice":
+        return otsu
+    if scope == "volume":
+        t = otsu_thresholds(diff.reshape(1, -1), femur.reshape(1, -1), nbins)
+        return xp.broadcast_to(t, otsu.shape)
+    return xp.full(otsu.shape, -xp.inf, xp.float32)
+
+
 def mask_from_anomaly(diff, otsu, femur, pixel_mm, cfg: PostConfig):
     """Threshold max(Otsu, floor), opening, closing, small islands out, inside the femur."""
     xp = array_module(diff)
     femur = femur.astype(bool)
-    t = xp.maximum(otsu, xp.float32(cfg.floor))
+    t = xp.maximum(scoped_otsu(diff, otsu, femur, cfg.otsu_scope, cfg.nbins), xp.float32(cfg.floor))
     mask = diff > t[:, None, None]
     fp = _disk(cfg.opening_mm, pixel_mm)
     if fp is not None:

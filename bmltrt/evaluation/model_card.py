@@ -1,7 +1,5 @@
-"""The figures of the model card: femur Dice of the segmenter, masked L1 of the inpainter
-against simple fills, on a phantom split (the shipped models, ONNX Runtime on the CPU).
-
-    python -m bmltrt.model_report DATASET [--split test] [--resolution 256] [--out FILE]
+"""The model card's figures: femur Dice of the segmenter, and the inpainter's masked L1
+against simple fills, on a dataset split (`bmltrt evaluate model-card DATA`).
 
 Segmenter: Dice of the cleaned-up femur mask on the scan's own grid, per case, and the
 ceiling its coarse working grid sets (the true mask taken to that grid and back).
@@ -14,16 +12,13 @@ the femur dilated as in `detect`; masked L1 (normalised intensities, 0..1.5) of
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 from scipy import ndimage as ndi
 
+from bmltrt.errors import BmlError
+from bmltrt.evaluation.metrics import confusion, scores
 from bmltrt.io import load_scan
-from bmltrt.metrics import confusion, scores
-from bmltrt.pipeline import MIN_FEMUR_SLICE_MM2, DetectConfig, Detector
-from bmltrt.runtime.backends import make_backend
+from bmltrt.pipeline import MIN_FEMUR_SLICE_MM2
 from bmltrt.runtime.preprocess import inplane_shape, normalize_intensity, slices_to_square, zoom_to
 from bmltrt.synth.dataset import case_paths
 
@@ -48,18 +43,14 @@ def masked_l1(a, b, m):
     return float(np.abs(a - b)[m].mean())
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--resolution", type=int, default=None)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    det = Detector(make_backend("onnxruntime", "cpu")[0], DetectConfig(resolution=a.resolution))
+def model_card(det, data, split: str = "test", limit: int | None = None, progress=None) -> dict:
     res = det.resolution
     femur_dice, ceiling, l1 = [], [], {"lama": [], "ring_mean": [], "blurred_fill": []}
     n_slices = 0
-    for case, img_p, fem_p, les_p in case_paths(a.data, a.split):
+    cases = case_paths(data, split)[:limit]
+    for k, (case, img_p, fem_p, les_p) in enumerate(cases):
+        if progress:
+            progress(k, len(cases), case)
         scan = load_scan(img_p)
         fem_true = load_scan(fem_p, is_mask=True).data > 0
         les = load_scan(les_p, is_mask=True).data > 0
@@ -88,19 +79,13 @@ def main(argv=None):
         l1["ring_mean"].append(masked_l1(ring_mean_fill(x, m, max(1, int(round(3 / px_mm)))), x, m) * len(healthy))
         l1["blurred_fill"].append(masked_l1(blurred_fill(x, m, 5 / px_mm), x, m) * len(healthy))
         n_slices += len(healthy)
-    out = {"data": a.data, "split": a.split, "resolution": res, "cases": len(femur_dice),
-           "femur_dice_mean": float(np.mean(femur_dice)), "femur_dice_min": float(np.min(femur_dice)),
-           "femur_dice_ceiling_of_working_grid": float(np.mean(ceiling)),
-           "segmenter_inplane_mm": det.seg_cfg["inplane_spacing_mm"],
-           "healthy_slices": n_slices,
-           "masked_l1": {k: float(np.sum(v) / max(n_slices, 1)) for k, v in l1.items()},
-           "models": {"segmenter": det.seg_entry["sha256"], det.inp_name: det.inp_entry["sha256"]}}
-    text = json.dumps(out, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+    if not femur_dice:
+        raise BmlError(f"the {split} split of the dataset is empty", data)
+    return {"data": str(data), "split": split, "resolution": res, "cases": len(femur_dice),
+            "femur_dice_mean": float(np.mean(femur_dice)), "femur_dice_min": float(np.min(femur_dice)),
+            "femur_dice_ceiling_of_working_grid": float(np.mean(ceiling)),
+            "segmenter_inplane_mm": det.seg_cfg["inplane_spacing_mm"],
+            "healthy_slices": n_slices,
+            "masked_l1": {k: float(np.sum(v) / max(n_slices, 1)) for k, v in l1.items()},
+            "backend": det.backend.name, "device": det.backend.device, "precision": det.backend.precision,
+            "models": {"segmenter": det.seg_entry["sha256"], det.inp_name: det.inp_entry["sha256"]}}

@@ -2,7 +2,7 @@
 
 Conventions (stated once, tested):
 - Voxel scores come from the confusion counts (tp, fp, fn, tn) over a region: the whole
-  slice (every voxel of the volume) or the femur (voxels inside the true femur mask).
+  volume (every voxel of the scan) or the femur (voxels inside the true femur mask).
 - Dice and IoU: both masks empty -> 1.0 (perfect agreement); truth empty and prediction
   not -> 0.0.
 - Sensitivity is undefined (NaN) when the truth has no positive voxel; specificity is
@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 _FULL = np.ones((3, 3, 3), bool)
+REGIONS = ("volume", "femur")  # whole volume, and inside the true femur
 
 
 @dataclass
@@ -67,6 +68,15 @@ def scores(c: Counts) -> dict[str, float]:
     }
 
 
+def f1_score(sens: float, prec: float) -> float:
+    """Harmonic mean; 0 when one side is 0 or undefined and the other is not; NaN when both are undefined."""
+    if np.isnan(sens) and np.isnan(prec):
+        return float("nan")
+    if np.isnan(sens) or np.isnan(prec) or sens + prec == 0:
+        return 0.0
+    return 2 * sens * prec / (sens + prec)
+
+
 def components(mask) -> tuple[np.ndarray, int]:
     return ndi.label(np.asarray(mask).astype(bool), structure=_FULL)
 
@@ -80,27 +90,21 @@ def lesion_detection(pred, truth) -> dict[str, float]:
     true_pos = len(np.unique(pl[truth_b & (pl > 0)])) if npred else 0
     sens = _ratio(detected, nt)
     prec = _ratio(true_pos, npred)
-    if np.isnan(sens) and np.isnan(prec):
-        f1 = float("nan")
-    elif np.isnan(sens) or np.isnan(prec) or sens + prec == 0:
-        f1 = 0.0
-    else:
-        f1 = 2 * sens * prec / (sens + prec)
     return {"n_true": nt, "n_pred": npred, "detected": detected, "true_positive_pred": true_pos,
-            "lesion_sensitivity": sens, "lesion_precision": prec, "lesion_f1": f1}
+            "lesion_sensitivity": sens, "lesion_precision": prec, "lesion_f1": f1_score(sens, prec)}
 
 
 @dataclass
 class CaseResult:
     case: str
-    slice_counts: Counts
+    volume_counts: Counts
     femur_counts: Counts
     detection: dict
     lesion_volume_mm3: float
 
     def row(self) -> dict:
         r = {"case": self.case, "lesion_volume_mm3": self.lesion_volume_mm3}
-        r.update({f"slice_{k}": v for k, v in scores(self.slice_counts).items()})
+        r.update({f"volume_{k}": v for k, v in scores(self.volume_counts).items()})
         r.update({f"femur_{k}": v for k, v in scores(self.femur_counts).items()})
         r.update(self.detection)
         return r
@@ -112,9 +116,9 @@ def evaluate_case(case: str, pred, truth, femur_truth, voxel_mm3: float) -> Case
 
 
 def summarize(results: list[CaseResult]) -> dict:
-    """Pooled and per-case-mean scores over both regions, and lesion-wise detection."""
+    """Pooled and per-case-mean scores over both regions, lesion-wise detection, size groups."""
     out: dict = {"n_cases": len(results)}
-    for region in ("slice", "femur"):
+    for region in REGIONS:
         pooled = Counts()
         for r in results:
             pooled = pooled + getattr(r, f"{region}_counts")
@@ -128,9 +132,8 @@ def summarize(results: list[CaseResult]) -> dict:
     nt = sum(d["n_true"] for d in det)
     npred = sum(d["n_pred"] for d in det)
     sens, prec = _ratio(sum(d["detected"] for d in det), nt), _ratio(sum(d["true_positive_pred"] for d in det), npred)
-    f1 = float("nan") if (np.isnan(sens) and np.isnan(prec)) else (
-        0.0 if (np.isnan(sens) or np.isnan(prec) or sens + prec == 0) else 2 * sens * prec / (sens + prec))
-    out["lesion_wise"] = {"n_true": nt, "n_pred": npred, "sensitivity": sens, "precision": prec, "f1": f1}
+    out["lesion_wise"] = {"n_true": nt, "n_pred": npred, "sensitivity": sens, "precision": prec,
+                          "f1": f1_score(sens, prec)}
     out["size_groups"] = size_groups(results)
     return out
 
@@ -138,7 +141,9 @@ def summarize(results: list[CaseResult]) -> dict:
 def size_groups(results: list[CaseResult], n_groups: int = 5) -> list[dict]:
     """The paper's Figure 3: Dice and IoU per group of cases ranked by true lesion volume.
 
-    Cases with lesions are split into `n_groups` groups of (nearly) equal size by volume.
+    Cases with lesions are split into `n_groups` groups of (nearly) equal size by volume;
+    each group's Dice and IoU are the means of its cases' whole-volume scores. The groups
+    depend on the truth only, so every method is grouped alike.
     """
     with_lesion = sorted((r for r in results if r.lesion_volume_mm3 > 0), key=lambda r: r.lesion_volume_mm3)
     if not with_lesion:
@@ -147,7 +152,7 @@ def size_groups(results: list[CaseResult], n_groups: int = 5) -> list[dict]:
     out = []
     for g in groups:
         rs = [with_lesion[i] for i in g]
-        sc = [scores(r.slice_counts) for r in rs]
+        sc = [scores(r.volume_counts) for r in rs]
         out.append({"n_cases": len(rs),
                     "volume_mm3_min": rs[0].lesion_volume_mm3, "volume_mm3_max": rs[-1].lesion_volume_mm3,
                     "dice_mean": _nanmean([s["dice"] for s in sc]), "iou_mean": _nanmean([s["iou"] for s in sc])})
