@@ -729,6 +729,11 @@ from bmltrt.evaluation.cli import register  # noqa: E402
 
 register(app, train_app)
 
+# `bmltrt bench` lives with the benchmark code.
+from bmltrt.bench.cli import register as register_bench  # noqa: E402
+
+register_bench(app)
+
 
 def main():
     app()

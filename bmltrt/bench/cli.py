@@ -1,0 +1,111 @@
+"""`bmltrt bench`: the command over bmltrt.bench.run (options checked, one line on error)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bmltrt import cli as base
+from bmltrt.errors import BmlError
+
+MAX_BATCH = 4096
+MAX_REPEATS = 1000
+
+
+def _list(value: Optional[str], option: str, choices=None, kind=int, lo=None, hi=None) -> list | None:
+    """A comma-separated option as a checked list (None when not given)."""
+    if value is None:
+        return None
+    items = [v for v in value.replace(" ", "").split(",") if v]
+    if not items:
+        raise BmlError(f"{option} is empty", hint=f"e.g. {option} {','.join(map(str, choices or [1, 2]))}")
+    out = []
+    for v in items:
+        try:
+            x = kind(v)
+        except ValueError:
+            raise BmlError(f"{option} {value!r} is not a comma-separated list of "
+                           f"{'integers' if kind is int else 'names'}") from None
+        if choices is not None and x not in choices:
+            raise BmlError(f"{option}: {v!r} is not one of {', '.join(map(str, choices))}")
+        if (lo is not None and x < lo) or (hi is not None and x > hi):
+            raise BmlError(f"{option}: {x} is out of range ({lo}-{hi})")
+        if x in out:
+            raise BmlError(f"{option}: {v!r} is given twice")
+        out.append(x)
+    return out
+
+
+def bench_cmd(
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Inpainter resolutions, e.g. 128,256,448 "
+                                              "(default: all in the models folder; --quick: the smallest)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="onnxruntime,torch,tensorrt,eager (default: every "
+                                           "one that can run here; eager = PyTorch eager float32 reference)."),
+    precisions: str = typer.Option("fp32,fp16", "--precisions", help="fp32,fp16 (a precision the models folder "
+                                   "lacks is skipped with a note)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Inpainter batch sweep, e.g. 1,2,4,8,16 "
+                                              "(the default; --quick: 1,2). The segmenter uses those up to 8."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Measured runs per figure after one warm-up "
+                                          "(default 5; --quick: 2)."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny versions of everything: checks that it works, in seconds."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime and torch alike "
+                                          "(default: $BMLTRT_THREADS, else every usable core)."),
+    models: Optional[Path] = base._MODELS,
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default "
+                                           "benchmarks/results/bench_<machine>_<date>/)."),
+):
+    """Throughput and latency per resolution, backend, precision and stage; ratios side by side; JSON, CSV, PNG."""
+    from bmltrt.bench.machine import REPO, machine_info, machine_slug
+    from bmltrt.bench.output import write_results
+    from bmltrt.bench.run import BACKEND_CHOICES, RESOLUTIONS, BenchOptions, run_bench
+
+    opts = BenchOptions(
+        models=models,
+        resolutions=_list(resolutions, "--resolutions", lo=32, hi=2048),
+        backends=_list(backends, "--backends", BACKEND_CHOICES, str),
+        precisions=_list(precisions, "--precisions", ("fp32", "fp16"), str),
+        batch_sizes=_list(batch_sizes, "--batch-sizes", lo=1, hi=MAX_BATCH),
+        repeats=repeats, quick=quick, threads=threads)
+    if repeats is not None and not 1 <= repeats <= MAX_REPEATS:
+        raise BmlError(f"--repeats must be 1-{MAX_REPEATS} (got {repeats})")
+    if threads is not None and not 1 <= threads <= 1024:
+        raise BmlError(f"--threads must be 1-1024 (got {threads})")
+    if opts.resolutions:
+        bad = [r for r in opts.resolutions if r % 8]
+        if bad:
+            raise BmlError(f"--resolutions: {bad[0]} is not a multiple of 8", hint=f"the models' sizes: {RESOLUTIONS}")
+    if models is not None and not (models / "manifest.json").is_file():
+        raise BmlError("not a models folder (no manifest.json)", models, "pass the folder `bmltrt export` wrote")
+    if out_dir is None:
+        info = machine_info()
+        root = REPO / "benchmarks" / "results" if (REPO / "benchmarks").is_dir() else Path.cwd()
+        out_dir = root / f"bench_{machine_slug(info)}_{info['date']}{'_quick' if quick else ''}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BmlError("the results folder (-o) is a file", out_dir, "choose a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with base._progress() as bar:
+        task = bar.add_task("bench", total=None, status="")
+
+        def progress(label, total):
+            if label is None:
+                bar.update(task, total=total)
+                return
+            bar.update(task, description=f"bench: {label}"[:70], status="")
+            bar.advance(task)
+
+        res = run_bench(opts, progress)
+        bar.update(task, description="bench: done")
+    paths = write_results(res, out_dir)
+    for n in res["notes"]:
+        base.print_warning(n)
+    base.out.print(f"{len(res['rows'])} figures on {res['machine_label']} (commit {res['machine']['commit']})")
+    for k, p in paths.items():
+        base.out.print(f"  {k:10s} {p}")
+    base.out.print(f"README section: python -m bmltrt.bench.readme {out_dir} --readme README.md")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(base.user_errors(bench_cmd))
