@@ -43,12 +43,13 @@ def bench_cmd(
                                               "(default: all in the models folder; --quick: the smallest)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="onnxruntime,torch,tensorrt,eager (default: every "
                                            "one that can run here; eager = PyTorch eager float32 reference)."),
-    precisions: str = typer.Option("fp32,fp16", "--precisions", help="fp32,fp16 (a precision the models folder "
-                                   "lacks is skipped with a note)."),
+    precisions: Optional[str] = typer.Option(None, "--precisions", help="fp32,fp16 (default both, but torch on the "
+                                             "CPU fp32 only unless asked; a precision the models folder lacks is "
+                                             "skipped with a note)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Inpainter batch sweep, e.g. 1,2,4,8,16 "
-                                              "(the default; --quick: 1,2). The segmenter uses those up to 8."),
+                                              "(default 1,4,16; --quick: 1,2). The segmenter uses those up to 8."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Measured runs per figure after one warm-up "
-                                          "(default 5; --quick: 2)."),
+                                          "(default 3; --quick: 2)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny versions of everything: checks that it works, in seconds."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime and torch alike "
                                           "(default: $BMLTRT_THREADS, else every usable core)."),
