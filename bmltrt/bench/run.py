@@ -119,7 +119,9 @@ class Bench:
         if self.torch is None:
             self.notes.append(f"torch is not installed ({why}): no torch backend, PyTorch eager or torch.fft rows")
         else:
+            self._torch_threads = self.torch.get_num_threads()  # put back by run()
             self.torch.set_num_threads(self.threads)
+        self._env_threads = os.environ.get("BMLTRT_THREADS")  # put back by run()
         os.environ["BMLTRT_THREADS"] = str(self.threads)  # ONNX Runtime's intra-op threads, same as torch's
         self.resolutions = self._resolutions()
         self.targets = self._targets()
@@ -237,16 +239,24 @@ class Bench:
         steps = self.plan()
         if progress:
             progress(None, len(steps))
-        for label, fn in steps:
-            if progress:
-                progress(label, len(steps))
-            try:
-                fn()
-            except BmlError as exc:  # a backend that cannot run a model here: a note, the run goes on
-                self.notes.append(f"{label}: skipped ({exc.line()})")
-        for be in self._backends.values():
-            with contextlib.suppress(Exception):
-                be.close()
+        try:
+            for label, fn in steps:
+                if progress:
+                    progress(label, len(steps))
+                try:
+                    fn()
+                except BmlError as exc:  # a backend that cannot run a model here: a note, the run goes on
+                    self.notes.append(f"{label}: skipped ({exc.line()})")
+        finally:
+            for be in self._backends.values():
+                with contextlib.suppress(Exception):
+                    be.close()
+            if self.torch is not None:
+                self.torch.set_num_threads(self._torch_threads)
+            if self._env_threads is None:
+                os.environ.pop("BMLTRT_THREADS", None)
+            else:
+                os.environ["BMLTRT_THREADS"] = self._env_threads
         return self.result()
 
     def result(self) -> dict:
