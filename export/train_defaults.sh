@@ -40,5 +40,13 @@ fail=0
 for job in $(jobs -p); do wait "$job" || fail=1; done
 tail -n 2 "$work"/segmenter.log "$work"/inpainter.log
 [ $fail = 0 ] || exit 1
-$py -m bmltrt export --segmenter "$work/segmenter/checkpoint.pt" --inpainter "$work/inpainter/checkpoint.pt" \
+# Stage 2 of the segmenter: lesion-heavy scans (90 % with 1-4 lesions, most of them
+# subchondral) at a lower rate, because after stage 1 it still carved bright lesions out
+# of the femur, and a lesion outside the femur mask is never repainted, so never found.
+OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels" --bank-cache "$work/anatomy_bank" \
+    --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_ft" \
+    --init "$work/segmenter/checkpoint.pt" --lesion-p 0.9 --max-lesions 4 --lr 5e-4 \
+    --steps "${STEPS_FT:-1600}" --batch-size 2 --device "$dev" --seed 0 --val-every 400 \
+    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_ft.log" 2>&1
+$py -m bmltrt export --segmenter "$work/segmenter_ft/checkpoint.pt" --inpainter "$work/inpainter/checkpoint.pt" \
     --resolutions "$resolutions" --default-resolution 256 --precision both --out "$work/models"
