@@ -198,14 +198,7 @@ def test_results_folder_that_is_a_file_is_refused(tmp_path):
     assert res.exit_code == 2 and "is a file" in res.output
 
 
-BLOCK = r"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'monai', 'tensorrt'):
-            raise ImportError('blocked for this test: ' + name)
-sys.meta_path.insert(0, Block())
-"""
+from test_runtime_without_torch import BLOCK  # noqa: E402  (the import blocker, one copy)
 
 
 @needs_torch  # the toy models are made with torch; the bench itself then runs without it

@@ -176,14 +176,14 @@ def test_shipped_graphs_pass_the_checks_and_their_fp16_pass():
     from bmltrt.export.checks import op_problems, signature, signature_problems
     from bmltrt.export.fp16 import to_fp16
     from bmltrt.export.graph import clean, strict_check
-    from bmltrt.export.onnx_export import sha256_of
+    from bmltrt.io.checksum import file_sha256
     from bmltrt.runtime.models import ModelStore
 
     store = ModelStore.open(SHIPPED)
     for name in sorted(store.manifest["models"]):
         for prec in store.precisions(name):
             e = store.entry(name, prec)
-            assert sha256_of(store.path(name, prec)) == e["sha256"], (name, prec)
+            assert file_sha256(store.path(name, prec)) == e["sha256"], (name, prec)
             m = onnx.load(str(store.path(name, prec)))
             assert op_problems(m) == [], (name, prec)
     for name in ("segmenter", "inpainter_128"):

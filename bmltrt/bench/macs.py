@@ -79,7 +79,6 @@ def node_macs(node, shapes: dict) -> int | None:
         y = shape(node.output[0])
         if x is None or w is None or y is None:
             return None
-        group = int(_attr(node, "group", 1) or 1)
         kernel = int(np.prod(w[2:]))
         if node.op_type == "Conv":  # w: (Cout, Cin/group, k...); every output element
             return int(np.prod(y)) * w[1] * kernel

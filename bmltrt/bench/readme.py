@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from bmltrt.bench.run import STAGES
 from bmltrt.errors import BmlError
+from bmltrt.io.atomic import replace_marked_block
 
 BEGIN = "<!-- bench: made by `python -m bmltrt.bench.readme RESULTS --readme README.md`; do not edit by hand -->"
 END = "<!-- bench: end -->"
@@ -160,14 +160,7 @@ def markdown(res: dict) -> str:
 
 
 def update_readme(readme: Path, res: dict) -> Path:
-    readme = Path(readme)
-    text = readme.read_text()
-    pat = re.compile(r"<!-- bench:.*?-->.*?" + re.escape(END), re.S)
-    if not pat.search(text):
-        raise BmlError("the README has no bench markers", readme, f"add the lines {BEGIN!r} and {END!r}")
-    text = pat.sub(lambda _: BEGIN + "\n" + markdown(res) + END, text, count=1)
-    readme.write_text(text)
-    return readme
+    return replace_marked_block(readme, BEGIN, END, markdown(res), "bench")
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,6 @@ phantom training slices (`--data`) and/or label-driven slices (`--labels`, Synth
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from bmltrt.errors import BmlError
 from bmltrt.evaluation.maps import Method, ScanContext
+from bmltrt.io.checksum import file_sha256
 from bmltrt.postprocess.lesion import anomaly_map
 from bmltrt.runtime.preprocess import CLIP_HIGH, slices_to_square, square_to_slices
 
@@ -154,14 +154,6 @@ def train_autoencoder(opts, cfg: AutoencoderConfig, resolution: int, progress=No
     return run_loop(opts, "autoencoder", config, {"model": model}, {"opt": opt}, step, validate, rng, progress)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_checkpoint(path: Path, kind: str) -> dict:
     path = Path(path)
     if not path.exists():
@@ -179,7 +171,7 @@ class AutoencoderScorer:
     def __init__(self, path: Path, threads: int | None = None):
         ckpt = load_checkpoint(path, "autoencoder")
         self.path = Path(path)
-        self.sha256 = sha256_of(path)
+        self.sha256 = file_sha256(path)
         self.resolution = int(ckpt["config"]["resolution"])
         self.model = ConvAutoencoder(AutoencoderConfig(**ckpt["config"]["autoencoder"]))
         self.model.load_state_dict(ckpt["modules"]["model"])

@@ -166,11 +166,12 @@ def train_mkd(opts, source_state: dict | None, resolution: int, lam: float = 0.5
 
 class MkdScorer:
     def __init__(self, path: Path):
-        from bmltrt.evaluation.autoencoder import load_checkpoint, sha256_of
+        from bmltrt.evaluation.autoencoder import load_checkpoint
+        from bmltrt.io.checksum import file_sha256
 
         ckpt = load_checkpoint(path, "mkd")
         cfg = ckpt["config"]
-        self.path, self.sha256 = Path(path), sha256_of(path)
+        self.path, self.sha256 = Path(path), file_sha256(path)
         self.resolution, self.lam = int(cfg["resolution"]), float(cfg["lambda"])
         self.pretrained = bool(cfg.get("pretrained_source"))
         self.model = Mkd()

@@ -12,11 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from pathlib import Path
 
 from bmltrt.errors import BmlError
-from bmltrt.io.atomic import atomic_write
+from bmltrt.io.atomic import atomic_write, replace_marked_block
 
 # Qin et al., Table 1 (OAI test set, 45 subjects). The paper states neither the region of
 # specificity/accuracy nor whether scores are pooled or per-case means.
@@ -341,13 +340,7 @@ def read_documents(paths: list[Path]) -> list[dict]:
 
 def paste_readme(readme: Path, block: str) -> None:
     """Replace the text between the README's result markers by `block`."""
-    text = Path(readme).read_text()
-    pat = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
-    if not pat.search(text):
-        raise BmlError("the README has no results markers", readme,
-                       f"put the two lines {README_BEGIN!r} and {README_END!r} where the results go")
-    new = pat.sub(lambda _: f"{README_BEGIN}\n\n{block.strip()}\n\n{README_END}", text)
-    atomic_write(readme, lambda tmp: Path(tmp).write_text(new))
+    replace_marked_block(readme, README_BEGIN, README_END, f"\n{block.strip()}\n\n", "results")
 
 
 def print_table(doc: dict, console) -> None:

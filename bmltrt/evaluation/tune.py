@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 
 from bmltrt.evaluation.maps import MAX_CLOSING_MM, MapCache, SplitMaps
 from bmltrt.postprocess import PostConfig
-from bmltrt.postprocess.lesion import scoped_otsu
+from bmltrt.postprocess.lesion import disk_footprint, scoped_otsu
 
 _INPLANE8 = np.zeros((3, 3, 3), bool)
 _INPLANE8[1] = True
@@ -100,18 +100,6 @@ def resolve_floors(space: SearchSpace, maps: SplitMaps, cache: MapCache, method_
     return [float(np.quantile(pool, q)) for q in space.floors]
 
 
-def footprint(radius_mm: float, pixel_mm) -> np.ndarray | None:
-    """The in-plane elliptical footprint (1, h, w) post-processing uses for `radius_mm`
-    (postprocess.lesion; `test_grid_search_counts_match_masks...` holds the two equal)."""
-    ry, rx = radius_mm / pixel_mm[0], radius_mm / pixel_mm[1]
-    if max(ry, rx) < 0.5:
-        return None
-    ny, nx = int(ry), int(rx)
-    yy = np.arange(-ny, ny + 1, dtype=np.float32)[:, None]
-    xx = np.arange(-nx, nx + 1, dtype=np.float32)[None, :]
-    return ((yy / max(ry, 1e-6)) ** 2 + (xx / max(rx, 1e-6)) ** 2 <= 1.0)[None]
-
-
 def open_close(score: np.ndarray, opening_mm: float, closing_mm: float, pixel_mm) -> np.ndarray:
     """Grey-scale opening then closing of the anomaly map with post-processing's footprints.
 
@@ -121,11 +109,11 @@ def open_close(score: np.ndarray, opening_mm: float, closing_mm: float, pixel_mm
     Otsu scope, and only the thresholding is repeated.
     """
     g = score
-    fp = footprint(opening_mm, pixel_mm)
+    fp = disk_footprint(opening_mm, pixel_mm)
     if fp is not None:
         g = ndi.grey_erosion(g, footprint=fp, mode="constant", cval=0.0)
         g = ndi.grey_dilation(g, footprint=fp, mode="constant", cval=0.0)
-    fp = footprint(closing_mm, pixel_mm)
+    fp = disk_footprint(closing_mm, pixel_mm)
     if fp is not None:  # padded like the binary closing, then cropped
         py, px = fp.shape[1] // 2, fp.shape[2] // 2
         padded = np.pad(g, ((0, 0), (py, py), (px, px)))

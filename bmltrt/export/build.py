@@ -37,10 +37,10 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 def _variant(path: Path, model: onnx.ModelProto, lint: bool) -> dict:
     from bmltrt.export.checks import check_graph, signature
-    from bmltrt.export.onnx_export import sha256_of
+    from bmltrt.io.checksum import file_sha256
 
     checks = check_graph(path, lint=lint)
-    return {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+    return {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
             "ops": sorted({n.op_type for n in model.graph.node}), "opset": model.opset_import[0].version,
             "io": signature(model), "checks": checks}
 
@@ -86,13 +86,14 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
             graphs[name] = (clean(model, ins, outs, src.path(name)), fields)
         return graphs
 
-    from bmltrt.export.onnx_export import checkpoint_resolutions, inpainter_graph, segmenter_graph, sha256_of
+    from bmltrt.export.onnx_export import checkpoint_resolutions, inpainter_graph, segmenter_graph
+    from bmltrt.io.checksum import file_sha256
     from bmltrt.training.checkpoint import load
 
     if segmenter is not None:
         progress("export segmenter")
         model, fields = segmenter_graph(load(segmenter), segmenter)
-        fields["source"] = {"checkpoint": Path(segmenter).name, "sha256": sha256_of(Path(segmenter))}
+        fields["source"] = {"checkpoint": Path(segmenter).name, "sha256": file_sha256(Path(segmenter))}
         graphs["segmenter"] = (model, fields)
     inpainters = list(inpainters)
     if resolutions and len(inpainters) > 1:
@@ -105,7 +106,7 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
             name = f"inpainter_{fields['resolution']}"
             if name in graphs:
                 raise BmlError(f"two inpainter checkpoints give resolution {fields['resolution']}", ck)
-            fields["source"] = {"checkpoint": Path(ck).name, "sha256": sha256_of(Path(ck))}
+            fields["source"] = {"checkpoint": Path(ck).name, "sha256": file_sha256(Path(ck))}
             graphs[name] = (model, fields)
     return graphs
 

@@ -9,7 +9,6 @@ fixed per graph. ``bmltrt.export.build`` writes the models folder (both precisio
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
@@ -23,14 +22,6 @@ MANIFEST = "manifest.json"
 TENSORRT10_SAFE_OPS = TENSORRT_10_3_OPS  # the old name
 SEGMENTER_IO = ("image", "logits")
 INPAINTER_IO = ("masked_and_mask", "generated")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def graph_ops(path) -> set[str]:

@@ -38,3 +38,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
             os.unlink(tmp)
         raise
     return path
+
+
+def replace_marked_block(path: str | os.PathLike, begin: str, end: str, body: str, what: str) -> Path:
+    """Put `body` between the lines `begin` and `end` of a text file (a README's generated
+    section), atomically; no markers: one clear line naming `what` they are for."""
+    import re
+
+    from bmltrt.errors import BmlError
+
+    path = Path(path)
+    text = path.read_text()
+    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pat.search(text):
+        raise BmlError(f"the file has no {what} markers", path,
+                       f"put the two lines {begin!r} and {end!r} where the {what} go")
+    new = pat.sub(lambda _: f"{begin}\n{body}{end}", text, count=1)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(new))

@@ -107,7 +107,7 @@ def otsu_thresholds(values, region, nbins: int = 256):
     return xp.where(ok, t, xp.float32(xp.inf)).astype(xp.float32)
 
 
-def _disk(radius_mm: float, pixel_mm: tuple[float, float]):
+def disk_footprint(radius_mm: float, pixel_mm: tuple[float, float]):
     """In-plane elliptical footprint (1, h, w) of the given radius in mm, or None.
 
     A host (numpy) array: its offsets are known without asking the device."""
@@ -165,10 +165,10 @@ def mask_from_anomaly(diff, otsu, femur, pixel_mm, cfg: PostConfig):
     femur = femur.astype(bool)
     t = xp.maximum(scoped_otsu(diff, otsu, femur, cfg.otsu_scope, cfg.nbins), xp.float32(cfg.floor))
     mask = diff > t[:, None, None]
-    fp = _disk(cfg.opening_mm, pixel_mm)
+    fp = disk_footprint(cfg.opening_mm, pixel_mm)
     if fp is not None:
         mask = binary_opening(mask, fp)
-    fp = _disk(cfg.closing_mm, pixel_mm)
+    fp = disk_footprint(cfg.closing_mm, pixel_mm)
     if fp is not None:
         # Pad so the closing does not erode at the array border, then crop.
         p = (fp.shape[1] // 2, fp.shape[2] // 2)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmltrt.errors import BmlError
+from bmltrt.io.checksum import file_sha256  # noqa: F401  (engines.file_sha256: the cache key of a graph)
 from bmltrt.optional import cupy_with_gpu, optional_import
 
 FORMAT = "bmltrt-engine-1"
@@ -78,14 +79,6 @@ def default_engines_dir() -> Path:
     if (repo / "engines" / "README.md").exists():
         return repo / "engines"
     return Path.home() / ".cache" / "bmltrt" / "engines"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def identity(model: str, precision: str, onnx_sha256: str, tensorrt: str, gpu: GpuInfo, profile: dict) -> dict:

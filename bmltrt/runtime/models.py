@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmltrt.errors import BmlError
+from bmltrt.io.checksum import file_sha256
 
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
@@ -25,19 +26,13 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}
 
 def verify_model_file(path: Path, expected_sha256: str | None, name: str) -> None:
     """Refuse (one line) a model file whose sha256 differs from the manifest's."""
-    import hashlib
-
     if not expected_sha256:
         raise BmlError(f"the manifest gives no sha256 for {name!r}", path, "re-export the models with `bmltrt export`")
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     digest = _VERIFIED.get(key)
     if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = _VERIFIED[key] = h.hexdigest()
+        digest = _VERIFIED[key] = file_sha256(path)
     if digest != expected_sha256.lower():
         raise BmlError(f"model file of {name!r} does not match the sha256 in manifest.json (corrupt or swapped: "
                        f"{digest[:12]}... instead of {expected_sha256[:12]}...)", path,

@@ -27,6 +27,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage as ndi
 
+from bmltrt.io.checksum import file_sha256
 from bmltrt.synth import tissue_labels as T
 from bmltrt.synth.appearance import smooth_noise
 
@@ -370,11 +371,7 @@ def swap_femur(host: np.ndarray, femur: np.ndarray, rng: np.random.Generator) ->
 # -- the bank: sources, variants, cache ---------------------------------------------------------
 
 def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def is_femur_only(lab: np.ndarray) -> bool:
