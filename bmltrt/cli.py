@@ -303,10 +303,15 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                             "checkpoint's weights (fine-tuning)."),
                         lesion_p: float = typer.Option(0.5, "--lesion-p", min=0.0, max=1.0, help="Share of "
                                                        "generated scans with oedema-like lesions in the femur."),
-                        max_lesions: int = typer.Option(3, "--max-lesions", min=1, max=20)):
+                        max_lesions: int = typer.Option(3, "--max-lesions", min=1, max=20),
+                        lesion_surface_p: float = typer.Option(0.0, "--lesion-surface-p", min=0.0, max=1.0,
+                                                               help="Share of those lesions that are small "
+                                                               "(1.5-6 mm) and touch the bone surface under "
+                                                               "the cartilage.")):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data)
-    more = {"lesion_p": lesion_p, "max_lesions": max_lesions, **({"init": init} if init else {})}
+    more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
+            **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
                   limit_cases, time_limit, autocast, more=more)
 

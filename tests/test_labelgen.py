@@ -94,6 +94,36 @@ def test_lesions_are_femur_and_brighter_in_fat_suppressed_contrast(anatomy):
     assert img[les].mean() > 1.5 * img[with_les == T.FEMUR].mean()
 
 
+def test_surface_lesions_touch_the_bone_under_the_cartilage(anatomy):
+    """--lesion-surface-p: small lesions seeded at the subchondral surface (most real BMLs),
+    so the segmenter learns that a bright spot at the bone's edge is still femur."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    pose = G.random_pose(anatomy, rng, strength=0.0)
+    labels = G.sample_labels(anatomy, pose, rng, G._slice_positions(30, 3.0, 1), 100, 100, 1.6)
+    sp = (3.0, 1.6, 1.6)
+    femur = T.FEMUR_TABLE[labels].astype(bool)
+    depth = ndi.distance_transform_edt(femur, sampling=sp)
+
+    def lesion_depths(surface_p):
+        d = []
+        for seed in range(12):
+            les = G.add_lesions(labels, sp, np.random.default_rng(seed), max_lesions=2, surface_p=surface_p)
+            les = les == T.FEM_LESION
+            d.append(depth[les].min() if les.any() else np.nan)
+            assert np.array_equal(T.FEMUR_TABLE[np.where(les, T.FEM_LESION, labels)], T.FEMUR_TABLE[labels])
+        return np.array(d)
+
+    surface, anywhere = lesion_depths(1.0), lesion_depths(0.0)
+    # surface lesions reach the femur's outermost voxel layer (depth one pixel), except
+    # those drawn where the scan shows no cartilage (a quarter of draws: anywhere near bone)
+    def at_surface(d):
+        return np.mean(d[~np.isnan(d)] <= 1.6 + 1e-6)
+
+    assert at_surface(surface) >= 0.75 and at_surface(surface) > at_surface(anywhere)
+
+
 def test_contrast_families_keep_fat_and_marrow_together():
     rng = np.random.default_rng(0)
     for _ in range(50):

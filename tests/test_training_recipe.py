@@ -47,9 +47,11 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     assert last["step"] == 4
     # fine-tuning starts from those weights, with every generated scan carrying lesions
     tune = [a if a != str(tmp_path / "seg") else str(tmp_path / "tuned") for a in common]
-    _run(tune + ["--steps", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p", "1", "--lr", "1e-9"])
+    _run(tune + ["--steps", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p", "1", "--lr", "1e-9",
+                 "--lesion-surface-p", "0.6"])
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
+    assert tuned["config"]["lesion_surface_p"] == 0.6
     k = "conv_0_0.conv_0.conv.weight"
     assert torch.allclose(tuned["modules"]["net"][k], last["modules"]["net"][k], atol=1e-6)  # tiny lr: where it started
 

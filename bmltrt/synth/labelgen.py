@@ -191,24 +191,38 @@ def sample_labels(anatomy: Anatomy, pose: Pose, rng: np.random.Generator, lr_mm:
     return ndi.map_coordinates(anatomy.labels, coords, order=0, mode="constant", cval=0, prefilter=False)
 
 
-def add_lesions(labels: np.ndarray, spacing_mm, rng: np.random.Generator, max_lesions: int = 3) -> np.ndarray:
-    """Oedema-like blobs (label FEM_LESION) in the femoral marrow, mostly subchondral."""
+def add_lesions(labels: np.ndarray, spacing_mm, rng: np.random.Generator, max_lesions: int = 3,
+                surface_p: float = 0.0) -> np.ndarray:
+    """Oedema-like blobs (label FEM_LESION) in the femoral marrow, mostly subchondral.
+
+    `surface_p`: share of lesions that are small (1.5-6 mm) and seeded within 2 mm of the
+    bone surface under the cartilage, as most of the real OAI BMLs are: those are the ones
+    a segmenter carves out of the femur when it takes their brightness for cartilage."""
     marrow = np.isin(labels, (T.FEMUR, T.FEMUR_PHYSIS))
     if marrow.sum() < 100:
         return labels
     femur = T.FEMUR_TABLE[labels].astype(bool)
     cart = labels == T.FEM_CART
     if cart.any() and rng.random() < 0.75:  # most BMLs lie under the articular cartilage
-        cand = np.argwhere(marrow & (ndi.distance_transform_edt(~cart, sampling=spacing_mm) < 8))
+        near_cart = ndi.distance_transform_edt(~cart, sampling=spacing_mm) < 8
+        cand = np.argwhere(marrow & near_cart)
     else:
+        near_cart = None
         cand = np.argwhere(marrow & (ndi.distance_transform_edt(femur, sampling=spacing_mm) < 12))
     if len(cand) == 0:
         return labels
+    surface = np.empty((0, 3), int)
+    if surface_p > 0 and near_cart is not None:
+        surface = np.argwhere(marrow & near_cart & (ndi.distance_transform_edt(femur, sampling=spacing_mm) < 2))
     out = labels.copy()
     sp = np.asarray(spacing_mm, float)
     for _ in range(int(rng.integers(1, max_lesions + 1))):
-        c = cand[int(rng.integers(len(cand)))]
-        size = float(np.exp(rng.uniform(np.log(2.0), np.log(14.0))))
+        if len(surface) and rng.random() < surface_p:
+            c = surface[int(rng.integers(len(surface)))]
+            size = float(np.exp(rng.uniform(np.log(1.5), np.log(6.0))))
+        else:
+            c = cand[int(rng.integers(len(cand)))]
+            size = float(np.exp(rng.uniform(np.log(2.0), np.log(14.0))))
         half = np.ceil((2.2 * size + 3) / sp).astype(int)
         lo, hi = np.maximum(c - half, 0), np.minimum(c + half + 1, labels.shape)
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -258,7 +272,8 @@ def _zero_border(rng: np.random.Generator, shape: tuple[int, int], px_mm: float)
 
 
 def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 1.6, n_sub: int = 3,
-                     lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3) -> SegmenterSample:
+                     lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3,
+                     surface_p: float = 0.0) -> SegmenterSample:
     """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels)."""
     t = _thickness(rng)
     n = max(8, int(round(rng.uniform(80, 150) / t)))
@@ -269,7 +284,7 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     sub_mm = (t / n_sub, px_mm, px_mm)
     labels = sample_labels(anatomy, pose, rng, lr, rows, cols, px_mm)
     if rng.random() < lesion_p:
-        labels = add_lesions(labels, sub_mm, rng, max_lesions)
+        labels = add_lesions(labels, sub_mm, rng, max_lesions, surface_p)
     fam, means = draw_contrast(rng, family)
     img = paint(labels, rng, means)
     img = img.reshape(n, n_sub, rows, cols).mean(axis=1)

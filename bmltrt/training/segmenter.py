@@ -76,7 +76,9 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         px = cfg.inplane_spacing_mm
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
         lesion_p, max_les = float(opts.extra.get("lesion_p", 0.5)), int(opts.extra.get("max_lesions", 3))
-        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, lesion_p=lesion_p, max_lesions=max_les),
+        surface_p = float(opts.extra.get("lesion_surface_p", 0.0))
+        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, lesion_p=lesion_p, max_lesions=max_les,
+                                                     surface_p=surface_p),
                           size, int(opts.extra.get("refresh", 1)), rng)
         vrng = np.random.default_rng(12345)  # the same generated validation scans every time
         gen_val = [(f"gen{i}", smp.image, smp.femur, smp.spacing)
@@ -160,6 +162,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
               "lesion_p": float(opts.extra.get("lesion_p", 0.5)), "max_lesions": int(opts.extra.get("max_lesions", 3)),
+              "lesion_surface_p": float(opts.extra.get("lesion_surface_p", 0.0)),
               "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
