@@ -77,6 +77,13 @@ def test_bad_training_options_are_one_line(labels_dir, tmp_path, args, words):
     assert r.exit_code == 2 and words in r.stderr and "Traceback" not in r.output
 
 
+def test_bad_lesion_share_is_one_line(labels_dir, tmp_path):
+    r = CliRunner().invoke(app, ["train", "segmenter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
+                                 "--steps", "1", "--lesion-surface-p", "1.5"])
+    assert r.exit_code == 2 and "--lesion-surface-p" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_training_needs_some_data(tmp_path):
     r = CliRunner().invoke(app, ["train", "segmenter", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no training data" in r.stderr
