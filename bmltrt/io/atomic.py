@@ -8,9 +8,12 @@ something that looks like a scan (``.k_bml.nii.gz.x1y2.part``, not ``....nii.gz`
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from bmltrt.errors import BmlError
 
 
 def _default_mode() -> int:
@@ -43,10 +46,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
 def replace_marked_block(path: str | os.PathLike, begin: str, end: str, body: str, what: str) -> Path:
     """Put `body` between the lines `begin` and `end` of a text file (a README's generated
     section), atomically; no markers: one clear line naming `what` they are for."""
-    import re
-
-    from bmltrt.errors import BmlError
-
     path = Path(path)
     text = path.read_text()
     pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmltrt.errors import BmlError
-from bmltrt.io.checksum import file_sha256  # noqa: F401  (engines.file_sha256: the cache key of a graph)
+from bmltrt.io.checksum import file_sha256
 from bmltrt.optional import cupy_with_gpu, optional_import
 
 FORMAT = "bmltrt-engine-1"

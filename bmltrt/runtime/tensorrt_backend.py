@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bmltrt.errors import BmlError
+from bmltrt.io.checksum import file_sha256
 from bmltrt.optional import cupy_with_gpu
 from bmltrt.runtime import engines
 from bmltrt.runtime.backends import BackendBase, is_cupy, new_stream
@@ -64,7 +65,7 @@ class TensorRTBackend(BackendBase):
             return self._engines[model]
         trt, cp = self._trt, self.xp
         onnx = model_path(self.store, model, self.precision)
-        plan, meta = engines.find_plan(self.engines_dir, model, self.precision, engines.file_sha256(onnx),
+        plan, meta = engines.find_plan(self.engines_dir, model, self.precision, file_sha256(onnx),
                                        trt.__version__, self.gpu)
         engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:

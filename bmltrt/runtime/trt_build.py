@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from bmltrt.errors import BmlError
+from bmltrt.io.checksum import file_sha256
 from bmltrt.runtime import engines
 from bmltrt.runtime.specs import ModelSpec, model_path, model_spec, optimization_profile
 
@@ -174,7 +175,7 @@ def build_engines(store, engines_dir: Path, jobs: list[Job], options: BuildOptio
     cache = cache_path.read_bytes() if cache_path.exists() else b""
     rows = []
     for job in jobs:
-        job.onnx_sha256 = engines.file_sha256(job.onnx)
+        job.onnx_sha256 = file_sha256(job.onnx)
         job.ident = engines.identity(job.model, job.precision, job.onnx_sha256, trt.__version__, gpu, job.profile)
         plan = engines.plan_path(engines_dir, job.ident)
         fits, why = engines.check_plan(plan, job.ident)

@@ -69,14 +69,15 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         raise BmlError("no training data: give label maps (--labels) or a phantom dataset (--data)",
                        opts.data, "make a dataset with `bmltrt synth`")
     frac = float(opts.extra.get("phantom_fraction", 0.0 if bank_files else 1.0)) if train else 0.0
+    # the generator's lesion settings (label-driven scans only), also kept in the config
+    lesion_p, max_les = float(opts.extra.get("lesion_p", 0.5)), int(opts.extra.get("max_lesions", 3))
+    surface_p = float(opts.extra.get("lesion_surface_p", 0.0))
     pool = None
     gen_val = []
     if bank_files:
         bank = LabelBank(bank_files)
         px = cfg.inplane_spacing_mm
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
-        lesion_p, max_les = float(opts.extra.get("lesion_p", 0.5)), int(opts.extra.get("max_lesions", 3))
-        surface_p = float(opts.extra.get("lesion_surface_p", 0.0))
         pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, lesion_p=lesion_p, max_lesions=max_les,
                                                      surface_p=surface_p),
                           size, int(opts.extra.get("refresh", 1)), rng)
@@ -161,8 +162,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
 
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
-              "lesion_p": float(opts.extra.get("lesion_p", 0.5)), "max_lesions": int(opts.extra.get("max_lesions", 3)),
-              "lesion_surface_p": float(opts.extra.get("lesion_surface_p", 0.0)),
+              "lesion_p": lesion_p, "max_lesions": max_les, "lesion_surface_p": surface_p,
               "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
