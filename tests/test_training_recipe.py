@@ -3,6 +3,8 @@ label-driven scans -> a few real optimiser steps of both networks, resumable."""
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -48,10 +50,11 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     # fine-tuning starts from those weights, with every generated scan carrying lesions
     tune = [a if a != str(tmp_path / "seg") else str(tmp_path / "tuned") for a in common]
     _run(tune + ["--steps", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p", "1", "--lr", "1e-9",
-                 "--lesion-surface-p", "0.6"])
+                 "--lesion-surface-p", "0.6", "--lesion-weight", "5"])
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
-    assert tuned["config"]["lesion_surface_p"] == 0.6
+    assert tuned["config"]["lesion_surface_p"] == 0.6 and tuned["config"]["lesion_weight"] == 5.0
+    assert 0.0 <= tuned["history"][-1]["gen_lesion_in_femur"] <= 1.0  # generated scans carry lesions
     k = "conv_0_0.conv_0.conv.weight"
     assert torch.allclose(tuned["modules"]["net"][k], last["modules"]["net"][k], atol=1e-6)  # tiny lr: where it started
 
@@ -77,13 +80,70 @@ def test_bad_training_options_are_one_line(labels_dir, tmp_path, args, words):
     assert r.exit_code == 2 and words in r.stderr and "Traceback" not in r.output
 
 
-def test_bad_lesion_share_is_one_line(labels_dir, tmp_path):
+@pytest.mark.parametrize("args, words", [
+    (["--lesion-surface-p", "1.5"], "--lesion-surface-p"),
+    (["--lesion-weight", "-1"], "--lesion-weight"),
+])
+def test_bad_lesion_options_are_one_line(labels_dir, tmp_path, args, words):
     r = CliRunner().invoke(app, ["train", "segmenter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
-                                 "--steps", "1", "--lesion-surface-p", "1.5"])
-    assert r.exit_code == 2 and "--lesion-surface-p" in r.stderr and "Traceback" not in r.output
+                                 "--steps", "1"] + args)
+    assert r.exit_code == 2 and words in r.stderr and "Traceback" not in r.output
     assert not (tmp_path / "x").exists()
 
 
 def test_training_needs_some_data(tmp_path):
     r = CliRunner().invoke(app, ["train", "segmenter", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no training data" in r.stderr
+
+
+def test_lesion_weight_makes_a_carved_lesion_cost_more():
+    """--lesion-weight: a segmentation that leaves the lesion out of the femur costs more than
+    one that keeps it, by more with the weight than without."""
+    from bmltrt.training.segmenter import dice_ce_loss
+
+    target = torch.zeros(1, 1, 4, 16, 16)
+    target[..., 2:14, 2:14] = 1
+    lesion = torch.zeros_like(target, dtype=torch.bool)
+    lesion[..., 2:5, 6:10] = True  # at the femur's surface
+    keep = torch.where(target > 0, 4.0, -4.0)
+    carve = torch.where((target > 0) & ~lesion, 4.0, -4.0)
+    as_logits = lambda v: torch.cat([-v, v], 1)  # noqa: E731
+    gap = [float(dice_ce_loss(as_logits(carve), target, lesion, w) - dice_ce_loss(as_logits(keep), target, lesion, w))
+           for w in (0.0, 5.0)]
+    assert 0 < gap[0] < gap[1]
+    assert gap[1] - gap[0] > 5 * 7.9  # the weighted term: ~8 nats per carved voxel (logit 4 vs -4)
+
+
+def test_shipped_segmenter_graph_is_a_fine_tuning_start():
+    """--init export/segmenter.onnx: the shipped float32 graph's weights load into the torch
+    segmenter, which then computes what the graph computes."""
+    import onnxruntime as ort
+
+    from bmltrt.models.unetpp import SegmenterConfig, SegmenterLogits, build_segmenter
+    from bmltrt.runtime.models import ModelStore
+    from bmltrt.training.checkpoint import load_weights
+
+    store = ModelStore.open()
+    entry = store.entry("segmenter", "fp32")
+    net = build_segmenter(SegmenterConfig(**entry["config"]))
+    missing, unexpected = net.load_state_dict(load_weights(store.path("segmenter", "fp32"), "segmenter", "net"),
+                                              strict=False)
+    assert not unexpected and all(k.startswith("final_conv_0_") for k in missing)  # unused deep-supervision heads
+    x = np.random.default_rng(0).random((1, 1, *entry["config"]["patch"]), dtype=np.float32)
+    with torch.no_grad():
+        ours = SegmenterLogits(net)(torch.from_numpy(x)).numpy()
+    graph = ort.InferenceSession(str(store.path("segmenter", "fp32")), providers=["CPUExecutionProvider"])
+    assert np.abs(ours - graph.run(None, {"image": x})[0]).max() < 1e-3
+
+
+def test_init_from_a_float16_graph_is_one_line(tmp_path):
+    from bmltrt.errors import BmlError
+    from bmltrt.runtime.models import ModelStore
+    from bmltrt.training.checkpoint import load_weights
+
+    with pytest.raises(BmlError, match="float32"):
+        load_weights(ModelStore.open().path("segmenter", "fp16"), "segmenter", "net")
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(BmlError, match="not an ONNX graph"):
+        load_weights(bad, "segmenter", "net")

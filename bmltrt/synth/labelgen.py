@@ -248,6 +248,7 @@ class SegmenterSample:
     femur: np.ndarray  # float32 {0,1}
     spacing: tuple[float, float, float]
     family: str
+    lesion: np.ndarray | None = None  # bool, the lesions (part of `femur`); None: no lesions drawn
 
 
 def _slice_positions(n_slices: int, thickness: float, n_sub: int, centre: float = 0.0) -> np.ndarray:
@@ -289,10 +290,13 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     img = paint(labels, rng, means)
     img = img.reshape(n, n_sub, rows, cols).mean(axis=1)
     femur = T.FEMUR_TABLE[labels].reshape(n, n_sub, rows, cols).mean(axis=1) > 0.5
+    lesion = (labels == T.FEM_LESION).reshape(n, n_sub, rows, cols).mean(axis=1) > 0.5
     keep = _zero_border(rng, (rows, cols), px_mm)
     img = acquire(img, rng) * keep
     femur &= keep
-    return SegmenterSample(normalize_intensity(img), femur.astype(np.float32), (t, px_mm, px_mm), fam)
+    lesion &= femur
+    return SegmenterSample(normalize_intensity(img), femur.astype(np.float32), (t, px_mm, px_mm), fam,
+                           lesion if lesion.any() else None)
 
 
 @dataclass

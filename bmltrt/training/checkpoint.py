@@ -40,12 +40,36 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def weights_from_onnx(path, module: str) -> dict:
+    """A module's weights from a float32 graph that `bmltrt export` wrote: its initializers
+    are named `<module>.<state_dict key>`, so a shipped model (whose checkpoint is not
+    shipped) can be fine-tuned with --init."""
+    import onnx
+    from onnx import numpy_helper
+
+    from bmltrt.errors import BmlError
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
+        raise BmlError(f"not an ONNX graph ({type(e).__name__})", path) from None
+    prefix = module + "."
+    arrays = {i.name[len(prefix):]: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith(prefix)}
+    if not arrays or any(a.dtype != np.float32 for a in arrays.values()):
+        raise BmlError(f"no float32 '{module}.*' weights in this graph", path,
+                       "give the float32 graph (e.g. segmenter.onnx, not segmenter_fp16.onnx)")
+    return {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}
+
+
 def load_weights(path, kind: str, module: str) -> dict:
-    """One module's weights from a checkpoint of the given kind (for --init)."""
+    """One module's weights from a checkpoint of the given kind, or from an exported float32
+    ONNX graph (for --init)."""
     from bmltrt.errors import BmlError
 
     if not Path(path).exists():
         raise BmlError("no such checkpoint", path)
+    if Path(path).suffix == ".onnx":
+        return weights_from_onnx(path, module)
     st = load(path)
     if st.get("kind") != kind:
         raise BmlError(f"checkpoint is a {st.get('kind')}, not a {kind}", path)
