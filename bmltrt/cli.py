@@ -575,7 +575,7 @@ def export(
     segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="Segmenter checkpoint.pt."),
     inpainter: List[Path] = typer.Option([], "--inpainter", help="Inpainter checkpoint.pt (repeatable, one per resolution; or one, exported at --resolutions or at every resolution it was trained at)."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Export the one --inpainter at these resolutions, e.g. 128,192,256,320,448."),
-    from_onnx: Optional[Path] = typer.Option(None, "--from-onnx", help="Start from the float32 graphs of this models folder instead of checkpoints."),
+    from_onnx: Optional[Path] = typer.Option(None, "--from-onnx", help="Start from the float32 graphs of this models folder; --segmenter/--inpainter checkpoints given too replace its graphs of that name."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder to write (its manifest.json is replaced)."),
     precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both (fp16 keeps the float32 graphs as reference)."),
     default_resolution: int = typer.Option(256, "--default-resolution", min=64, max=2048),
@@ -599,8 +599,6 @@ def export(
         raise BmlError("not a models folder (no manifest.json)", from_onnx)
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the models folder (--out) is a file", out_dir, "choose a folder")
-    if from_onnx is not None and (segmenter or inpainter):
-        raise BmlError("give checkpoints or --from-onnx, not both")
     res = None
     if resolutions:
         try:

@@ -147,3 +147,26 @@ def test_init_from_a_float16_graph_is_one_line(tmp_path):
     bad.write_bytes(b"not a graph")
     with pytest.raises(BmlError, match="not an ONNX graph"):
         load_weights(bad, "segmenter", "net")
+
+
+def test_retrained_segmenter_ships_with_the_folders_inpainters(tmp_path):
+    """export --from-onnx DIR --segmenter CKPT: the new segmenter, DIR's inpainter graphs as they are."""
+    from bmltrt.io.checksum import file_sha256
+    from bmltrt.models.unetpp import SegmenterConfig, build_segmenter
+    from bmltrt.runtime.models import ModelStore
+
+    cfg = SegmenterConfig(features=(4, 4, 8, 16, 32, 4), inplane_spacing_mm=4.0, patch=(16, 32, 32), overlap=0.25)
+    torch.manual_seed(0)
+    ck = tmp_path / "seg.pt"
+    torch.save({"kind": "segmenter", "step": 1, "config": {"segmenter": cfg.to_dict()},
+                "modules": {"net": build_segmenter(cfg).state_dict()}}, ck)
+    out = tmp_path / "models"
+    r = CliRunner().invoke(app, ["export", "--from-onnx", "export", "--segmenter", str(ck), "--precision", "fp32",
+                                 "--no-lint", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    new, shipped = ModelStore.open(out), ModelStore.open()
+    assert new.entry("segmenter")["config"]["patch"] == [16, 32, 32]  # from the checkpoint
+    assert new.entry("segmenter")["source"]["checkpoint"] == "seg.pt"
+    assert new.resolutions() == shipped.resolutions()
+    for res in shipped.resolutions():  # the same inpainter graphs (sha256 of the source graph)
+        assert new.entry(f"inpainter_{res}")["source"]["sha256"] == file_sha256(shipped.path(f"inpainter_{res}", "fp32"))

@@ -84,7 +84,10 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
             fields = {k: e[k] for k in _KEEP_FIELDS if k in e}
             fields["source"] = {"onnx": str(src.path(name)), "sha256": e.get("sha256")}
             graphs[name] = (clean(model, ins, outs, src.path(name)), fields)
-        return graphs
+        if segmenter is None and not inpainters:
+            return graphs
+        # checkpoints given as well replace the folder's graphs of the same name (a retrained
+        # segmenter shipped with the folder's inpainters)
 
     from bmltrt.export.onnx_export import checkpoint_resolutions, inpainter_graph, segmenter_graph
     from bmltrt.io.checksum import file_sha256
@@ -98,14 +101,16 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
     inpainters = list(inpainters)
     if resolutions and len(inpainters) > 1:
         raise BmlError("--resolutions goes with one --inpainter checkpoint (one per resolution otherwise)")
+    from_checkpoints: set[str] = set()
     for ck in inpainters:
         ckpt = load(ck)
         for res in (resolutions or checkpoint_resolutions(ckpt) or [None]):
             progress(f"export inpainter {res}")
             model, fields = inpainter_graph(ckpt, res, ck)
             name = f"inpainter_{fields['resolution']}"
-            if name in graphs:
+            if name in from_checkpoints:
                 raise BmlError(f"two inpainter checkpoints give resolution {fields['resolution']}", ck)
+            from_checkpoints.add(name)
             fields["source"] = {"checkpoint": Path(ck).name, "sha256": file_sha256(Path(ck))}
             graphs[name] = (model, fields)
     return graphs
