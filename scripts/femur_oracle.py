@@ -28,8 +28,9 @@ def pooled(tp: int, pred: int, true: int) -> dict:
 def main(argv=None) -> int:
     from bmltrt.bench.machine import cpu_name, usable_cores
     from bmltrt.io import load_scan
+    from bmltrt.io.atomic import atomic_write
     from bmltrt.pipeline import DetectConfig, Detector
-    from bmltrt.postprocess.lesion import PostConfig, lesion_mask
+    from bmltrt.postprocess.lesion import PostConfig
     from bmltrt.runtime.backends import make_backend
     from bmltrt.runtime.preprocess import normalize_intensity
 
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     ids = json.loads((a.data / "dataset.json").read_text())["splits"][a.split]
     params = json.loads(a.params.read_text())["by_resolution"][str(a.resolution)]
     cfg = PostConfig.from_dict(params)
-    det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0], DetectConfig(resolution=a.resolution))
+    det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0],
+                   DetectConfig(resolution=a.resolution, post=cfg))
     acc = {"predicted femur": [0, 0, 0], "true femur": [0, 0, 0]}
     for cid in ids:
         d = a.data / a.split
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
         norm = normalize_intensity(scan.data.astype(np.float32))
         for name, femur in (("predicted femur", det.segment_femur(norm, scan.spacing)), ("true femur", true_femur)):
             composite, keep = det.inpaint(norm, femur, scan.spacing)
-            mask = lesion_mask(norm, composite, femur, scan.spacing[1:], cfg) & keep[:, None, None]
+            mask = det.postprocess(norm, composite, femur, keep, scan.spacing)
             acc[name][0] += int((mask & truth).sum())
             acc[name][1] += int(mask.sum())
             acc[name][2] += int(truth.sum())
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
            "date": dt.date.today().isoformat(), "command": "python scripts/femur_oracle.py " + " ".join(sys.argv[1:]),
            "pooled_lesion": {k: pooled(*v) for k, v in acc.items()}}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "femur_oracle.json").write_text(json.dumps(doc, indent=1))
+    atomic_write(a.out / "femur_oracle.json", lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     for k, v in doc["pooled_lesion"].items():
         print(f"{k}: pooled Dice {v['dice']:.3f}, sensitivity {v['sensitivity']:.3f}, precision {v['precision']:.3f}")
     return 0

@@ -3,6 +3,8 @@ SynthSeg-like contrast randomisation and random bias field."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,7 @@ def random_crops(vols, patch, batch, rng: np.random.Generator, with_lesions: boo
 
 
 def _bank_crops(pool, patch, batch, rng):
-    vols = [(None, smp.image, smp.femur, smp.spacing, getattr(smp, "lesion", None)) for smp in pool.draw(batch)]
+    vols = [(None, smp.image, smp.femur, smp.spacing, smp.lesion) for smp in pool.draw(batch)]
     return random_crops(vols, patch, batch, rng, with_lesions=True)
 
 
@@ -118,7 +120,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         missing, unexpected = net.load_state_dict(weights, strict=False)
         # An exported graph holds only the weights its output uses (no deep-supervision
         # heads); a checkpoint must match exactly.
-        if unexpected or (missing and not str(opts.extra["init"]).endswith(".onnx")):
+        if unexpected or (missing and Path(opts.extra["init"]).suffix != ".onnx"):
             raise BmlError(f"--init does not fit this segmenter config ({len(missing)} weights missing, "
                            f"{len(unexpected)} unexpected)", opts.extra["init"], "give --config of that run")
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
