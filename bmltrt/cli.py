@@ -311,11 +311,15 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                         lesion_weight: float = typer.Option(0.0, "--lesion-weight", min=0.0, max=100.0,
                                                             help="Extra cross-entropy weight on the "
                                                             "generated lesions' voxels (they are femur: "
-                                                            "a lesion carved out of the mask is never found).")):
+                                                            "a lesion carved out of the mask is never found)."),
+                        shell_weight: float = typer.Option(0.0, "--shell-weight", min=0.0, max=100.0,
+                                                           help="Extra cross-entropy weight on the ring just "
+                                                           "outside the true femur (balances --lesion-weight, "
+                                                           "which alone grows the femur).")):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
-            "lesion_weight": lesion_weight,
+            "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
                   limit_cases, time_limit, autocast, more=more)

@@ -151,3 +151,22 @@ def test_real_scans_run(name, detector, tmp_path):
     paths = write_outputs(d, tmp_path)
     assert nib.load(str(paths["bml"])).shape == nib.load(str(p)).shape
     assert d.femur.sum() > 0
+
+
+def test_edge_slices_of_the_femur_are_not_searched():
+    """The outermost femur slices (under EDGE_SLICE_FRACTION of the largest femur slice's
+    area: partial-volume caps of the condyles) are neither inpainted nor searched, and the
+    evaluation scores exactly the slices the pipeline uses."""
+    from bmltrt.evaluation.maps import scored_slices
+    from bmltrt.pipeline import EDGE_SLICE_FRACTION, femur_slice_plan
+
+    spacing = (3.0, 0.5, 0.5)
+    femur = np.zeros((6, 64, 64), bool)
+    for s, half in enumerate((0, 3, 8, 20, 20, 12)):  # areas 0, 36, 256, 1600, 1600, 576 px
+        femur[s, 32 - half:32 + half, 32 - half:32 + half] = True
+    plan = femur_slice_plan(femur, spacing, EDGE_SLICE_FRACTION)
+    # slice 1: 9 mm2 < 20 mm2; slice 2: 64 mm2 but 16 % of 400 mm2; slice 5: 36 % (kept)
+    assert plan.tolist() == [False, False, False, True, True, True]
+    assert femur_slice_plan(femur, spacing, 0.0).tolist() == [False, False, True, True, True, True]
+    assert scored_slices(femur, spacing) == [3, 4, 5]
+    assert scored_slices(femur, spacing, 0.0) == [2, 3, 4, 5]

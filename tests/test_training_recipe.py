@@ -50,10 +50,11 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     # fine-tuning starts from those weights, with every generated scan carrying lesions
     tune = [a if a != str(tmp_path / "seg") else str(tmp_path / "tuned") for a in common]
     _run(tune + ["--steps", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p", "1", "--lr", "1e-9",
-                 "--lesion-surface-p", "0.6", "--lesion-weight", "5"])
+                 "--lesion-surface-p", "0.6", "--lesion-weight", "5", "--shell-weight", "5"])
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
     assert tuned["config"]["lesion_surface_p"] == 0.6 and tuned["config"]["lesion_weight"] == 5.0
+    assert tuned["config"]["shell_weight"] == 5.0
     assert 0.0 <= tuned["history"][-1]["gen_lesion_in_femur"] <= 1.0  # generated scans carry lesions
     k = "conv_0_0.conv_0.conv.weight"
     assert torch.allclose(tuned["modules"]["net"][k], last["modules"]["net"][k], atol=1e-6)  # tiny lr: where it started
@@ -83,6 +84,7 @@ def test_bad_training_options_are_one_line(labels_dir, tmp_path, args, words):
 @pytest.mark.parametrize("args, words", [
     (["--lesion-surface-p", "1.5"], "--lesion-surface-p"),
     (["--lesion-weight", "-1"], "--lesion-weight"),
+    (["--shell-weight", "x"], "--shell-weight"),
 ])
 def test_bad_lesion_options_are_one_line(labels_dir, tmp_path, args, words):
     r = CliRunner().invoke(app, ["train", "segmenter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
@@ -112,6 +114,26 @@ def test_lesion_weight_makes_a_carved_lesion_cost_more():
            for w in (0.0, 5.0)]
     assert 0 < gap[0] < gap[1]
     assert gap[1] - gap[0] > 5 * 7.9  # the weighted term: ~8 nats per carved voxel (logit 4 vs -4)
+
+
+def test_shell_weight_makes_a_swollen_femur_cost_more():
+    """--shell-weight: a femur grown by one pixel all round costs more with the weight than
+    without; the exact femur pays nothing extra."""
+    from bmltrt.training.segmenter import dice_ce_loss, outer_shell
+
+    target = torch.zeros(1, 1, 4, 16, 16)
+    target[..., 4:12, 4:12] = 1
+    shell = outer_shell(target)
+    assert int(shell.sum()) == 4 * (10 * 10 - 8 * 8)  # the in-plane ring, every slice
+    exact = torch.where(target > 0, 4.0, -4.0)
+    swollen = torch.where((target > 0) | shell, 4.0, -4.0)
+    as_logits = lambda v: torch.cat([-v, v], 1)  # noqa: E731
+    gap = [float(dice_ce_loss(as_logits(swollen), target, shell_weight=w) - dice_ce_loss(as_logits(exact), target,
+                                                                                            shell_weight=w))
+           for w in (0.0, 2.0)]
+    assert 0 < gap[0] < gap[1] and gap[1] - gap[0] > 2 * 7.9  # ~8 nats per wrong ring voxel
+    assert abs(float(dice_ce_loss(as_logits(exact), target, shell_weight=2.0)
+                     - dice_ce_loss(as_logits(exact), target))) < 0.01
 
 
 def test_shipped_segmenter_graph_is_a_fine_tuning_start():

@@ -150,17 +150,18 @@ class FemurCrop:
                    str(a["refused"]), float(a["femur_dice"]))
 
 
-def scored_slices(femur: np.ndarray, spacing) -> list[int]:
-    """The slices the pipeline inpaints and scores (enough femur; pipeline's rule)."""
-    from bmltrt.pipeline import MIN_FEMUR_SLICE_MM2
+def scored_slices(femur: np.ndarray, spacing, edge_fraction: float | None = None) -> list[int]:
+    """The slices the pipeline inpaints and scores (the pipeline's rule)."""
+    from bmltrt.pipeline import EDGE_SLICE_FRACTION, femur_slice_plan
 
-    area = femur.reshape(femur.shape[0], -1).sum(axis=1) * spacing[1] * spacing[2]
-    return [int(i) for i in np.flatnonzero(area > MIN_FEMUR_SLICE_MM2)]
+    frac = EDGE_SLICE_FRACTION if edge_fraction is None else edge_fraction
+    return [int(i) for i in np.flatnonzero(femur_slice_plan(femur, spacing, frac))]
 
 
-def make_crop(femur: np.ndarray, spacing, refused: str, femur_dice: float) -> FemurCrop:
+def make_crop(femur: np.ndarray, spacing, refused: str, femur_dice: float,
+              edge_fraction: float | None = None) -> FemurCrop:
     """Box of the femur on its scored slices, grown in-plane by MAX_CLOSING_MM."""
-    slices = [] if refused else scored_slices(femur, spacing)
+    slices = [] if refused else scored_slices(femur, spacing, edge_fraction)
     if not slices:
         return FemurCrop((0, 0, 0, 0, 0, 0), np.zeros((0, 0, 0), bool), [], refused, femur_dice)
     scored = np.zeros(femur.shape[0], bool)
@@ -380,7 +381,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
         for label, det in model_sets:
             desc = {"kind": "femur", "scan": scan_id, "segmenter": det.seg_entry["sha256"], "engine": engine_of(det),
                     "threshold": det.config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
-                    "femur_truth": file_identity(fem_p)}
+                    "edge_slice_fraction": det.config.edge_slice_fraction, "femur_truth": file_identity(fem_p)}
             hit = cache.get(desc)
             if hit is not None:
                 out.crops[(label, case)] = FemurCrop.from_arrays(hit)
@@ -393,7 +394,8 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
             check = check_femur(prob, femur, sp, norm)
             refused = check.reasons[0] if check.refuse else ""
             reported = np.zeros_like(femur) if refused else femur
-            crop = make_crop(femur, sp, refused, scores(confusion(reported, femur_true))["dice"])
+            crop = make_crop(femur, sp, refused, scores(confusion(reported, femur_true))["dice"],
+                             det.config.edge_slice_fraction)
             out.seconds.setdefault("femur", []).append(time.perf_counter() - t0)
             cache.put(desc, crop.to_arrays())
             out.crops[(label, case)] = crop
@@ -403,6 +405,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
             desc = {"kind": "map", "scan": scan_id, "segmenter": seg_of[m.femur_label].seg_entry["sha256"],
                     "engine": engine_of(seg_of[m.femur_label]),
                     "threshold": seg_of[m.femur_label].config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
+                    "edge_slice_fraction": seg_of[m.femur_label].config.edge_slice_fraction,
                     "method": m.identity()}
             out.map_keys[(m.key, case)] = desc
             if cache.has(desc):

@@ -18,16 +18,27 @@ from bmltrt.training.data import segmenter_volumes
 from bmltrt.training.loop import RunOptions, resolve_device, run_loop
 
 
-def dice_ce_loss(logits, target, lesion=None, lesion_weight: float = 0.0):
+def outer_shell(target):
+    """The one-voxel in-plane ring just outside the femur of `target` (B,1,D,H,W), bool."""
+    grown = F.max_pool3d(target.float(), kernel_size=(1, 3, 3), stride=1, padding=(0, 1, 1))
+    return (grown > 0.5) & (target < 0.5)
+
+
+def dice_ce_loss(logits, target, lesion=None, lesion_weight: float = 0.0, shell_weight: float = 0.0):
     """Cross-entropy + soft Dice of the femur class; deep-supervision outputs averaged.
 
     `lesion` (B,1,D,H,W) marks lesion voxels (femur in `target`); with `lesion_weight` > 0
     their mean cross-entropy is added with that weight. They are a tiny share of the femur,
     so plain Dice + CE barely notices a lesion carved out of the mask, yet a lesion outside
-    the mask is never repainted, so never found.
+    the mask is never repainted, so never found. Alone, that term teaches the network to
+    grow the femur (measured: Dice 0.97 -> 0.80); `shell_weight` > 0 adds the mean
+    cross-entropy of the ring just outside the true femur, so a border pushed outwards
+    costs as much as one pushed in.
     """
     outs = logits if isinstance(logits, (list, tuple)) else [logits]
     weighted = lesion is not None and lesion_weight > 0 and bool(lesion.any())
+    shell = outer_shell(target)[:, 0] if shell_weight > 0 else None
+    shelled = shell is not None and bool(shell.any())
     total = 0.0
     for lg in outs:
         ce_map = F.cross_entropy(lg, target[:, 0].long(), reduction="none")
@@ -39,6 +50,9 @@ def dice_ce_loss(logits, target, lesion=None, lesion_weight: float = 0.0):
         if weighted:
             les = lesion[:, 0].to(ce_map.dtype)
             total = total + lesion_weight * (ce_map * les).sum() / les.sum()
+        if shelled:
+            sh = shell.to(ce_map.dtype)
+            total = total + shell_weight * (ce_map * sh).sum() / sh.sum()
     return total / len(outs)
 
 
@@ -96,6 +110,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     lesion_p, max_les = float(opts.extra.get("lesion_p", 0.5)), int(opts.extra.get("max_lesions", 3))
     surface_p = float(opts.extra.get("lesion_surface_p", 0.0))
     lesion_weight = float(opts.extra.get("lesion_weight", 0.0))
+    shell_weight = float(opts.extra.get("shell_weight", 0.0))
     pool = None
     gen_val = []
     if bank_files:
@@ -149,7 +164,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)
         logits = [lg.float() for lg in logits] if isinstance(logits, (list, tuple)) else logits.float()
-        loss = dice_ce_loss(logits, y, les, lesion_weight)
+        loss = dice_ce_loss(logits, y, les, lesion_weight, shell_weight)
         for g in opt.param_groups:  # linear decay, a pure function of the step (resumable)
             g["lr"] = opts.lr * max(0.05, 1 - i / max(1, opts.steps))
         opt.zero_grad(set_to_none=True)
@@ -197,7 +212,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
               "lesion_p": lesion_p, "max_lesions": max_les, "lesion_surface_p": surface_p,
-              "lesion_weight": lesion_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
+              "lesion_weight": lesion_weight, "shell_weight": shell_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
                     select=("gen_dice", "max"))
