@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     params = json.loads(a.params.read_text())["by_resolution"][str(a.resolution)]
     cfg = PostConfig.from_dict(params)
     det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0],
-                   DetectConfig(resolution=a.resolution, post=cfg, edge_slice_fraction=a.edge_fraction))
+                   DetectConfig(resolution=a.resolution, post=cfg, edge_slice_fraction=a.edge_fraction,
+                                notch_fill_mm=0.0))  # the variants below are the fills
     variants = [(float(t), float(r), float(g)) for t in a.thresholds.split(",") for r in a.closing_mm.split(",")
                 for g in (a.gates.split(",") if float(r) > 0 else ["0"])]
     acc = {v: {"tp": 0, "pred": 0, "true": 0, "in_femur": 0, "dice": []} for v in variants}
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         norm = normalize_intensity(scan.data.astype(np.float32))
         prob = det.femur_probability(norm, scan.spacing)
         for t, r, g in variants:
-            femur = det.femur_mask(prob) if t == det.config.femur_threshold else None
+            femur = det.femur_mask(prob, scan.spacing) if t == det.config.femur_threshold else None
             if femur is None:
                 from bmltrt.pipeline import largest_component_filled
                 femur = largest_component_filled(prob > t)

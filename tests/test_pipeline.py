@@ -170,3 +170,24 @@ def test_edge_slices_of_the_femur_are_not_searched():
     assert femur_slice_plan(femur, spacing, 0.0).tolist() == [False, False, True, True, True, True]
     assert scored_slices(femur, spacing) == [3, 4, 5]
     assert scored_slices(femur, spacing, 0.0) == [2, 3, 4, 5]
+
+
+def test_notches_are_filled_only_where_the_segmenter_was_unsure():
+    """fill_notches: a notch cut into the femur border is filled where the femur probability
+    passes the gate (a carved lesion) and left open where it is ~0 (cartilage, fluid); the
+    rest of the border does not move."""
+    from bmltrt.pipeline import NOTCH_FILL_GATE, NOTCH_FILL_MM, fill_notches
+
+    spacing = (3.0, 0.36, 0.36)
+    femur = np.zeros((2, 160, 160), bool)
+    femur[:, 30:130, 30:130] = True
+    femur[:, 30:42, 60:75] = False  # a notch 4.3 mm deep, 5.4 mm wide, in the top border
+    prob = np.where(femur, 0.9, 0.0).astype(np.float32)
+    prob[0, 30:42, 60:75] = 0.4  # slice 0: the segmenter was unsure in the notch (gate 0.3)
+    out = fill_notches(femur, prob, spacing, NOTCH_FILL_MM, NOTCH_FILL_GATE)
+    assert out[0, 34:42, 60:75].all() and out[0, 30:42, 60:75].mean() > 0.6  # filled, the mouth rounded
+    assert not out[1, 30:42, 60:75].any()  # probability 0: stays open
+    square = np.zeros((160, 160), bool)
+    square[30:130, 30:130] = True
+    assert not (out[0] & ~square).any() and (out[0] | ~femur[0]).all()  # nothing else grows or shrinks
+    assert fill_notches(femur, prob, spacing, 0.0, NOTCH_FILL_GATE) is femur  # off

@@ -23,7 +23,7 @@ def _femur(detector, name):
     scan = load_scan(path)
     norm = normalize_intensity(scan.data)
     prob = detector.femur_probability(norm, scan.spacing)
-    mask = detector.femur_mask(prob)
+    mask = detector.femur_mask(prob, scan.spacing)
     return mask, check_femur(prob, mask, scan.spacing, norm)
 
 

@@ -622,7 +622,7 @@ def run_scan(det, path: Path, out_dir: Path) -> dict:
         sync()
         t3 = time.perf_counter()
         times["segment"] = t3 - t2
-        femur = det.femur_mask(prob)
+        femur = det.femur_mask(prob, sp)
         check = check_femur(prob, femur, sp, norm)
         sync()
         t4 = time.perf_counter()

@@ -150,6 +150,11 @@ class FemurCrop:
                    str(a["refused"]), float(a["femur_dice"]))
 
 
+def femur_fill_of(det) -> list[float]:
+    """The femur clean-up's notch fill (radius mm, gate): part of what a cached femur is."""
+    return [det.config.notch_fill_mm, det.config.notch_fill_gate]
+
+
 def scored_slices(femur: np.ndarray, spacing, edge_fraction: float | None = None) -> list[int]:
     """The slices the pipeline inpaints and scores (the pipeline's rule)."""
     from bmltrt.pipeline import EDGE_SLICE_FRACTION, femur_slice_plan
@@ -381,7 +386,8 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
         for label, det in model_sets:
             desc = {"kind": "femur", "scan": scan_id, "segmenter": det.seg_entry["sha256"], "engine": engine_of(det),
                     "threshold": det.config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
-                    "edge_slice_fraction": det.config.edge_slice_fraction, "femur_truth": file_identity(fem_p)}
+                    "edge_slice_fraction": det.config.edge_slice_fraction, "notch_fill": femur_fill_of(det),
+                    "femur_truth": file_identity(fem_p)}
             hit = cache.get(desc)
             if hit is not None:
                 out.crops[(label, case)] = FemurCrop.from_arrays(hit)
@@ -390,7 +396,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
             sp = loaded["spacing"]
             t0 = time.perf_counter()
             prob = det.femur_probability(norm, sp)
-            femur = np.asarray(det.femur_mask(prob), bool)
+            femur = np.asarray(det.femur_mask(prob, sp), bool)
             check = check_femur(prob, femur, sp, norm)
             refused = check.reasons[0] if check.refuse else ""
             reported = np.zeros_like(femur) if refused else femur
@@ -406,7 +412,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
                     "engine": engine_of(seg_of[m.femur_label]),
                     "threshold": seg_of[m.femur_label].config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
                     "edge_slice_fraction": seg_of[m.femur_label].config.edge_slice_fraction,
-                    "method": m.identity()}
+                    "notch_fill": femur_fill_of(seg_of[m.femur_label]), "method": m.identity()}
             out.map_keys[(m.key, case)] = desc
             if cache.has(desc):
                 continue
@@ -414,7 +420,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
             sp = loaded["spacing"]
             if m.femur_label not in femurs:  # cached crop, but this map is new: segment again
                 det = seg_of[m.femur_label]
-                femurs[m.femur_label] = np.asarray(det.femur_mask(det.femur_probability(norm, sp)), bool)
+                femurs[m.femur_label] = np.asarray(det.femur_mask(det.femur_probability(norm, sp), sp), bool)
             t0 = time.perf_counter()
             amap = AnomalyMap(np.zeros(crop.femur.shape, np.float32), np.zeros(crop.femur.shape[0], np.float32))
             if crop.slices:
