@@ -191,3 +191,23 @@ def test_notches_are_filled_only_where_the_segmenter_was_unsure():
     square[30:130, 30:130] = True
     assert not (out[0] & ~square).any() and (out[0] | ~femur[0]).all()  # nothing else grows or shrinks
     assert fill_notches(femur, prob, spacing, 0.0, NOTCH_FILL_GATE) is femur  # off
+
+
+def test_femur_slices_with_a_sliver_of_femur_are_dropped_from_the_mask(detector):
+    """femur_mask drops slices with under femur_min_slice_fraction of the largest femur
+    slice's area (fragments beside the outermost condyle on real scans)."""
+    import dataclasses
+
+    from bmltrt.pipeline import Detector
+
+    prob = np.zeros((4, 64, 64), np.float32)
+    prob[:, 10:50, 10:50] = 0.9
+    prob[0, 10:50, 10:50] = 0.0
+    prob[0, 28:32, 28:32] = 0.9  # 16 px: 1 % of a full slice, connected to slice 1
+    prob[3, 10:50, 10:50] = 0.0
+    prob[3, 20:36, 20:36] = 0.9  # 256 px: 16 %
+    spacing = (3.0, 0.5, 0.5)
+    femur = detector.femur_mask(prob, spacing)
+    assert femur.reshape(4, -1).sum(1).tolist() == [0, 1600, 1600, 256]
+    keep_all = Detector(detector.backend, dataclasses.replace(detector.config, femur_min_slice_fraction=0.0))
+    assert keep_all.femur_mask(prob, spacing)[0].sum() == 16

@@ -151,8 +151,9 @@ class FemurCrop:
 
 
 def femur_fill_of(det) -> list[float]:
-    """The femur clean-up's notch fill (radius mm, gate): part of what a cached femur is."""
-    return [det.config.notch_fill_mm, det.config.notch_fill_gate]
+    """The femur clean-up (notch fill radius mm and gate, minimum slice share): part of what
+    a cached femur is."""
+    return [det.config.notch_fill_mm, det.config.notch_fill_gate, det.config.femur_min_slice_fraction]
 
 
 def scored_slices(femur: np.ndarray, spacing, edge_fraction: float | None = None) -> list[int]:
