@@ -106,12 +106,15 @@ def _input_order(working_values, scan: Scan) -> list:
     return out
 
 
+def _slice_areas(femur):
+    return femur.reshape(femur.shape[0], -1).sum(axis=1)
+
+
 def femur_slice_plan(femur, spacing, edge_fraction: float = EDGE_SLICE_FRACTION):
     """(S,) bool: the slices with at least MIN_FEMUR_SLICE_MM2 of femur and at least
     `edge_fraction` of the largest femur slice's area. numpy or cupy, no host sync."""
-    s = femur.shape[0]
-    area_mm2 = femur.reshape(s, -1).sum(axis=1) * (spacing[1] * spacing[2])
-    return (area_mm2 > MIN_FEMUR_SLICE_MM2) & (area_mm2 >= edge_fraction * area_mm2.max())
+    area = _slice_areas(femur)
+    return (area * (spacing[1] * spacing[2]) > MIN_FEMUR_SLICE_MM2) & (area >= edge_fraction * area.max())
 
 
 def fill_notches(femur, prob, spacing, radius_mm: float, gate: float):
@@ -259,7 +262,7 @@ class Detector:
         femur = fill_notches(femur, prob, spacing, c.notch_fill_mm, c.notch_fill_gate)
         if c.femur_min_slice_fraction <= 0:
             return femur
-        area = femur.reshape(femur.shape[0], -1).sum(axis=1)
+        area = _slice_areas(femur)
         return femur & (area >= c.femur_min_slice_fraction * area.max())[:, None, None]
 
     def segment_femur(self, norm, spacing, on_patch=None):

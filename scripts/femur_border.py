@@ -12,12 +12,7 @@ Writes femur_border_<split>.json. Shipped models (or --models) on ONNX Runtime C
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import sys
-from pathlib import Path
-
+import _painted
 import numpy as np
 
 
@@ -28,48 +23,24 @@ def disc(r_mm: float, spacing) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    from bmltrt.bench.machine import cpu_name, usable_cores
-    from bmltrt.io import load_scan
-    from bmltrt.io.atomic import atomic_write
     from bmltrt.morphology import binary_closing, fill_holes_inplane
-    from bmltrt.pipeline import DetectConfig, Detector
-    from bmltrt.postprocess.lesion import PostConfig
-    from bmltrt.runtime.backends import make_backend
-    from bmltrt.runtime.preprocess import normalize_intensity
+    from bmltrt.pipeline import largest_component_filled
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("data", type=Path)
-    ap.add_argument("--params", type=Path, required=True)
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--resolution", type=int, default=256)
+    ap = _painted.parser(__doc__, "val")
     ap.add_argument("--thresholds", default="0.5")
     ap.add_argument("--closing-mm", default="0")
     ap.add_argument("--gates", default="0")
     ap.add_argument("--edge-fraction", type=float, default=0.3, help="the pipeline's edge_slice_fraction")
-    ap.add_argument("--models", type=Path, default=None)
-    ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args(argv)
-    ids = json.loads((a.data / "dataset.json").read_text())["splits"][a.split]
-    params = json.loads(a.params.read_text())["by_resolution"][str(a.resolution)]
-    cfg = PostConfig.from_dict(params)
-    det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0],
-                   DetectConfig(resolution=a.resolution, post=cfg, edge_slice_fraction=a.edge_fraction,
-                                notch_fill_mm=0.0))  # the variants below are the fills
+    # the variants below are the femur clean-ups: the pipeline's own fill and slice rule off
+    det = _painted.detector(a, edge_slice_fraction=a.edge_fraction, notch_fill_mm=0.0, femur_min_slice_fraction=0.0)
     variants = [(float(t), float(r), float(g)) for t in a.thresholds.split(",") for r in a.closing_mm.split(",")
                 for g in (a.gates.split(",") if float(r) > 0 else ["0"])]
     acc = {v: {"tp": 0, "pred": 0, "true": 0, "in_femur": 0, "dice": []} for v in variants}
-    for cid in ids:
-        d = a.data / a.split
-        scan = load_scan(d / "images" / f"{cid}.nii.gz")
-        true_femur = load_scan(d / "femur" / f"{cid}.nii.gz", is_mask=True).data > 0.5
-        truth = load_scan(d / "lesion" / f"{cid}.nii.gz", is_mask=True).data > 0.5
-        norm = normalize_intensity(scan.data.astype(np.float32))
+    for cid, scan, norm, true_femur, truth in _painted.cases(a):
         prob = det.femur_probability(norm, scan.spacing)
         for t, r, g in variants:
-            femur = det.femur_mask(prob, scan.spacing) if t == det.config.femur_threshold else None
-            if femur is None:
-                from bmltrt.pipeline import largest_component_filled
-                femur = largest_component_filled(prob > t)
+            femur = largest_component_filled(prob > t)
             if r > 0:
                 closed = fill_holes_inplane(binary_closing(femur, disc(r, scan.spacing)))
                 femur = femur | (closed & (prob > g)) if g > 0 else closed
@@ -81,27 +52,19 @@ def main(argv=None) -> int:
             s["true"] += int(truth.sum())
             s["in_femur"] += int((femur & truth).sum())
             s["dice"].append(float(2 * (femur & true_femur).sum() / max(1, femur.sum() + true_femur.sum())))
-        print(cid, " ".join(f"t{t}/r{r}/g{g}:{acc[v]['tp']}/{acc[v]['pred']}" for v in variants for t, r, g in [v]),
-              flush=True)
-    rows = []
-    for (t, r, g), s in acc.items():
-        rows.append({"femur_threshold": t, "closing_mm": r, "closing_gate": g, "femur_dice_mean": float(np.mean(s["dice"])),
-                     "femur_dice_min": float(np.min(s["dice"])),
-                     "lesion_in_femur": s["in_femur"] / max(1, s["true"]),
-                     "lesion_dice": 2 * s["tp"] / max(1, s["pred"] + s["true"]),
-                     "lesion_sensitivity": s["tp"] / max(1, s["true"]), "lesion_precision": s["tp"] / max(1, s["pred"]),
-                     "tp": s["tp"], "pred": s["pred"], "true": s["true"]})
-    doc = {"data": str(a.data), "split": a.split, "cases": len(ids), "resolution": a.resolution,
-           "post_processing": cfg.to_dict(), "edge_slice_fraction": a.edge_fraction, "params_from": str(a.params),
-           "models": str(a.models or "shipped (export/)"), "backend": "onnxruntime cpu fp32",
-           "machine": f"{cpu_name()}, {usable_cores()} cores", "date": dt.date.today().isoformat(),
-           "command": "python scripts/femur_border.py " + " ".join(sys.argv[1:]), "variants": rows}
-    a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(a.out / f"femur_border_{a.split}.json", lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+        print(cid, " ".join(f"t{t}/r{r}/g{g}:{s['tp']}/{s['pred']}" for (t, r, g), s in acc.items()), flush=True)
+    rows = [{"femur_threshold": t, "closing_mm": r, "closing_gate": g, "femur_dice_mean": float(np.mean(s["dice"])),
+             "femur_dice_min": float(np.min(s["dice"])), "lesion_in_femur": s["in_femur"] / max(1, s["true"]),
+             "lesion_dice": 2 * s["tp"] / max(1, s["pred"] + s["true"]),
+             "lesion_sensitivity": s["tp"] / max(1, s["true"]), "lesion_precision": s["tp"] / max(1, s["pred"]),
+             "tp": s["tp"], "pred": s["pred"], "true": s["true"]} for (t, r, g), s in acc.items()]
+    _painted.write(a, det, "femur_border.py", f"femur_border_{a.split}.json", edge_slice_fraction=a.edge_fraction,
+                   variants=rows)
     for row in rows:
-        print(f"t={row['femur_threshold']} closing={row['closing_mm']} mm gate {row['closing_gate']}: femur Dice {row['femur_dice_mean']:.3f} "
-              f"(min {row['femur_dice_min']:.3f}), lesion in femur {row['lesion_in_femur']:.2f}, "
-              f"lesion Dice {row['lesion_dice']:.3f} (sens {row['lesion_sensitivity']:.3f}, prec {row['lesion_precision']:.3f})")
+        print(f"t={row['femur_threshold']} closing={row['closing_mm']} mm gate {row['closing_gate']}: "
+              f"femur Dice {row['femur_dice_mean']:.3f} (min {row['femur_dice_min']:.3f}), "
+              f"lesion in femur {row['lesion_in_femur']:.2f}, lesion Dice {row['lesion_dice']:.3f} "
+              f"(sens {row['lesion_sensitivity']:.3f}, prec {row['lesion_precision']:.3f})")
     return 0
 
 

@@ -150,10 +150,11 @@ class FemurCrop:
                    str(a["refused"]), float(a["femur_dice"]))
 
 
-def femur_fill_of(det) -> list[float]:
-    """The femur clean-up (notch fill radius mm and gate, minimum slice share): part of what
-    a cached femur is."""
-    return [det.config.notch_fill_mm, det.config.notch_fill_gate, det.config.femur_min_slice_fraction]
+def femur_cleanup_of(det) -> dict:
+    """The detector's femur clean-up and slice rule: part of what a cached femur or map is."""
+    c = det.config
+    return {"threshold": c.femur_threshold, "edge_slice_fraction": c.edge_slice_fraction,
+            "notch_fill": [c.notch_fill_mm, c.notch_fill_gate], "femur_min_slice_fraction": c.femur_min_slice_fraction}
 
 
 def scored_slices(femur: np.ndarray, spacing, edge_fraction: float | None = None) -> list[int]:
@@ -386,9 +387,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
         femurs: dict[str, np.ndarray] = {}
         for label, det in model_sets:
             desc = {"kind": "femur", "scan": scan_id, "segmenter": det.seg_entry["sha256"], "engine": engine_of(det),
-                    "threshold": det.config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
-                    "edge_slice_fraction": det.config.edge_slice_fraction, "notch_fill": femur_fill_of(det),
-                    "femur_truth": file_identity(fem_p)}
+                    "margin_mm": MAX_CLOSING_MM, **femur_cleanup_of(det), "femur_truth": file_identity(fem_p)}
             hit = cache.get(desc)
             if hit is not None:
                 out.crops[(label, case)] = FemurCrop.from_arrays(hit)
@@ -411,9 +410,7 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
             crop = out.crops[(m.femur_label, case)]
             desc = {"kind": "map", "scan": scan_id, "segmenter": seg_of[m.femur_label].seg_entry["sha256"],
                     "engine": engine_of(seg_of[m.femur_label]),
-                    "threshold": seg_of[m.femur_label].config.femur_threshold, "margin_mm": MAX_CLOSING_MM,
-                    "edge_slice_fraction": seg_of[m.femur_label].config.edge_slice_fraction,
-                    "notch_fill": femur_fill_of(seg_of[m.femur_label]), "method": m.identity()}
+                    "margin_mm": MAX_CLOSING_MM, **femur_cleanup_of(seg_of[m.femur_label]), "method": m.identity()}
             out.map_keys[(m.key, case)] = desc
             if cache.has(desc):
                 continue
