@@ -294,7 +294,7 @@ _TIME = typer.Option(None, "--time-limit", min=0.0, help="Stop after this many m
 def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _LABELS, out_dir: Path = _OUT,
                         bank_cache: Optional[Path] = _BANK, phantoms: int = _PHANTOMS,
                         phantom_fraction: Optional[float] = _PFRAC, val_data: Optional[Path] = _VALDATA,
-                        config: str = typer.Option("cpu", "--config", help="Preset (cpu, paper) or a JSON file."),
+                        config: str = typer.Option("cpu", "--config", help="Preset (cpu, cpu-fine, paper) or a JSON file."),
                         steps: int = _STEPS, batch_size: int = _BS, lr: float = typer.Option(2e-3, "--lr", min=0.0),
                         device: str = _DEV, seed: int = _SEED, resume: bool = _RESUME, val_every: int = _VAL,
                         limit_cases: Optional[int] = _LIMIT, time_limit: Optional[float] = _TIME,

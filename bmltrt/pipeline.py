@@ -49,6 +49,7 @@ NOTCH_FILL_MM, NOTCH_FILL_GATE = 6.0, 0.3
 # condyle (qDESS echo 1 slices 2, 5, 32; echo 2 slices 5, 31); on painted OAI_AKOA val they
 # cost 0.0005 of femur Dice, and they were never searched (EDGE_SLICE_FRACTION).
 FEMUR_MIN_SLICE_FRACTION = 0.1
+MASK_DILATE_MM = 1.0
 NOTCH_FILL_GRID_MM = 1.0  # the closing runs on a grid of about this pixel size (speed)
 # Real BMLs rarely exceed a few percent of the femur; more means a suspect femur mask.
 SUSPICIOUS_LESION_FRACTION = 0.05
@@ -58,7 +59,14 @@ FULL_3D = np.ones((3, 3, 3), bool)
 @dataclass
 class DetectConfig:
     resolution: int | None = None  # None: the models' default
-    mask_dilate_mm: float = 1.0  # the inpainter paints a little beyond the femur border
+    # The inpainter repaints the femur grown by this margin: a lesion whose edge pokes out of
+    # the repainted region is context that the inpainter continues into it (the difference,
+    # and the lesion, vanish). Painted OAI_AKOA val (scripts/inpaint_margin.py): 1 mm 0.295,
+    # 2 mm 0.312, 3 mm 0.312 pooled Dice; with 2 mm the test split 0.107 -> 0.101 at 256,
+    # the phantom test 0.680 -> 0.684. Kept at 1 mm: with 2 mm, joint fluid beside the real qDESS echo 2 femur is repainted as
+    # bone and the mask's border beside it called a lesion (slices 18, 30; the one in 30
+    # lies in fluid where the mask curls around it).
+    mask_dilate_mm: float = MASK_DILATE_MM
     batch_size: int = 8  # slices per inpainter call
     seg_batch_size: int | None = None  # patches per segmenter call; None: 2 on the CPU, 4 on the GPU
     femur_threshold: float = 0.5

@@ -192,3 +192,18 @@ def test_retrained_segmenter_ships_with_the_folders_inpainters(tmp_path):
     assert new.resolutions() == shipped.resolutions()
     for res in shipped.resolutions():  # the same inpainter graphs (sha256 of the source graph)
         assert new.entry(f"inpainter_{res}")["source"]["sha256"] == file_sha256(shipped.path(f"inpainter_{res}", "fp32"))
+
+
+def test_the_fine_grid_preset_fine_tunes_the_shipped_segmenter():
+    """--config cpu-fine --init export/segmenter.onnx: the same network on a grid twice as
+    fine, so the shipped graph's weights fit it."""
+    from bmltrt.models.unetpp import SEGMENTER_PRESETS, build_segmenter
+    from bmltrt.runtime.models import ModelStore
+    from bmltrt.training.checkpoint import load_weights
+
+    fine, cpu = SEGMENTER_PRESETS["cpu-fine"], SEGMENTER_PRESETS["cpu"]
+    assert fine.inplane_spacing_mm == cpu.inplane_spacing_mm / 2 and fine.features == cpu.features
+    store = ModelStore.open()
+    _, unexpected = build_segmenter(fine).load_state_dict(
+        load_weights(store.path("segmenter", "fp32"), "segmenter", "net"), strict=False)
+    assert not unexpected

@@ -40,6 +40,12 @@ class SegmenterConfig:
 
 SEGMENTER_PRESETS = {
     "cpu": SegmenterConfig(),
+    # The cpu network on a grid twice as fine (4x the patches): the ~1 mm subchondral plate
+    # that parts a bright lesion from bright cartilage is lost at 1.6 mm. Not shipped: fine-
+    # tuned from the 1.6 mm weights on 2 CPU cores it reached only 0.78 femur Dice on painted
+    # OAI val in 1300 steps (benchmarks/results/segmenter_fine_grid/); its 90 mm patch sees
+    # half the field. A run from scratch, longer, is for a GPU.
+    "cpu-fine": SegmenterConfig(inplane_spacing_mm=0.8),
     # The paper: native in-plane spacing (0.357 mm), random 256x256x16 crops.
     "paper": SegmenterConfig(features=(32, 32, 64, 128, 256, 32), inplane_spacing_mm=0.357,
                              patch=(16, 256, 256), deep_supervision=True),
