@@ -52,6 +52,12 @@ def cases(a):
         yield cid, scan, normalize_intensity(scan.data.astype(np.float32)), true_femur, truth
 
 
+def pooled(tp: int, pred: int, true: int) -> dict:
+    """Pooled lesion scores from voxel counts summed over the cases."""
+    return {"dice": 2 * tp / max(1, pred + true), "sensitivity": tp / max(1, true),
+            "precision": tp / max(1, pred), "tp": tp, "pred": pred, "true": true}
+
+
 def write(a, det, script: str, name: str, **fields) -> Path:
     """--out/name: the run's settings and `fields`, written atomically."""
     from bmltrt.bench.machine import cpu_name, usable_cores

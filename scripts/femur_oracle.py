@@ -13,11 +13,6 @@ from __future__ import annotations
 
 import _painted
 
-def pooled(tp: int, pred: int, true: int) -> dict:
-    return {"dice": 2 * tp / max(1, pred + true), "sensitivity": tp / max(1, true),
-            "precision": tp / max(1, pred), "tp": tp, "pred": pred, "true": true}
-
-
 def main(argv=None) -> int:
     a = _painted.parser(__doc__, "test").parse_args(argv)
     det = _painted.detector(a)
@@ -30,7 +25,7 @@ def main(argv=None) -> int:
             acc[name][1] += int(mask.sum())
             acc[name][2] += int(truth.sum())
         print(cid, {k: v[:] for k, v in acc.items()}, flush=True)
-    results = {k: pooled(*v) for k, v in acc.items()}
+    results = {k: _painted.pooled(*v) for k, v in acc.items()}
     _painted.write(a, det, "femur_oracle.py", "femur_oracle.json", pooled_lesion=results)
     for k, v in results.items():
         print(f"{k}: pooled Dice {v['dice']:.3f}, sensitivity {v['sensitivity']:.3f}, precision {v['precision']:.3f}")

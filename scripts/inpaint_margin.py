@@ -50,10 +50,8 @@ def main(argv=None) -> int:
         print(cid, {k: v[:] for k, v in acc.items()}, flush=True)
     rows = [{"variant": name, "margin_mm": margin, "repainted": "true femur" if rt else "predicted femur",
              "searched": "true femur" if st else "predicted femur",
-             "lesion_dice": 2 * acc[name][0] / max(1, acc[name][1] + acc[name][2]),
-             "lesion_sensitivity": acc[name][0] / max(1, acc[name][2]),
-             "lesion_precision": acc[name][0] / max(1, acc[name][1]),
-             "tp": acc[name][0], "pred": acc[name][1], "true": acc[name][2]} for name, margin, rt, st in variants]
+             **{k if k in ("tp", "pred", "true") else "lesion_" + k: v for k, v in _painted.pooled(*acc[name]).items()}}
+            for name, margin, rt, st in variants]
     _painted.write(a, det, "inpaint_margin.py", f"inpaint_margin_{a.split}.json",
                    lesion_in_predicted_femur=in_femur[0] / max(1, in_femur[1]), variants=rows)
     print(f"lesion voxels inside the predicted femur: {in_femur[0] / max(1, in_femur[1]):.3f}")
