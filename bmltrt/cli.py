@@ -180,6 +180,7 @@ class _DataOptions:
     phantoms: int
     phantom_fraction: Optional[float]
     val_data: Optional[Path]
+    bank_seed: int = 0
 
 
 def _check_dataset(path: Optional[Path], option: str):
@@ -220,7 +221,7 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
         cache = d.bank_cache or Path(out_dir).parent / "anatomy_bank"
         with _progress() as prog:
             task = prog.add_task("anatomy bank", total=None, status=str(cache))
-            extra["bank"] = bank_paths(d.labels, cache, phantoms=d.phantoms, seed=seed,
+            extra["bank"] = bank_paths(d.labels, cache, phantoms=d.phantoms, seed=d.bank_seed,
                                        progress=lambda: prog.advance(task))
     if d.phantom_fraction is not None:
         extra["phantom_fraction"] = d.phantom_fraction
@@ -272,6 +273,8 @@ _LABELS = typer.Option(None, "--labels", help="Folder of knee label maps (1 femu
                        "to paint SynthSeg-style, completed with phantom anatomies.")
 _BANK = typer.Option(None, "--bank-cache", help="Where built anatomy variants are cached (default: beside --out).")
 _PHANTOMS = typer.Option(12, "--phantoms", min=0, max=1000, help="Phantom anatomies added to the label maps' bank.")
+_BANKSEED = typer.Option(0, "--bank-seed", min=0, help="Seed of the anatomy bank's variants: the bank is built "
+                         "once per seed (minutes) and reused, whatever --seed the run has.")
 _PFRAC = typer.Option(None, "--phantom-fraction", help="Share of each batch from the --data phantoms (default: 0 "
                       "with --labels, else 1).")
 _VALDATA = typer.Option(None, "--val-data", help="Dataset whose val split is scored at each validation "
@@ -292,7 +295,7 @@ _TIME = typer.Option(None, "--time-limit", min=0.0, help="Stop after this many m
 @train_app.command("segmenter")
 @user_errors
 def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _LABELS, out_dir: Path = _OUT,
-                        bank_cache: Optional[Path] = _BANK, phantoms: int = _PHANTOMS,
+                        bank_cache: Optional[Path] = _BANK, phantoms: int = _PHANTOMS, bank_seed: int = _BANKSEED,
                         phantom_fraction: Optional[float] = _PFRAC, val_data: Optional[Path] = _VALDATA,
                         config: str = typer.Option("cpu", "--config", help="Preset (cpu, cpu-fine, paper) or a JSON file."),
                         steps: int = _STEPS, batch_size: int = _BS, lr: float = typer.Option(2e-3, "--lr", min=0.0),
@@ -317,7 +320,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                            "outside the true femur (balances --lesion-weight, "
                                                            "which alone grows the femur).")):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
-    d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data)
+    d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             **({"init": init} if init else {})}
@@ -328,7 +331,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
 @train_app.command("inpainter")
 @user_errors
 def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _LABELS, out_dir: Path = _OUT,
-                        bank_cache: Optional[Path] = _BANK, phantoms: int = _PHANTOMS,
+                        bank_cache: Optional[Path] = _BANK, phantoms: int = _PHANTOMS, bank_seed: int = _BANKSEED,
                         phantom_fraction: Optional[float] = _PFRAC, val_data: Optional[Path] = _VALDATA,
                         config: str = typer.Option("tiny", "--config", help="Preset (tiny, fourier, big) or a JSON file."),
                         resolution: str = typer.Option("256", "--resolution", help="Slice size (128, 192, 256, 320, "
@@ -346,7 +349,7 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
         if r < 64 or r > 1024 or r % 8:
             raise BmlError(f"--resolution {r} is not a multiple of 8 between 64 and 1024",
                            hint="use 128, 192, 256, 320 or 448")
-    d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data)
+    d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     _train_common("inpainter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
                   limit_cases, time_limit, autocast, resolutions)
 

@@ -51,11 +51,12 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
 # Stage 3: more lesions (1-6 per scan), 60 % of them small (1.5-6 mm) and touching the
 # bone surface under the cartilage, as most real BMLs do: the painted OAI lesions that
 # stage 2 still lost lay in the outermost millimetre of the femur. Starts from stage 2's
-# best.pt (the step with the best Dice on the fixed generated validation scans).
+# best.pt (the step with the best Dice on the fixed generated validation scans). It ran
+# with the anatomy bank of seed 3 (built then from --seed; now named by --bank-seed).
 OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels" --bank-cache "$work/anatomy_bank" \
     --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_surface" \
     --init "$work/segmenter_ft/best.pt" --lesion-p 0.9 --max-lesions 6 --lesion-surface-p 0.6 --lr 3e-4 \
-    --steps "${STEPS_SURFACE:-2400}" --batch-size 2 --device "$dev" --seed 3 --val-every 400 \
+    --steps "${STEPS_SURFACE:-2400}" --batch-size 2 --device "$dev" --seed 3 --bank-seed 3 --val-every 400 \
     --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_surface.log" 2>&1
 # The shipped segmenter is stage 3's best.pt (run_loop's select: best Dice on the generated
 # validation scans, never on OAI), not necessarily its last step.

@@ -26,6 +26,7 @@ SCANS = {"echo1": "pykneer_qdess_echo1_oailike_448x448x40.nii.gz",
 
 def main(argv=None) -> int:
     from bmltrt.bench.machine import cpu_name, usable_cores
+    from bmltrt.evaluation.maps import femur_cleanup_of
     from bmltrt.io import load_scan
     from bmltrt.io.atomic import atomic_write
     from bmltrt.pipeline import DetectConfig, Detector
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0], DetectConfig())
     masks, doc = {}, {"models": str(a.models or "shipped (export/)"), "segmenter_grid_mm": det.seg_cfg["inplane_spacing_mm"],
+                      "femur_cleanup": femur_cleanup_of(det),
                       "backend": "onnxruntime cpu fp32", "machine": f"{cpu_name()}, {usable_cores()} cores",
                       "date": dt.date.today().isoformat(),
                       "command": "python scripts/real_scans.py " + " ".join(sys.argv[1:]), "scans": {}}

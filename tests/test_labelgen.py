@@ -124,6 +124,21 @@ def test_surface_lesions_touch_the_bone_under_the_cartilage(anatomy):
     assert at_surface(surface) >= 0.75 and at_surface(surface) > at_surface(anywhere)
 
 
+def test_a_tall_field_of_view_never_shows_the_femoral_shaft_end(anatomy):
+    """Rows above the anatomy's top continue it (a knee scan never shows where the thigh
+    ends): the femur crosses the top row even when the field of view reaches far above
+    the anatomy, and the shaft there is as wide as at the anatomy's top row."""
+    rng = np.random.default_rng(0)
+    pose = G.random_pose(anatomy, rng, strength=0.0)
+    top_mm = pose.centre_mm[1]  # the anatomy's top row lies this far above the FOV centre
+    labels = G.sample_labels(anatomy, pose, rng, G._slice_positions(20, 3.0, 1), 100, 100, 1.6,
+                             rows_offset_mm=-(top_mm + 60.0))  # the FOV's centre 60 mm above the top
+    femur = T.FEMUR_TABLE[labels].astype(bool)
+    assert femur[:, 0].any() and femur[:, 0].sum() == femur[:, 20].sum()
+    top_row = T.FEMUR_TABLE[anatomy.labels[:, 0]].astype(bool)
+    assert top_row.any()
+
+
 def test_contrast_families_keep_fat_and_marrow_together():
     rng = np.random.default_rng(0)
     for _ in range(50):

@@ -193,6 +193,36 @@ def test_notches_are_filled_only_where_the_segmenter_was_unsure():
     assert fill_notches(femur, prob, spacing, 0.0, NOTCH_FILL_GATE) is femur  # off
 
 
+def test_the_femur_probability_is_pulled_onto_the_scans_edge(detector):
+    """refine_probability (guided filter): a coarse probability whose 0.5 contour lies 1.4 mm
+    outside the bone's edge in the scan ends up on that edge; deep inside and far outside
+    it does not move; radius 0 turns it off; a bad radius or eps is refused."""
+    import dataclasses
+
+    from bmltrt.errors import BmlError
+    from bmltrt.pipeline import Detector
+    from bmltrt.postprocess.guided import guided_filter
+
+    spacing = (3.0, 0.36, 0.36)
+    yy = np.arange(160)[None, :, None] * np.ones((2, 1, 160))
+    norm = np.where(yy < 80, 0.3, 0.9).astype(np.float32)  # bone (dark marrow) above row 80
+    norm += np.random.default_rng(0).normal(0, 0.02, norm.shape).astype(np.float32)
+    prob = (1 / (1 + np.exp((yy - 84) / 3.0))).astype(np.float32)  # 0.5 at row 84: 4 px too far
+    out = detector.refine_probability(norm, prob, spacing)
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    rows = (out > 0.5).sum(axis=1)  # per column: how many rows are femur
+    assert np.abs(rows - 80).max() <= 1 and np.abs((prob > 0.5).sum(axis=1) - 84).max() == 0
+    assert np.allclose(out[:, :40], prob[:, :40], atol=0.02) and np.allclose(out[:, 130:], prob[:, 130:], atol=0.02)
+    flat = np.full((1, 50, 50), 0.7, np.float32)  # a constant probability stays constant
+    assert np.allclose(guided_filter(norm[:1, :50, :50], flat, (5, 5), 0.01), 0.7, atol=1e-4)
+    off = Detector(detector.backend, dataclasses.replace(detector.config, femur_refine_mm=0.0))
+    assert off.refine_probability(norm, prob, spacing) is prob
+    for mm, eps, passes in ((-1.0, 0.01, 1), (4.0, 0.0, 1), (4.0, 0.01, 0)):
+        with pytest.raises(BmlError, match="femur refinement"):
+            Detector(detector.backend, dataclasses.replace(detector.config, femur_refine_mm=mm, femur_refine_eps=eps,
+                                                           femur_refine_passes=passes))
+
+
 def test_femur_slices_with_a_sliver_of_femur_are_dropped_from_the_mask(detector):
     """femur_mask drops slices with under femur_min_slice_fraction of the largest femur
     slice's area (fragments beside the outermost condyle on real scans)."""

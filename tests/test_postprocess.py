@@ -65,3 +65,21 @@ def test_cupy_path_equals_numpy_path():
     assert np.array_equal(cp.asnumpy(got), ref)
     he = equalize_hist(cp.asarray(x))
     assert np.allclose(cp.asnumpy(he), equalize_hist(x), atol=1e-6)
+
+
+def test_guided_filter_near_the_femur_is_the_full_filter_there():
+    """guided_filter_near crops the CPU work to where the probability is; inside that box it
+    gives what the whole-volume filter gives, and an all-zero probability comes back as is."""
+    from bmltrt.postprocess.guided import guided_filter, guided_filter_near
+
+    rng = np.random.default_rng(0)
+    guide = rng.random((6, 120, 140)).astype(np.float32)
+    p = np.zeros_like(guide)
+    p[2:4, 40:70, 50:90] = 1.0
+    full = guided_filter(guide, p, (3, 3), 0.001, passes=2)
+    near = guided_filter_near(guide, p, (3, 3), 0.001, passes=2)
+    assert near.dtype == np.float32 and np.array_equal(near > 0.5, full > 0.5)
+    assert np.allclose(near[2:4, 30:80, 40:100], full[2:4, 30:80, 40:100], atol=1e-5)
+    assert near[0].max() == 0 and near[:, :, :20].max() == 0  # far away: untouched zeros
+    zero = np.zeros_like(guide)
+    assert guided_filter_near(guide, zero, (3, 3), 0.001) is zero

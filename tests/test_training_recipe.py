@@ -48,9 +48,12 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     last = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
     assert last["step"] == 4
     # fine-tuning starts from those weights, with every generated scan carrying lesions
+    # (another --seed reuses the anatomy bank: it is keyed by --bank-seed, not rebuilt)
+    bank = sorted(p.name for p in (tmp_path / "bank").iterdir())
     tune = [a if a != str(tmp_path / "seg") else str(tmp_path / "tuned") for a in common]
     _run(tune + ["--steps", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p", "1", "--lr", "1e-9",
-                 "--lesion-surface-p", "0.6", "--lesion-weight", "5", "--shell-weight", "5"])
+                 "--lesion-surface-p", "0.6", "--lesion-weight", "5", "--shell-weight", "5", "--seed", "7"])
+    assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == bank
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
     assert tuned["config"]["lesion_surface_p"] == 0.6 and tuned["config"]["lesion_weight"] == 5.0

@@ -153,7 +153,8 @@ class FemurCrop:
 def femur_cleanup_of(det) -> dict:
     """The detector's femur clean-up and slice rule: part of what a cached femur or map is."""
     c = det.config
-    return {"threshold": c.femur_threshold, "edge_slice_fraction": c.edge_slice_fraction,
+    return {"threshold": c.femur_threshold, "refine": [c.femur_refine_mm, c.femur_refine_eps, c.femur_refine_passes],
+            "edge_slice_fraction": c.edge_slice_fraction,
             "notch_fill": [c.notch_fill_mm, c.notch_fill_gate], "femur_min_slice_fraction": c.femur_min_slice_fraction}
 
 

@@ -5,7 +5,8 @@ Every sample is a new scan of one anatomy (``anatomy.py``), made on the fly:
 - **geometry**: random affine (flexion +-20 deg, rotation about the limb +-15 deg,
   varus/valgus +-10 deg, scaling +-15 %, shear), a smooth elastic deformation, left knees
   by mirroring, a random sagittal grid (slices 2-4.5 mm, field of view 120-190 mm, the
-  knee off-centre, sometimes a zero-padded border as scanners store it);
+  knee off-centre, sometimes a zero-padded border as scanners store it; the leg goes on
+  beyond the anatomy's top and bottom rows);
 - **appearance**: a random contrast, per tissue, from a prior over fat-suppressed
   IW/PD (the paper's, most often), fat-suppressed T2 (DESS echo 2), water-excited
   gradient echo (DESS echo 1), non-fat-suppressed PD/T1/T2 and fully random contrasts;
@@ -188,6 +189,11 @@ def sample_labels(anatomy: Anatomy, pose: Pose, rng: np.random.Generator, lr_mm:
         if pose.elastic_mm > 0:
             c = c + disp[a]
         coords.append((c / GRID_MM).astype(np.float32))
+    # A knee scan's field of view never shows where the thigh or the leg ends: beyond the
+    # anatomy's top and bottom rows the leg continues as those rows show it. Left as empty
+    # space, a tall field of view now and then showed the femoral shaft ending in mid-image
+    # (4 of 60 generated segmenter scans), which no real knee scan does.
+    coords[1] = np.clip(coords[1], 0, anatomy.labels.shape[1] - 1)
     return ndi.map_coordinates(anatomy.labels, coords, order=0, mode="constant", cval=0, prefilter=False)
 
 
