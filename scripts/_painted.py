@@ -52,10 +52,22 @@ def cases(a):
         yield cid, scan, normalize_intensity(scan.data.astype(np.float32)), true_femur, truth
 
 
+def add_counts(counts: list, mask, truth) -> None:
+    """Add one case's [true-positive, predicted, true] lesion voxels to `counts` in place."""
+    counts[0] += int((mask & truth).sum())
+    counts[1] += int(mask.sum())
+    counts[2] += int(truth.sum())
+
+
 def pooled(tp: int, pred: int, true: int) -> dict:
     """Pooled lesion scores from voxel counts summed over the cases."""
     return {"dice": 2 * tp / max(1, pred + true), "sensitivity": tp / max(1, true),
             "precision": tp / max(1, pred), "tp": tp, "pred": pred, "true": true}
+
+
+def lesion_row(tp: int, pred: int, true: int) -> dict:
+    """pooled() with its scores named lesion_dice, lesion_sensitivity, lesion_precision."""
+    return {k if k in ("tp", "pred", "true") else "lesion_" + k: v for k, v in pooled(tp, pred, true).items()}
 
 
 def write(a, det, script: str, name: str, **fields) -> Path:

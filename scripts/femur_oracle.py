@@ -20,10 +20,7 @@ def main(argv=None) -> int:
     for cid, scan, norm, true_femur, truth in _painted.cases(a):
         for name, femur in (("predicted femur", det.segment_femur(norm, scan.spacing)), ("true femur", true_femur)):
             composite, keep = det.inpaint(norm, femur, scan.spacing)
-            mask = det.postprocess(norm, composite, femur, keep, scan.spacing)
-            acc[name][0] += int((mask & truth).sum())
-            acc[name][1] += int(mask.sum())
-            acc[name][2] += int(truth.sum())
+            _painted.add_counts(acc[name], det.postprocess(norm, composite, femur, keep, scan.spacing), truth)
         print(cid, {k: v[:] for k, v in acc.items()}, flush=True)
     results = {k: _painted.pooled(*v) for k, v in acc.items()}
     _painted.write(a, det, "femur_oracle.py", "femur_oracle.json", pooled_lesion=results)

@@ -55,12 +55,9 @@ def main(argv=None) -> int:
             femur = d.femur_mask(d.refine_probability(norm, prob, scan.spacing), scan.spacing)
             dice[v].append(2 * (femur & true_femur).sum() / max(1, femur.sum() + true_femur.sum()))
             composite, keep = d.inpaint(norm, femur, scan.spacing)
-            mask = d.postprocess(norm, composite, femur, keep, scan.spacing)
-            s = acc[v]
-            s[0] += int((mask & truth).sum()); s[1] += int(mask.sum()); s[2] += int(truth.sum())
+            _painted.add_counts(acc[v], d.postprocess(norm, composite, femur, keep, scan.spacing), truth)
         print(cid, {v: (round(dice[v][-1], 4), acc[v][:]) for v in variants}, flush=True)
-    rows = [{"variant": v, "femur_dice_mean": float(np.mean(dice[v])),
-             **{("lesion_" + k if k not in ("tp", "pred", "true") else k): x for k, x in _painted.pooled(*acc[v]).items()}}
+    rows = [{"variant": v, "femur_dice_mean": float(np.mean(dice[v])), **_painted.lesion_row(*acc[v])}
             for v in variants]
     _painted.write(a, det, "femur_refine.py", f"femur_refine_{a.split}.json", variants=rows)
     for r in rows:

@@ -42,15 +42,12 @@ def main(argv=None) -> int:
             if repaint_true or search_true:  # the searched slices are the predicted femur's
                 keep = det.slice_plan(femur, scan.spacing)
             mask = det.postprocess(norm, composite, true_femur if search_true else femur, keep, scan.spacing)
-            s = acc[name]
-            s[0] += int((mask & truth).sum())
-            s[1] += int(mask.sum())
-            s[2] += int(truth.sum())
+            _painted.add_counts(acc[name], mask, truth)
         det.config = base
         print(cid, {k: v[:] for k, v in acc.items()}, flush=True)
     rows = [{"variant": name, "margin_mm": margin, "repainted": "true femur" if rt else "predicted femur",
              "searched": "true femur" if st else "predicted femur",
-             **{k if k in ("tp", "pred", "true") else "lesion_" + k: v for k, v in _painted.pooled(*acc[name]).items()}}
+             **_painted.lesion_row(*acc[name])}
             for name, margin, rt, st in variants]
     _painted.write(a, det, "inpaint_margin.py", f"inpaint_margin_{a.split}.json",
                    lesion_in_predicted_femur=in_femur[0] / max(1, in_femur[1]), variants=rows)

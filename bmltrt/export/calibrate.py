@@ -56,7 +56,7 @@ def calibration_inputs(store, cases: int = 2, seed: int = 11, resolutions=None) 
         ph = make_phantom([seed, i], PhantomConfig(n_lesions=(1, 3)))
         norm = normalize_intensity(ph.image.astype(np.float32))
         det = Detector(rec, DetectConfig(resolution=resolutions[0]))
-        det.segment_femur(norm, ph.spacing)  # records the segmenter's patches
+        det.femur_probability(norm, ph.spacing)  # records the segmenter's patches (no mask needed)
         # The inpainters are calibrated on the phantom's true femur: what they are given must
         # not hang on how good the segmenter is (an untrained one may find no femur at all).
         femur = ph.femur.astype(bool)

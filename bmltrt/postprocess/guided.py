@@ -47,7 +47,8 @@ def guided_filter_near(guide, p, radius_px: tuple[int, int], eps: float, passes:
     xp = array_module(p)
     if xp is not np:
         return guided_filter(guide, p, radius_px, eps, passes)
-    idx = [np.flatnonzero(np.any(p > floor, axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
+    hot = p > floor
+    idx = [np.flatnonzero(hot.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
     if any(len(i) == 0 for i in idx):
         return p
     reach = (0, 2 * int(passes) * int(radius_px[0]) + 1, 2 * int(passes) * int(radius_px[1]) + 1)
