@@ -77,6 +77,7 @@ def test_one_inpainter_trains_at_several_resolutions(labels_dir, tmp_path):
     (["--resolution", "a,b"], "not a number"),
     (["--phantom-fraction", "2"], "not in [0, 1]"),
     (["--autocast", "fp8"], "--autocast"),
+    (["--bank-seed", "-1"], "--bank-seed"),
 ])
 def test_bad_training_options_are_one_line(labels_dir, tmp_path, args, words):
     r = CliRunner().invoke(app, ["train", "inpainter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
