@@ -213,6 +213,8 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
     if autocast not in ("none", "bf16"):
         raise BmlError(f"--autocast {autocast!r} is not none or bf16")
     extra: dict = {"autocast": autocast, **(more or {})}
+    if extra.get("init") is not None and not Path(extra["init"]).is_file():  # before minutes of bank building
+        raise BmlError("no such checkpoint or graph (--init)", extra["init"])
     if d.labels is not None:
         from bmltrt.synth.dataset import label_files
         from bmltrt.training.data import bank_paths
@@ -339,7 +341,10 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                         steps: int = _STEPS, batch_size: int = _BS, lr: float = typer.Option(1e-3, "--lr", min=0.0),
                         device: str = _DEV, seed: int = _SEED, resume: bool = _RESUME, val_every: int = _VAL,
                         limit_cases: Optional[int] = _LIMIT, time_limit: Optional[float] = _TIME,
-                        autocast: str = _AMP):
+                        autocast: str = _AMP,
+                        init: Optional[Path] = typer.Option(None, "--init", help="Start from this generator's "
+                                                            "weights (fine-tuning): an inpainter checkpoint or a "
+                                                            "float32 inpainter_<R>.onnx of a models folder.")):
     """Train the LaMa (FFC) generator on healthy slices, GAN-style."""
     try:
         resolutions = [int(r) for r in resolution.split(",") if r.strip()]
@@ -351,7 +356,7 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                            hint="use 128, 192, 256, 320 or 448")
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     _train_common("inpainter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
-                  limit_cases, time_limit, autocast, resolutions)
+                  limit_cases, time_limit, autocast, resolutions, more={"init": init} if init else None)
 
 
 def _post_overrides(floor, opening_mm, closing_mm, min_area_mm2) -> dict:

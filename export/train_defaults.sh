@@ -58,7 +58,17 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
     --init "$work/segmenter_ft/best.pt" --lesion-p 0.9 --max-lesions 6 --lesion-surface-p 0.6 --lr 3e-4 \
     --steps "${STEPS_SURFACE:-2400}" --batch-size 2 --device "$dev" --seed 3 --bank-seed 3 --val-every 400 \
     --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_surface.log" 2>&1
-# The shipped segmenter is stage 3's best.pt (run_loop's select: best Dice on the generated
+# Stage 4 (2026-12-06): scans whose fat-suppressed contrasts now and then show muscle as
+# dark as the suppressed marrow (labelgen.DARK_MUSCLE_P), as real DESS echo 2 does; stages
+# 1-3 of the shipped segmenter never saw that, and it lost the femoral shaft on the real
+# qDESS echo 2. Starts from stage 3's best.pt; the shipped run started from the same
+# weights as export/segmenter.onnx of 2026-11-25 (`--init export/segmenter.onnx`).
+OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels" --bank-cache "$work/anatomy_bank" \
+    --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_dark" \
+    --init "$work/segmenter_surface/best.pt" --lesion-p 0.9 --max-lesions 6 --lesion-surface-p 0.6 --lr 2e-4 \
+    --steps "${STEPS_DARK:-1600}" --batch-size 2 --device "$dev" --seed 0 --val-every 400 \
+    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_dark.log" 2>&1
+# The shipped segmenter is stage 4's best.pt (run_loop's select: best Dice on the generated
 # validation scans, never on OAI), not necessarily its last step.
-$py -m bmltrt export --segmenter "$work/segmenter_surface/best.pt" --inpainter "$work/inpainter/checkpoint.pt" \
+$py -m bmltrt export --segmenter "$work/segmenter_dark/best.pt" --inpainter "$work/inpainter/checkpoint.pt" \
     --resolutions "$resolutions" --default-resolution 256 --precision both --out "$work/models"

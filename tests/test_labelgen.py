@@ -149,6 +149,15 @@ def test_contrast_families_keep_fat_and_marrow_together():
             assert m["fluid"] > m["marrow"] and m["fluid"] > m["fat"]
 
 
+def test_fat_suppressed_contrasts_sometimes_have_muscle_as_dark_as_marrow():
+    """Real DESS echo 2 / T2-fs: muscle can be as dark as the suppressed marrow; the prior
+    must produce that now and then (and not always)."""
+    rng = np.random.default_rng(0)
+    ratios = np.array([m["muscle"] / m["marrow"] for m in (G.draw_contrast(rng, "t2_fs")[1] for _ in range(400))])
+    dark = ratios < 1.6 + 1e-6
+    assert 0.2 < dark.mean() < 0.5 and ratios.min() >= 0.8 - 1e-6
+
+
 @pytest.mark.parametrize("res", (128, 256))
 def test_inpainter_sample_is_one_healthy_square_slice(anatomy, res):
     smp = G.inpainter_sample(anatomy, np.random.default_rng(7), res)

@@ -70,6 +70,53 @@ def test_one_inpainter_trains_at_several_resolutions(labels_dir, tmp_path):
     ck = torch.load(tmp_path / "inp" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 3 and ck["config"]["resolutions"] == [64, 128]
     assert ck["history"][-1]["gen_masked_l1"] > 0
+    # fine-tuning the shipped generator: its float32 graph is the start, its BatchNorms frozen
+    _run(["train", "inpainter", "--labels", str(labels_dir), "--bank-cache", str(tmp_path / "bank"),
+          "--phantoms", "0", "--out", str(tmp_path / "tuned"), "--config", "tiny", "--resolution", "128",
+          "--steps", "1", "--batch-size", "2", "--val-every", "1", "--lr", "1e-9", "--init", "export/inpainter_128.onnx"])
+    tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
+    assert tuned["config"]["frozen_bn"] is True and tuned["config"]["init"].endswith("inpainter_128.onnx")
+    from bmltrt.export.onnx_export import generator_weights_from_graph
+
+    start, _ = generator_weights_from_graph("export/inpainter_128.onnx")
+    for k in ("head.1.weight", "blocks.0.conv1.bn_l.running_var", "stem.bn_l.bias"):  # tiny lr, frozen statistics
+        assert torch.allclose(tuned["modules"]["gen"][k], start[k], atol=1e-6), k
+
+
+def test_shipped_inpainter_graph_is_a_fine_tuning_start():
+    """The shipped float32 inpainter graph (BatchNorms folded into its convolutions, weights
+    renamed by the export) gives back a generator that computes what the graph computes, in
+    eval mode and, with its BatchNorms frozen, in training mode too."""
+    import onnxruntime as ort
+
+    from bmltrt.models.lama import InpainterConfig, LamaGenerator
+    from bmltrt.runtime.models import ModelStore
+    from bmltrt.training.checkpoint import load_weights
+
+    store = ModelStore.open()
+    path = store.path("inpainter_128", "fp32")
+    gen = LamaGenerator(InpainterConfig.from_dict(store.entry("inpainter_128")["config"]))
+    gen.load_state_dict(load_weights(path, "inpainter", "gen"))
+    x = np.random.default_rng(0).random((2, 2, 128, 128), dtype=np.float32)
+    x[:, 1] = x[:, 1] > 0.7
+    x[:, 0] *= 1 - x[:, 1]
+    graph = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"masked_and_mask": x})[0]
+    with torch.no_grad():
+        assert np.abs(gen.eval()(torch.from_numpy(x)).numpy() - graph).max() < 1e-4
+        assert np.abs(gen.freeze_bn().train()(torch.from_numpy(x)).numpy() - graph).max() < 1e-4
+        assert np.abs(gen.freeze_bn(False).train()(torch.from_numpy(x)).numpy() - graph).max() > 1e-3
+
+
+def test_inpainter_init_errors_are_one_line(labels_dir, tmp_path):
+    from bmltrt.errors import BmlError
+    from bmltrt.training.checkpoint import load_weights
+
+    with pytest.raises(BmlError, match="float32"):
+        load_weights("export/inpainter_128_fp16.onnx", "inpainter", "gen")
+    r = CliRunner().invoke(app, ["train", "inpainter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
+                                 "--steps", "1", "--init", str(tmp_path / "missing.onnx")])
+    assert r.exit_code == 2 and "no such checkpoint" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("args, words", [

@@ -131,3 +131,99 @@ def export_models(segmenter: Path | None, inpainters: list[Path], out_dir: Path,
     kw.setdefault("precision", "fp32")
     return make_models(out_dir, segmenter=segmenter, inpainters=list(inpainters),
                        default_resolution=default_resolution, **kw)
+
+
+def generator_weights_from_graph(path) -> tuple[dict, dict]:
+    """(state dict, config dict) of the generator in a float32 inpainter graph that
+    `bmltrt export` wrote, so a shipped inpainter (whose checkpoint is not shipped) can be
+    fine-tuned with --init.
+
+    The TorchScript export folds each BatchNorm that follows a convolution into it and
+    renames the weights after their nodes. A fresh generator with random weights is
+    exported the same way to learn which initializer is which weight; a folded pair comes
+    back as the folded convolution and an identity BatchNorm carrying its bias
+    (gamma = sqrt(1 + eps), beta = b', mean 0, variance 1). That is exact with the
+    BatchNorms in eval mode, so such a fine-tune freezes them (LamaGenerator.freeze_bn).
+    """
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from bmltrt.models.lama import InpainterConfig, LamaGenerator
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
+        raise BmlError(f"not an ONNX graph ({type(e).__name__})", path) from None
+    manifest = Path(path).with_name(MANIFEST)
+    entry = None
+    if manifest.is_file():
+        import json
+
+        models = json.loads(manifest.read_text()).get("models", {})
+        entry = next((m for m in models.values() if m.get("file") == Path(path).name and m.get("kind") == "inpainter"),
+                     None)
+    if entry is None or "config" not in entry:
+        raise BmlError("no inpainter of this graph in the manifest beside it", path,
+                       "give a float32 inpainter graph of a models folder (e.g. export/inpainter_256.onnx)")
+    shipped = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    if any(a.dtype != np.float32 for a in shipped.values() if a.dtype.kind == "f"):
+        raise BmlError("not a float32 graph", path, "give inpainter_<R>.onnx, not the _fp16 graph")
+    cfg = InpainterConfig.from_dict(entry["config"])
+    res = int(entry.get("resolution") or 128)
+    probe = LamaGenerator(cfg, fft_impl="torch")
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: (torch.rand(v.shape, generator=gen) + 0.5 if v.dtype.is_floating_point else v)
+          for k, v in probe.state_dict().items()}  # distinct, positive (variances) values
+    model, _ = inpainter_graph({"config": {"inpainter": cfg.to_dict(), "resolutions": [res]},
+                                "modules": {"gen": sd}}, res, what=path)
+    probe_inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    if set(probe_inits) != set(shipped):
+        raise BmlError("this graph's weights do not match its manifest's generator config", path)
+
+    def find(a):
+        hits = [n for n, x in probe_inits.items() if x.shape == a.shape and np.allclose(x, a, rtol=1e-4, atol=1e-6)]
+        return hits[0] if len(hits) == 1 else None
+
+    out = {}
+    modules = dict(probe.named_modules())
+    bn_names = {name for name, m in modules.items() if isinstance(m, torch.nn.BatchNorm2d)}
+    for name, mod in probe.named_modules():
+        if not isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            continue
+        w = sd[name + ".weight"].numpy()
+        hit = find(w)
+        if hit:
+            out[name + ".weight"] = shipped[hit]
+            hit = find(sd[name + ".bias"].numpy()) if mod.bias is not None else None
+            if hit:
+                out[name + ".bias"] = shipped[hit]
+            continue
+        for bn in sorted(bn_names):  # the BatchNorm folded into this convolution
+            g, b = sd[bn + ".weight"].numpy(), sd[bn + ".bias"].numpy()
+            m, v = sd[bn + ".running_mean"].numpy(), sd[bn + ".running_var"].numpy()
+            eps = modules[bn].eps
+            s = g / np.sqrt(v + eps)
+            ch = 1 if isinstance(mod, torch.nn.ConvTranspose2d) else 0
+            if w.shape[ch] != s.size:
+                continue
+            folded = w * s.reshape([-1 if i == ch else 1 for i in range(w.ndim)])
+            hw, hb = find(folded), find(b - m * s)
+            if hw and hb:
+                out[name + ".weight"] = shipped[hw]
+                out[bn + ".weight"] = np.full(s.size, np.sqrt(1 + eps), np.float32)
+                out[bn + ".bias"] = shipped[hb]
+                out[bn + ".running_mean"] = np.zeros(s.size, np.float32)
+                out[bn + ".running_var"] = np.ones(s.size, np.float32)
+                bn_names.discard(bn)
+                break
+    for bn in bn_names:  # BatchNorms the export kept as they are
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            hit = find(sd[f"{bn}.{key}"].numpy())
+            if hit:
+                out[f"{bn}.{key}"] = shipped[hit]
+    missing = [k for k, v in sd.items() if v.dtype.is_floating_point and k not in out]
+    if missing:
+        raise BmlError(f"could not recover {len(missing)} generator weights from this graph (e.g. {missing[0]})", path)
+    state = {k: torch.from_numpy(np.array(out[k], np.float32)) if k in out else v.clone() for k, v in sd.items()}
+    return state, cfg.to_dict()

@@ -165,6 +165,22 @@ class LamaGenerator(nn.Module):
         self.up = nn.Sequential(*ups)
         self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ngf, 1, 7))
         self.set_fft_impl(fft_impl)
+        self.frozen_bn = False
+
+    def freeze_bn(self, frozen: bool = True) -> "LamaGenerator":
+        """Keep every BatchNorm in eval mode (running statistics, no updates) even while
+        training: a generator recovered from an exported graph has its BatchNorms folded
+        into the convolutions, which is exact only in eval mode."""
+        self.frozen_bn = frozen
+        return self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "frozen_bn", False):
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
 
     def set_fft_impl(self, impl: str) -> "LamaGenerator":
         if impl not in FFT_IMPLS:

@@ -9,7 +9,8 @@ Every sample is a new scan of one anatomy (``anatomy.py``), made on the fly:
   beyond the anatomy's top and bottom rows);
 - **appearance**: a random contrast, per tissue, from a prior over fat-suppressed
   IW/PD (the paper's, most often), fat-suppressed T2 (DESS echo 2), water-excited
-  gradient echo (DESS echo 1), non-fat-suppressed PD/T1/T2 and fully random contrasts;
+  gradient echo (DESS echo 1), non-fat-suppressed PD/T1/T2 and fully random contrasts
+  (muscle as dark as marrow now and then in the fat-suppressed ones);
   texture per tissue (trabeculae, muscle fibres), partial volume across the slice
   thickness, in-plane blur, bias field, Rician noise; then the runtime's own
   intensity normalisation;
@@ -61,6 +62,14 @@ CONTRASTS = {
                      "vessel": (0.15, 0.9)}),
     "random": (0.15, {}),
 }
+# Fat-suppressed and water-excited scans often show muscle as dark as the suppressed marrow
+# (short-T2 muscle at a long echo time: DESS echo 2, T2-fs). On the real qDESS echo 2 the
+# femoral shaft then stands out from the thigh by its thin cortex only, and a segmenter
+# trained on muscle always 1-3x brighter than marrow lost the shaft there. Measured on
+# generated T2-fs scans with muscle at 1.1x marrow: the shipped 2026-11-25 segmenter's
+# femur Dice fell from 0.970 to 0.875 (0.80 in the shaft's third).
+DARK_MUSCLE_P, DARK_MUSCLE_RATIO = 0.3, (0.8, 1.6)
+FAT_SUPPRESSED = ("iw_fs", "t2_fs", "gre_we")
 CLASSES = ("air", "marrow", "cortex", "physis", "cartilage", "dark", "fat", "muscle", "fluid", "vessel", "edema")
 
 
@@ -78,6 +87,8 @@ def draw_contrast(rng: np.random.Generator, family: str | None = None) -> tuple[
         means["air"] = float(rng.uniform(0, 0.02))
         if family == "non_fs":  # fat and marrow are both fat
             means["fat"] = float(np.clip(means["marrow"] * rng.uniform(0.85, 1.2), 0.4, 1.1))
+        if family in FAT_SUPPRESSED and rng.random() < DARK_MUSCLE_P:
+            means["muscle"] = means["marrow"] * float(rng.uniform(*DARK_MUSCLE_RATIO))
         means["physis"] = means["cortex"] + rng.uniform(0, 0.6) * (means["marrow"] - means["cortex"])
     # Oedema replaces fat with water: toward fluid in every contrast.
     means["edema"] = means["marrow"] + rng.uniform(0.25, 0.9) * (means["fluid"] - means["marrow"])

@@ -69,6 +69,10 @@ def load_weights(path, kind: str, module: str) -> dict:
     if not Path(path).exists():
         raise BmlError("no such checkpoint", path)
     if Path(path).suffix == ".onnx":
+        if kind == "inpainter":
+            from bmltrt.export.onnx_export import generator_weights_from_graph
+
+            return generator_weights_from_graph(path)[0]
         return weights_from_onnx(path, module)
     st = load(path)
     if st.get("kind") != kind:

@@ -13,6 +13,8 @@ Losses, as LaMa's, with what cannot be had here replaced:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from bmltrt.errors import BmlError
 from bmltrt.models.discriminator import PatchDiscriminator
 from bmltrt.models.lama import InpainterConfig, LamaGenerator, composite, inpainter_input
 from bmltrt.training import augment
-from bmltrt.training.checkpoint import seed_everything
+from bmltrt.training.checkpoint import load_weights, seed_everything
 from bmltrt.training.data import inpainter_slices
 from bmltrt.training.loop import RunOptions, resolve_device, run_loop
 
@@ -100,6 +102,16 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
         keep = np.linspace(0, len(vimgs) - 1, 96).astype(int)
         vimgs, vmasks = vimgs[keep], vmasks[keep]
     gen = LamaGenerator(cfg, fft_impl="torch").to(device)
+    init = opts.extra.get("init")
+    if init:  # start from another run's (or a shipped graph's) weights: fine-tuning
+        try:
+            missing, unexpected = gen.load_state_dict(load_weights(init, "inpainter", "gen"), strict=False)
+        except RuntimeError:  # a weight of another shape
+            missing, unexpected = ["?"], []
+        if missing or unexpected:
+            raise BmlError("--init does not fit this generator config", init, "give --config of that run")
+        if Path(init).suffix == ".onnx":
+            gen.freeze_bn()  # its BatchNorms are folded into the convolutions: exact in eval mode only
     disc = PatchDiscriminator(ndf=max(16, cfg.ngf)).to(device)
     opt_g = torch.optim.Adam(gen.parameters(), lr=opts.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=opts.lr / 2, betas=(0.5, 0.999))
@@ -203,7 +215,8 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
 
     config = {"inpainter": cfg.to_dict(), "resolution": resolutions[0] if len(resolutions) == 1 else None,
               "resolutions": resolutions, "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
-              "data": str(opts.data) if opts.data else None, "autocast": "bf16" if amp else "none"}
+              "data": str(opts.data) if opts.data else None, "autocast": "bf16" if amp else "none",
+              "init": str(init) if init else None, "frozen_bn": gen.frozen_bn}
     return run_loop(opts, "inpainter", config, {"gen": gen, "disc": disc}, {"opt_g": opt_g, "opt_d": opt_d},
                     step, validate, rng, progress,
                     select=("gen_masked_l1", "min"))
