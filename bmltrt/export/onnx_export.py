@@ -150,25 +150,23 @@ def generator_weights_from_graph(path) -> tuple[dict, dict]:
     from onnx import numpy_helper
 
     from bmltrt.models.lama import InpainterConfig, LamaGenerator
+    from bmltrt.runtime.models import ModelStore
 
+    store = ModelStore.open(Path(path).parent)  # one line when the manifest is missing or broken
+    files = {n: {p: store.entry(n, p)["file"] for p in store.precisions(n)}
+             for n, e in store.manifest.get("models", {}).items() if e.get("kind") == "inpainter"}
+    name = next((n for n, f in files.items() if Path(path).name in f.values()), None)
+    if name is None:
+        raise BmlError("no inpainter of this graph in the manifest beside it", path,
+                       "give a float32 inpainter graph of a models folder (e.g. export/inpainter_256.onnx)")
+    if files[name].get("fp32") != Path(path).name:
+        raise BmlError("not a float32 graph", path, "give inpainter_<R>.onnx, not the _fp16 graph")
+    entry = store.entry(name, "fp32")
     try:
         graph = onnx.load(str(path)).graph
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
         raise BmlError(f"not an ONNX graph ({type(e).__name__})", path) from None
-    manifest = Path(path).with_name(MANIFEST)
-    entry = None
-    if manifest.is_file():
-        import json
-
-        models = json.loads(manifest.read_text()).get("models", {})
-        entry = next((m for m in models.values() if m.get("file") == Path(path).name and m.get("kind") == "inpainter"),
-                     None)
-    if entry is None or "config" not in entry:
-        raise BmlError("no inpainter of this graph in the manifest beside it", path,
-                       "give a float32 inpainter graph of a models folder (e.g. export/inpainter_256.onnx)")
     shipped = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    if any(a.dtype != np.float32 for a in shipped.values() if a.dtype.kind == "f"):
-        raise BmlError("not a float32 graph", path, "give inpainter_<R>.onnx, not the _fp16 graph")
     cfg = InpainterConfig.from_dict(entry["config"])
     res = int(entry.get("resolution") or 128)
     probe = LamaGenerator(cfg, fft_impl="torch")

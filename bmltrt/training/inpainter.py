@@ -105,11 +105,9 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
     init = opts.extra.get("init")
     if init:  # start from another run's (or a shipped graph's) weights: fine-tuning
         try:
-            missing, unexpected = gen.load_state_dict(load_weights(init, "inpainter", "gen"), strict=False)
-        except RuntimeError:  # a weight of another shape
-            missing, unexpected = ["?"], []
-        if missing or unexpected:
-            raise BmlError("--init does not fit this generator config", init, "give --config of that run")
+            gen.load_state_dict(load_weights(init, "inpainter", "gen"))  # strict: names and shapes
+        except RuntimeError:
+            raise BmlError("--init does not fit this generator config", init, "give --config of that run") from None
         if Path(init).suffix == ".onnx":
             gen.freeze_bn()  # its BatchNorms are folded into the convolutions: exact in eval mode only
     disc = PatchDiscriminator(ndf=max(16, cfg.ngf)).to(device)
