@@ -313,6 +313,10 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                                help="Share of those lesions that are small "
                                                                "(1.5-6 mm) and touch the bone surface under "
                                                                "the cartilage."),
+                        lesion_breach_p: float = typer.Option(0.0, "--lesion-breach-p", min=0.0, max=1.0,
+                                                              help="Share of those surface lesions that "
+                                                              "replace the cortex under them too (the "
+                                                              "oedema then touches the cartilage)."),
                         lesion_weight: float = typer.Option(0.0, "--lesion-weight", min=0.0, max=100.0,
                                                             help="Extra cross-entropy weight on the "
                                                             "generated lesions' voxels (they are femur: "
@@ -324,6 +328,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
+            "lesion_breach_p": lesion_breach_p,
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,

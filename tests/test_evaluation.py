@@ -370,3 +370,24 @@ def test_two_models_folders_side_by_side(tiny_dataset, tmp_path):
     line = _one_line_exit_2(CliRunner().invoke(app, ["evaluate", str(tiny_dataset), "--models", f"x={d}",
                                                      "--models", f"x={d}", "-o", str(tmp_path / "o")]))
     assert "labelled 'x'" in line
+
+
+def test_painted_datasets_name_their_painter(tmp_path):
+    """Scores on painted label maps compare only within one painter version: evaluation
+    records it (datasets made before it was recorded are painter 1) and the caption says it."""
+    from bmltrt.evaluation.evaluate import _painter
+    from bmltrt.evaluation.tables import caption
+
+    def ds(name, settings):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dataset.json").write_text(json.dumps({"settings": settings}))
+        return tmp_path / name
+
+    assert _painter(ds("old", {"mode": "labels"})) == 1
+    assert _painter(ds("new", {"mode": "labels", "painter": 2})) == 2
+    assert _painter(ds("ph", {"mode": "phantom"})) is None
+    doc = {"data": {"split": "test", "path": "x", "mode": "labels", "painter": 2, "n_cases": 3, "n_lesions": 4},
+           "backend": {"name": "onnxruntime", "device": "cpu", "precision": "fp32"}, "date": "2026-12-06"}
+    assert "(painter 2)" in caption(doc)
+    doc["data"].update(mode="phantom", painter=None)
+    assert "painter" not in caption(doc)

@@ -86,6 +86,31 @@ def test_from_labels_paints_and_reslices(tmp_path):
     assert ph.image[ph.lesion.astype(bool)].mean() > ph.image[ph.femur.astype(bool) & ~ph.lesion.astype(bool)].mean()
 
 
+def test_painted_subchondral_lesion_is_visible_up_to_the_bone_surface(tmp_path):
+    """Every lesion voxel the truth names must look like lesion: painter 1 drew the cortex
+    over the outer millimetre of subchondral lesions, so a fifth of OAI_AKOA's lesion
+    voxels were no brighter than healthy marrow, and no method could score them."""
+    from scipy import ndimage as ndi
+
+    from bmltrt.synth.labels import phantom_from_labels
+
+    path = _label_map(tmp_path / "k_labels.nii.gz")
+    lab = np.asanyarray(nib.load(str(path)).dataobj).copy()
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in lab.shape], indexing="ij")
+    lab[lab == 7] = 1
+    # a lesion reaching the femur's lower surface (femur: radius 25 about row 30, ending at row 54)
+    lab[(lab == 1) & ((yy - 50) ** 2 + (xx - 48) ** 2 < 9 ** 2) & (zz > 4) & (zz < 16)] = 7
+    save_nifti(path, lab, np.diag([0.7, 0.365, 0.365, 1.0]))
+    for seed in range(3):
+        ph = phantom_from_labels(path, seed)
+        les, fem, img = ph.lesion.astype(bool), ph.femur.astype(bool), ph.image.astype(np.float32)
+        assert les.sum() > 50
+        inplane = np.ones((1, 3, 3), bool)  # the map is 5 slices thick: erode within slices
+        healthy = ndi.binary_erosion(fem, inplane, 4) & ~ndi.binary_dilation(les, inplane, 8)
+        visible = img[les] > np.percentile(img[healthy], 90)
+        assert visible.mean() > 0.8, (seed, visible.mean())  # painter 1: 0.64 for seed 0
+
+
 @needs_shared
 def test_from_real_labels(tmp_path):
     files = sorted((SHARED_DATA / "labels" / "OAI_AKOA").glob("*.nii.gz"))
@@ -111,6 +136,8 @@ def test_synth_cli_from_labels(tmp_path):
     man = json.loads((out / "dataset.json").read_text())
     # painted label maps are never training data; subjects are dealt to val and test
     assert man["splits"]["train"] == [] and man["splits"]["val"] == ["a"] and man["splits"]["test"] == ["b"]
+    from bmltrt.synth.labels import PAINTER_VERSION
+    assert man["settings"]["painter"] == PAINTER_VERSION  # scores compare within one painter only
     r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no label maps" in r.stderr
 

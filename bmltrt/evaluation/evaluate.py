@@ -268,7 +268,7 @@ def run(plan: Plan, data: Path, split: str, *, tune: bool = False, params: dict 
         "bmltrt_version": __version__,
         "machine": machine(),
         "data": {"path": str(data), "split": split, "n_cases": len(maps.cases), "n_lesions": n_lesions,
-                 "mode": _dataset_mode(data), "limit": limit},
+                 "mode": _dataset_mode(data), "painter": _painter(data), "limit": limit},
         "backend": {"name": first.name, "device": first.device, "precision": first.precision},
         "model_sets": [ms.describe() for ms in plan.model_sets],
         "regions": {"volume": "every voxel of the scan", "femur": "voxels inside the true femur mask"},
@@ -290,11 +290,22 @@ def _short(cfg: PostConfig) -> dict:
     return d
 
 
-def _dataset_mode(data: Path) -> str:
+def _dataset_settings(data: Path) -> dict:
     try:
-        return json.loads((Path(data) / "dataset.json").read_text())["settings"].get("mode", "phantom")
+        return json.loads((Path(data) / "dataset.json").read_text())["settings"]
     except (OSError, KeyError, json.JSONDecodeError):
-        return "unknown"
+        return {"mode": "unknown"}
+
+
+def _dataset_mode(data: Path) -> str:
+    return _dataset_settings(data).get("mode", "phantom")
+
+
+def _painter(data: Path) -> int | None:
+    """Painter version of a `--from-labels` dataset (those made before it was recorded: 1);
+    scores on painted data compare only within one version."""
+    s = _dataset_settings(data)
+    return int(s.get("painter", 1)) if s.get("mode") == "labels" else None
 
 
 def machine() -> dict:

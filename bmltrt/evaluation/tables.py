@@ -112,6 +112,8 @@ def caption(doc: dict) -> str:
     d = doc["data"]
     kind = {"phantom": "knee phantoms (`bmltrt synth`)", "labels": "OAI_AKOA label maps painted by "
             "`bmltrt synth --from-labels`"}.get(d["mode"], d["mode"])
+    if d.get("painter"):
+        kind += f" (painter {d['painter']})"
     be = doc["backend"]
     return (f"{d['split']} split of `{d['path']}` — {kind}: {d['n_cases']} cases, {d['n_lesions']} true lesions "
             f"(3D components); {be['name']} {be['device']} {be['precision']}; {doc['date'][:10]}")

@@ -147,6 +147,8 @@ def split_by_subject(cases: dict[str, int]) -> dict[str, str]:
 def synth_from_labels(out: Path, labels_dir: Path, seed: int, workers: int = 1,
                       progress=lambda: None, cases: int | None = None) -> dict:
     """Paint label maps (1 femur, 7 femoral lesion, ...): val and test splits by subject."""
+    from bmltrt.synth.labels import PAINTER_VERSION
+
     files = label_files(labels_dir)[: cases or None]
     names, burden = [], {}
     for f in files:
@@ -157,7 +159,7 @@ def synth_from_labels(out: Path, labels_dir: Path, seed: int, workers: int = 1,
     jobs = [(str(out), split[name], name, seed, i, str(f)) for i, (f, name) in enumerate(zip(files, names))]
     results = _run(jobs, _label_case, workers, progress)
     return _write_manifest(out, results, {"mode": "labels", "labels_dir": str(labels_dir), "seed": seed,
-                                          "split": "by subject, val/test only"})
+                                          "painter": PAINTER_VERSION, "split": "by subject, val/test only"})
 
 
 def _write_manifest(out: Path, results: list[dict], settings: dict) -> dict:

@@ -209,12 +209,17 @@ def sample_labels(anatomy: Anatomy, pose: Pose, rng: np.random.Generator, lr_mm:
 
 
 def add_lesions(labels: np.ndarray, spacing_mm, rng: np.random.Generator, max_lesions: int = 3,
-                surface_p: float = 0.0) -> np.ndarray:
+                surface_p: float = 0.0, breach_p: float = 0.0) -> np.ndarray:
     """Oedema-like blobs (label FEM_LESION) in the femoral marrow, mostly subchondral.
 
     `surface_p`: share of lesions that are small (1.5-6 mm) and seeded within 2 mm of the
     bone surface under the cartilage, as most of the real OAI BMLs are: those are the ones
-    a segmenter carves out of the femur when it takes their brightness for cartilage."""
+    a segmenter carves out of the femur when it takes their brightness for cartilage.
+    `breach_p`: share of those surface lesions that replace the cortex under them too. A
+    real BML reaches the subchondral plate, a line far thinner than the segmenter's 1.6 mm
+    pixel, so on its grid the oedema touches the cartilage; drawn only in the marrow, every
+    generated lesion kept a dark pixel of cortex above it, and a segmenter trained on those
+    carved lesions that reach the surface out of the femur (painted OAI_AKOA, painter 2)."""
     marrow = np.isin(labels, (T.FEMUR, T.FEMUR_PHYSIS))
     if marrow.sum() < 100:
         return labels
@@ -234,9 +239,12 @@ def add_lesions(labels: np.ndarray, spacing_mm, rng: np.random.Generator, max_le
     out = labels.copy()
     sp = np.asarray(spacing_mm, float)
     for _ in range(int(rng.integers(1, max_lesions + 1))):
+        fill = (T.FEMUR, T.FEMUR_PHYSIS)
         if len(surface) and rng.random() < surface_p:
             c = surface[int(rng.integers(len(surface)))]
             size = float(np.exp(rng.uniform(np.log(1.5), np.log(6.0))))
+            if breach_p > 0 and rng.random() < breach_p:  # no draw at 0: older recipes replay exactly
+                fill = (T.FEMUR, T.FEMUR_PHYSIS, T.FEMUR_CORTEX)
         else:
             c = cand[int(rng.integers(len(cand)))]
             size = float(np.exp(rng.uniform(np.log(2.0), np.log(14.0))))
@@ -253,7 +261,7 @@ def add_lesions(labels: np.ndarray, spacing_mm, rng: np.random.Generator, max_le
         rough = smooth_noise(rng, field.shape, tuple(max(2, n // 3) for n in field.shape))
         blob = (field * (1 + 0.4 * rough)) > 0.5
         sub = out[box]
-        sub[blob & np.isin(sub, (T.FEMUR, T.FEMUR_PHYSIS))] = T.FEM_LESION
+        sub[blob & np.isin(sub, fill)] = T.FEM_LESION
     return out
 
 
@@ -291,7 +299,7 @@ def _zero_border(rng: np.random.Generator, shape: tuple[int, int], px_mm: float)
 
 def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 1.6, n_sub: int = 3,
                      lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3,
-                     surface_p: float = 0.0) -> SegmenterSample:
+                     surface_p: float = 0.0, breach_p: float = 0.0) -> SegmenterSample:
     """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels)."""
     t = _thickness(rng)
     n = max(8, int(round(rng.uniform(80, 150) / t)))
@@ -302,7 +310,7 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     sub_mm = (t / n_sub, px_mm, px_mm)
     labels = sample_labels(anatomy, pose, rng, lr, rows, cols, px_mm)
     if rng.random() < lesion_p:
-        labels = add_lesions(labels, sub_mm, rng, max_lesions, surface_p)
+        labels = add_lesions(labels, sub_mm, rng, max_lesions, surface_p, breach_p)
     fam, means = draw_contrast(rng, family)
     img = paint(labels, rng, means)
     img = img.reshape(n, n_sub, rows, cols).mean(axis=1)

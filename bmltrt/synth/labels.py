@@ -15,6 +15,9 @@ from bmltrt.synth import appearance as app
 from bmltrt.synth.phantom import TISSUE, Phantom
 
 FEMUR, FEM_CART, TIBIA, TIB_CART, PATELLA, PAT_CART, FEM_LESION, TIB_LESION, PAT_LESION = range(1, 10)
+# Recorded in dataset.json: scores on painted data compare only within one painter version.
+# 1: lesions drawn only beyond the cortex; 2 (2026-12-06): up to a thin subchondral plate.
+PAINTER_VERSION = 2
 
 
 @dataclass
@@ -81,13 +84,19 @@ def phantom_from_labels(label_path, seed, grid: OAIGrid | None = None) -> Phanto
     inner = ndi.distance_transform_edt(bones, sampling=sp)
     marrow = TISSUE["marrow"] + 0.06 * tex + 0.02 * soft
     img = np.where(bones, np.where(inner < cortex_t, TISSUE["cortex"], marrow), img)
-    # Lesions: bright, with an ill-defined rim spreading ~1.5 mm beyond the label.
+    # Lesions: bright, with an ill-defined rim spreading ~1.5 mm beyond the label. The
+    # oedema fills the marrow up to a thin subchondral plate (one or two voxels of the
+    # label map): the 1-1.8 mm cortex drawn elsewhere, as thick as a shaft's, would hide
+    # the outer millimetre of every subchondral lesion label, and did (painter 1: a fifth
+    # of the OAI_AKOA lesion voxels were painted no brighter than healthy marrow).
     les = np.isin(lab, (FEM_LESION, TIB_LESION, PAT_LESION))
     if les.any():
         soft_les = ndi.gaussian_filter(les.astype(np.float32), sigma=[1.5 / s for s in sp])
         amp = rng.uniform(0.3, 0.55)
-        img = np.where(bones & (inner >= cortex_t),
-                       img + amp * np.clip(1.6 * soft_les, 0, 1) * (1 + 0.3 * tex), img)
+        plate_t = rng.uniform(0.4, 0.8)
+        oedema = bones & (inner >= plate_t)
+        img = np.where(oedema & (inner < cortex_t) & (soft_les > 0.3), marrow, img)
+        img = np.where(oedema, img + amp * np.clip(1.6 * soft_les, 0, 1) * (1 + 0.3 * tex), img)
     femur = np.isin(lab, (FEMUR, FEM_LESION)).astype(np.float32)
     lesion = (lab == FEM_LESION).astype(np.float32)
     img_r = reslice_to_oai(img, sp, grid)

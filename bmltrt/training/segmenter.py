@@ -109,6 +109,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     # the generator's lesion settings (label-driven scans only), also kept in the config
     lesion_p, max_les = float(opts.extra.get("lesion_p", 0.5)), int(opts.extra.get("max_lesions", 3))
     surface_p = float(opts.extra.get("lesion_surface_p", 0.0))
+    breach_p = float(opts.extra.get("lesion_breach_p", 0.0))
     lesion_weight = float(opts.extra.get("lesion_weight", 0.0))
     shell_weight = float(opts.extra.get("shell_weight", 0.0))
     pool = None
@@ -118,12 +119,13 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         px = cfg.inplane_spacing_mm
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
         pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, lesion_p=lesion_p, max_lesions=max_les,
-                                                     surface_p=surface_p),
+                                                     surface_p=surface_p, breach_p=breach_p),
                           size, int(opts.extra.get("refresh", 1)), rng)
         vrng = np.random.default_rng(12345)  # the same generated validation scans every time
         gen_val = [(f"gen{i}", smp.image, smp.femur, smp.spacing, smp.lesion)
                    for i, smp in enumerate(segmenter_sample(bank.pick(vrng), vrng, px, lesion_p=lesion_p,
-                                                            max_lesions=max_les, surface_p=surface_p)
+                                                            max_lesions=max_les, surface_p=surface_p,
+                                                            breach_p=breach_p)
                                            for _ in range(int(opts.extra.get("gen_val", min(6, max(1, opts.steps // 100))))))]
     # bfloat16 autocast and channels-last 3D: 2x faster steps on a CPU with AVX512-BF16
     # (measured: 3.3 -> 1.6 s per batch of two 16x112x112 patches, one core).
@@ -212,7 +214,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
               "lesion_p": lesion_p, "max_lesions": max_les, "lesion_surface_p": surface_p,
-              "lesion_weight": lesion_weight, "shell_weight": shell_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
+              "lesion_breach_p": breach_p, "lesion_weight": lesion_weight, "shell_weight": shell_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
                     select=("gen_dice", "max"))
