@@ -186,7 +186,7 @@ def generator_weights_from_graph(path) -> tuple[dict, dict]:
     out = {}
     modules = dict(probe.named_modules())
     bn_names = {name for name, m in modules.items() if isinstance(m, torch.nn.BatchNorm2d)}
-    for name, mod in probe.named_modules():
+    for name, mod in modules.items():
         if not isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
             continue
         w = sd[name + ".weight"].numpy()
