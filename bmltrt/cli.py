@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +26,9 @@ from typer.core import TyperGroup
 from bmltrt.errors import BmlError
 
 console = Console(stderr=True)
+# nibabel logs header repairs ("pixdim[1,2,3] should be non-zero") to stderr: on the command line
+# the one line of a refusal, or nothing, is what the user should see.
+logging.getLogger("nibabel").setLevel(logging.ERROR)
 out = Console()
 
 
@@ -103,22 +108,42 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
                   help="Bone marrow lesion detection in the femur on knee MRI (UNet++ + LaMa, TensorRT-ready).")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the output set in progress is cleaned up."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from bmltrt.io.outputs import os_error
 
+        old_term = None
+        try:  # SIGTERM like Ctrl-C: each command cleans up what it had begun, then one line
+            old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
         try:
             return fn(*args, **kwargs)
         except BmlError as err:
             print_error(err.line())
             raise typer.Exit(2)
+        except KeyboardInterrupt as exc:
+            term = isinstance(exc, Interrupted)
+            print_error(f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | run the command again")
+            raise typer.Exit(143 if term else 130)
         except MemoryError:
             print_error("out of memory | use a smaller --batch-size, or a machine with more memory")
             raise typer.Exit(2)
         except OSError as exc:  # full disk, read-only folder, permissions: the user can fix these
             print_error(os_error(exc, getattr(exc, "filename", None), "read or write a file").line())
             raise typer.Exit(2)
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
     return wrapper
 
 
@@ -154,14 +179,22 @@ def synth(
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise BmlError("output folder is not empty", out_dir, "choose a new folder or pass --force")
     total = len(label_files(from_labels)) if from_labels else sum(split_counts(cases).values())
+    ours = not out_dir.exists() or not any(out_dir.iterdir())  # then a failed run leaves no folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _progress() as prog:
-        task = prog.add_task("synth", total=total, status="")
-        step = lambda: prog.advance(task)  # noqa: E731
-        if from_labels:
-            man = synth_from_labels(out_dir, from_labels, seed, workers, step)
-        else:
-            man = synth_dataset(out_dir, cases, seed, workers, step)
+    # dataset.json is written last: without it a folder is never taken for a finished dataset
+    (out_dir / "dataset.json").unlink(missing_ok=True)
+    try:
+        with _progress() as prog:
+            task = prog.add_task("synth", total=total, status="")
+            step = lambda: prog.advance(task)  # noqa: E731
+            if from_labels:
+                man = synth_from_labels(out_dir, from_labels, seed, workers, step)
+            else:
+                man = synth_dataset(out_dir, cases, seed, workers, step)
+    except BaseException:
+        if ours:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     n = {k: len(v) for k, v in man["splits"].items()}
     out.print(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})")
 
@@ -215,6 +248,7 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
     extra: dict = {"autocast": autocast, **(more or {})}
     if extra.get("init") is not None and not Path(extra["init"]).is_file():  # before minutes of bank building
         raise BmlError("no such checkpoint or graph (--init)", extra["init"])
+    cfg = _model_config(kind, config) if trainer is None else None
     if d.labels is not None:
         from bmltrt.synth.dataset import label_files
         from bmltrt.training.data import bank_paths
@@ -246,16 +280,12 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
         if trainer is not None:
             res = trainer(opts, progress)
         elif kind == "segmenter":
-            from bmltrt.models.unetpp import SEGMENTER_PRESETS, SegmenterConfig
             from bmltrt.training.segmenter import train_segmenter
 
-            cfg = SEGMENTER_PRESETS.get(config) or SegmenterConfig.from_dict(_read_json(config))
             res = train_segmenter(opts, cfg, progress)
         else:
-            from bmltrt.models.lama import INPAINTER_PRESETS, InpainterConfig
             from bmltrt.training.inpainter import train_inpainter
 
-            cfg = INPAINTER_PRESETS.get(config) or InpainterConfig.from_dict(_read_json(config))
             res = train_inpainter(opts, cfg, resolutions, progress)
     out.print(f"{kind}: step {res['steps']} of {steps} in {res['seconds']:.0f} s; {json.dumps(res['metrics'])}; "
               f"checkpoint {Path(out_dir) / 'checkpoint.pt'}")
@@ -265,9 +295,42 @@ def _read_json(path):
     import json
 
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise BmlError(f"unknown config {path!r}: not a preset name nor a JSON file", p)
-    return json.loads(p.read_text())
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BmlError(f"the config is not readable JSON ({type(exc).__name__})", p, "fix the file") from None
+    if not isinstance(doc, dict):
+        raise BmlError(f"the config is a JSON {type(doc).__name__}, not an object of settings", p,
+                       'write {"name": value, ...}') from None
+    return doc
+
+
+def _model_config(kind: str, config: str):
+    """The network settings of `--config`: a preset name or a JSON file, checked by building
+    the network once (a bad width fails here, not after minutes of anatomy bank)."""
+    if kind == "segmenter":
+        from bmltrt.models.unetpp import SEGMENTER_PRESETS as presets, SegmenterConfig as cls, build_segmenter as build
+    else:
+        from bmltrt.models.lama import INPAINTER_PRESETS as presets, InpainterConfig as cls, LamaGenerator
+
+        def build(c):
+            return LamaGenerator(c, fft_impl="torch")
+    if config in presets:
+        return presets[config]
+    doc = _read_json(config)
+    unknown = sorted(set(doc) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise BmlError(f"unknown {kind} setting(s) {', '.join(unknown)} in the config", config,
+                       f"use {', '.join(cls.__dataclass_fields__)}")
+    try:
+        cfg = cls.from_dict(doc)
+        build(cfg)
+    except Exception as exc:  # noqa: BLE001 - any bad value: one line
+        raise BmlError(f"the {kind} config does not build a network ({type(exc).__name__}: {exc})", config,
+                       "check its values against a preset's (bmltrt/models)") from None
+    return cfg
 
 
 _DATA = typer.Option(None, "--data", help="Phantom dataset folder made by `bmltrt synth`.")
@@ -398,6 +461,10 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
                              cuda_graphs=cuda_graphs, torch_compile=torch_compile)
     for w in warns:
         print_warning(w)
+    for flag, on, takes in (("--cuda-graphs", cuda_graphs, ("torch", "tensorrt")),
+                            ("--torch-compile", torch_compile, ("torch",))):
+        if on and be.name not in takes:
+            print_warning(f"{flag} applies to the {' and '.join(takes)} backend(s), not {be.name}: ignored")
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size, seg_batch_size=seg_batch_size,
                        post_overrides=_post_overrides(floor, opening_mm, closing_mm, min_area_mm2))
     det = Detector(be, cfg)
@@ -405,14 +472,6 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
     if prepare:  # load the networks now: a missing engine or graph fails before the first scan
         prepare(["segmenter", det.inp_name])
     return det
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the output set in progress is cleaned up."""
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -436,13 +495,14 @@ def detect(
     force_orientation: bool = typer.Option(False, "--force-orientation", help="Accept non-sagittal acquisitions."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace complete outputs of an earlier run."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, max=4096, help="Slices per inpainting batch."),
-    echo: Optional[int] = typer.Option(None, "--echo", min=1,
+    echo: Optional[int] = typer.Option(None, "--echo", min=1, max=64,
                                        help="DICOM multi-echo series: which echo (1 = shortest TE, the default)."),
     floor: Optional[float] = _FLOOR, opening_mm: Optional[float] = _OPEN, closing_mm: Optional[float] = _CLOSE,
     min_area_mm2: Optional[float] = _MINAREA,
     engines: Optional[Path] = _ENGINES,
-    seg_batch_size: Optional[int] = typer.Option(None, "--seg-batch-size",
-                                                 help="Patches per segmenter batch (default 2 on the CPU, 4 on the GPU)."),
+    seg_batch_size: Optional[int] = typer.Option(None, "--seg-batch-size", min=1, max=256,
+                                                 help="Patches per segmenter batch, 1-256 (default 2 on the CPU, "
+                                                 "4 on the GPU)."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture CUDA graphs per batch shape "
                                      "(torch, TensorRT; off by default: not yet measured)."),
     torch_compile: bool = typer.Option(False, "--torch-compile", help="torch.compile the torch backend's "
@@ -461,6 +521,8 @@ def detect(
     for note in found.notes:
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     sources = found.sources
+    if echo is not None and sources and not any(getattr(src, "series", None) is not None for src in sources):
+        print_warning("--echo applies to DICOM series only: ignored for these NIfTI inputs")
     if not sources and not found.problems:
         raise BmlError("no scans to run", " ".join(scans), "give NIfTI files, or folders of NIfTI or DICOM files")
     if not sources and len(found.problems) == 1:
@@ -475,6 +537,7 @@ def detect(
     inputs = [f for src in sources for f in src.files if f.exists()]
     det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size,
                     precision, engines, seg_batch_size, cuda_graphs, torch_compile)
+    made_out_dir = not out_dir.exists()
     _check_out_dir(out_dir)
     rows, failed = [], 0
     for err in found.problems:
@@ -539,10 +602,16 @@ def detect(
     for row in rows:
         t.add_row(*row)
     out.print(t)
-    out.print(f"outputs in {escape(str(out_dir))}")
+    if made_out_dir and not any(out_dir.iterdir()):  # every scan failed: no empty folder left behind
+        out_dir.rmdir()
+    else:
+        out.print(f"outputs in {escape(str(out_dir))}")
     det.backend.close()
     if failed:
         raise typer.Exit(2)
+
+
+DEMO_MARKER = ".bmltrt-demo"
 
 
 @app.command()
@@ -561,11 +630,24 @@ def demo(
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
 
+    from bmltrt.io.outputs import OutputSet
+
     det = _detector(resolution, backend, device, models, None, None, None, None)
+    # A rerun replaces the demo's own files, never a user's: the phantom's folder carries a
+    # marker, and output files must be ones bmltrt wrote.
+    marker = out_dir / "input" / DEMO_MARKER
+    if (out_dir / "input").exists() and any((out_dir / "input").iterdir()) and not marker.exists():
+        raise BmlError("this folder holds an input/ folder that the demo did not write", out_dir / "input",
+                       "choose another --out folder")
+    foreign = OutputSet(out_dir, "demo_knee").foreign()
+    if foreign:
+        raise BmlError("a file that bmltrt did not write is where a demo output goes", foreign[0],
+                       "move it away or choose another --out folder")
     _check_out_dir(out_dir)
     out.print(f"writing the phantom and the outputs to {escape(str(out_dir.resolve()))}")
     ph = make_phantom([seed, 0], PhantomConfig(n_lesions=(2, 2)))
     write_case(out_dir, "input", "demo_knee", ph)
+    marker.write_text("written by `bmltrt demo`: a rerun replaces this folder's files\n")
     scan_path = out_dir / "input" / "images" / "demo_knee.nii.gz"
     scan = load_scan(scan_path)
     result = det.detect_checked(scan)
@@ -647,7 +729,7 @@ def export_check(
     split: str = typer.Option("val", "--split"),
     out_dir: Path = typer.Option(Path("benchmarks/results/fp16_parity"), "--out", "-o", help="Where parity.json and parity.md go."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Comma-separated; default: all in the folder."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N scans of the split."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N scans of the split."),
 ):
     """FP16 against float32, honestly (graphs run op by op in torch, float16 kernels): NaN/Inf, Dice, reconstruction error."""
     try:
@@ -655,8 +737,16 @@ def export_check(
     except ImportError:
         raise BmlError("export-check needs torch", hint="pip install 'bmltrt[export]'") from None
     from bmltrt.export.parity import parity_report
+    from bmltrt.synth.dataset import case_paths
 
-    res = [int(r) for r in resolutions.split(",")] if resolutions else None
+    _check_dataset(data, "--data")
+    if split not in ("train", "val", "test") or not case_paths(data, split):
+        raise BmlError(f"--split {split!r} is not a split with cases in this dataset", data,
+                       "choose train, val or test (dataset.json lists them)")
+    try:
+        res = [int(r) for r in resolutions.split(",")] if resolutions else None
+    except ValueError:
+        raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of numbers") from None
     rep = parity_report(models, data, split, out_dir, res, limit,
                         progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
     out.print((out_dir / "parity.md").read_text())

@@ -156,7 +156,7 @@ def test_without_tensorrt_one_line_says_what_to_install(no_tensorrt, tmp_path):
     (["--opt-level", "9"], ["--opt-level 9", "0..5"]),
     (["--resolutions", "999"], ["no inpainter for resolution 999"]),
     (["--resolutions", "2x6"], ["comma-separated"]),
-    (["--models", "/nonexistent/models"], ["no manifest.json"]),
+    (["--models", "/nonexistent/models"], ["models folder not found"]),
 ])
 def test_bad_options_fail_in_one_line_before_tensorrt_is_asked(no_tensorrt, args, words):
     _one_line_error(_cli(*args), *words)

@@ -245,6 +245,30 @@ def test_detect_reads_the_tuned_postprocessing(tmp_path):
     assert "tuned with another inpainter_256" in Detector(be, DetectConfig(resolution=256)).post_warnings[0]
 
 
+
+@pytest.mark.parametrize("bad", [{"floor": 5.0}, {"floor": float("nan")}, {"opening_mm": -3},
+                                 {"closing_mm": "wide"}, {"nbins": 0}, {"otsu_scope": "all"}, 7])
+def test_detect_refuses_a_postprocessing_file_with_bad_values(tmp_path, phantom_case, bad):
+    """A hand-edited postprocess.json with a floor above 1, NaN or a negative footprint made
+    detect find nothing and say nothing; now one line, exit 2, no outputs."""
+    from bmltrt.cli import app as cli_app
+    from bmltrt.runtime.models import default_models_dir
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for f in default_models_dir().glob("*.onnx"):
+        (models / f.name).symlink_to(f)
+    (models / "manifest.json").write_text((default_models_dir() / "manifest.json").read_text())
+    entry = bad if not isinstance(bad, dict) else {**PostConfig().to_dict(), **bad}
+    (models / "postprocess.json").write_text(json.dumps({"format": "bmltrt-postprocess-1",
+                                                         "by_resolution": {"256": entry}}))
+    r = CliRunner().invoke(cli_app, ["detect", str(phantom_case[0]), "-o", str(tmp_path / "out"), "--models", str(models),
+                                     "-r", "256"])
+    line = _one_line_exit_2(r)
+    assert "postprocess.json" in line and "resolution 256" in line
+    assert not any((tmp_path / "out").glob("*.nii.gz"))
+
+
 # -- command line ------------------------------------------------------------------------------
 
 def _one_line_exit_2(r):

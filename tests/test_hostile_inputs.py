@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from bmltrt.cli import app
 from bmltrt.io.outputs import PARTIAL_PREFIX, OutputSet
 
-from conftest import REPO, SHARED_DATA, save_nifti
+from conftest import REPO, SHARED_DATA, has_torch, save_nifti
 
 DICOM_DIR = SHARED_DATA / "real" / "dicom" / "pymskt_mese_t2"
 OUTPUT_NAMES = ("_bml.nii.gz", "_femur.nii.gz", "_overlay.png", "_report.json")
@@ -296,6 +296,34 @@ def test_a_killed_runs_staging_folder_is_taken_over(tmp_path):
     assert listing(tmp_path) == sorted(f"k{e}" for e in OUTPUT_NAMES)
 
 
+
+def test_an_hours_old_lock_of_a_live_pid_is_taken_over(tmp_path):
+    """After a SIGKILL the pid can be reused (pid 1 in a container is always alive): a lock
+    untouched for hours is stale whatever its pid."""
+    from bmltrt.io.outputs import LOCK_MAX_AGE_S, write_output_set
+
+    outs = OutputSet(tmp_path, "k")
+    outs.staging.mkdir()
+    (outs.staging / "pid").write_text(str(os.getppid()))  # a live process
+    old = time.time() - LOCK_MAX_AGE_S - 60
+    os.utime(outs.staging, (old, old))
+    write_output_set(outs, _writers())
+    assert listing(tmp_path) == sorted(f"k{e}" for e in OUTPUT_NAMES)
+
+
+def test_a_folder_where_an_output_goes_is_refused_before_writing(tmp_path):
+    """With --overwrite the set used to be moved in file by file until the rename onto the
+    folder failed, leaving a mask without its report."""
+    from bmltrt.errors import BmlError
+    from bmltrt.io.outputs import write_output_set
+
+    outs = OutputSet(tmp_path, "k")
+    (tmp_path / "k_overlay.png").mkdir()
+    (tmp_path / "k_overlay.png" / "keep").write_text("x")
+    with pytest.raises(BmlError, match="non-file is where an output goes"):
+        write_output_set(outs, _writers(), overwrite=True)
+    assert listing(tmp_path) == ["k_overlay.png"]
+
 def test_sigterm_leaves_a_complete_set_or_nothing(tmp_path, phantom_case):
     scan, _ = phantom_case
     out = tmp_path / "out"
@@ -520,3 +548,161 @@ def test_rich_markup_does_not_eat_brackets(capsys):
     assert "bmltrt[train]" in capsys.readouterr().err
     res = CliRunner().invoke(app, ["train", "--help"])
     assert "bmltrt[train]" in res.stdout
+
+
+# ---- synthetic DICOM series (no shared data needed) ---------------------------------------------
+
+def write_dicom_series(folder: Path, uid: str, number: int, n: int = 6, pixel_spacing=(0.5, 0.5),
+                       truncate: bool = False) -> Path:
+    """A small sagittal MR series of `n` uncompressed slices, 3 mm apart."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(number)
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", uid, number
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
+        ds.ImagePositionPatient = [3.0 * k, 0, 0]
+        ds.PixelSpacing = list(pixel_spacing)
+        ds.Rows = ds.Columns = 16
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        px = (rng.random((16, 16)) * 1000).astype(np.uint16).tobytes()
+        ds.PixelData = px[: len(px) // 2] if truncate else px
+        ds.save_as(folder / f"{uid[-4:]}_{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_dicom_zero_pixel_spacing_is_one_line(tmp_path):
+    d = write_dicom_series(tmp_path / "zero_ps", "1.2.3.4.1001", 8, pixel_spacing=(0, 0))
+    res = run(["detect", d, "-o", tmp_path / "o"], inputs=[d])
+    assert "PixelSpacing" in error_line(res) and "zero voxel size" in error_line(res)
+    assert not (tmp_path / "o").exists() or listing(tmp_path / "o") == []
+
+
+def test_dicom_truncated_pixels_are_called_damaged_not_compressed(tmp_path):
+    d = write_dicom_series(tmp_path / "cut", "1.2.3.4.1002", 8, truncate=True)
+    res = run(["detect", d, "-o", tmp_path / "o"], inputs=[d])
+    assert "cut short or damaged" in error_line(res) and "pylibjpeg" not in error_line(res)
+
+
+def test_two_series_with_one_series_number_get_their_own_outputs(tmp_path):
+    """A re-sent series repeats its SeriesNumber: both must be named apart, not refused."""
+    from bmltrt.io.dicom import find_series
+
+    d = tmp_path / "mixed"
+    write_dicom_series(d, "1.2.3.4.5555", 8)
+    write_dicom_series(d, "1.2.3.4.6666", 8)
+    write_dicom_series(d, "1.2.3.4.7777", 9)
+    stems = sorted(s.stem for s in find_series(d))
+    assert stems == ["mixed_series8_3.4.5555", "mixed_series8_3.4.6666", "mixed_series9"], stems
+
+
+def test_an_empty_path_is_not_the_current_folder(tmp_path):
+    res = run(["detect", "", "-o", tmp_path / "o"])
+    assert "empty input path" in error_line(res) and not (tmp_path / "o").exists()
+
+
+def test_echo_on_nifti_inputs_is_said_to_be_ignored(tmp_path, phantom_case):
+    scan, _ = phantom_case
+    res = CliRunner().invoke(app, ["detect", str(scan), "-o", str(tmp_path / "o"), "--echo", "2"])
+    assert res.exit_code == 0 and "--echo applies to DICOM series only" in res.stderr
+
+
+# ---- the other commands: bad input is one line and exit 2 as well -------------------------------
+
+@pytest.mark.skipif(not has_torch(), reason="training needs torch")
+@pytest.mark.parametrize("what, text", [("--config", "hello"), ("--config", "[1, 2]"),
+                                        ("--config", '{"featurs": [8, 8, 16, 32, 64, 8]}'),
+                                        ("--config", '{"features": [8, -8, 16, 32, 64, 8]}'),
+                                        ("--init", "hello")])
+def test_train_refuses_a_bad_config_or_checkpoint(tmp_path, tiny_dataset, what, text):
+    f = tmp_path / "given.json"
+    f.write_text(text)
+    res = run(["train", "segmenter", "--data", tiny_dataset, "--out", tmp_path / "run", what, f, "--steps", "1"])
+    assert "given.json" in error_line(res)
+
+
+def test_synth_refuses_label_maps_that_are_not_label_maps(tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    save_nifti(labels / "mr.nii.gz", smooth_volume((40, 40, 12)))  # an MR image given by mistake
+    res = run(["synth", tmp_path / "ds", "--from-labels", labels, "-j", "1"], inputs=[labels])
+    assert "not a label map" in error_line(res) and not (tmp_path / "ds").exists()
+    (labels / "mr.nii.gz").write_text("not nifti")
+    res = run(["synth", tmp_path / "ds", "--from-labels", labels, "-j", "1"], inputs=[labels])
+    assert "mr.nii.gz" in error_line(res) and not (tmp_path / "ds").exists()
+
+
+def test_interrupted_synth_leaves_no_dataset(tmp_path):
+    out = tmp_path / "ds"
+    p = subprocess.Popen([sys.executable, "-m", "bmltrt", "synth", str(out), "--cases", "12", "-j", "2"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(out.rglob("*.nii.gz")):  # until the first case is written
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")], err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not has_torch(), reason="export needs torch")
+def test_export_checks_its_numbers_and_an_interrupted_export_leaves_the_folder_alone(tmp_path):
+    for opt, val in (("--calibration-cases", "-1"), ("--fp16-bound", "nan")):
+        res = run(["export", "--from-onnx", REPO / "export", "-o", tmp_path / "m", opt, val])
+        assert opt in error_line(res) and not (tmp_path / "m").exists()
+    p = subprocess.Popen([sys.executable, "-m", "bmltrt", "export", "--from-onnx", str(REPO / "export"), "-o",
+                          str(tmp_path / "m"), "--no-lint"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(tmp_path.glob(".m.export-partial-*/*.onnx")):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert sorted(x.name for x in tmp_path.iterdir()) == [], err  # no models folder, no staging folder
+
+
+def test_a_malformed_manifest_or_missing_models_folder_is_one_line(tmp_path, phantom_case):
+    scan, _ = phantom_case
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "manifest.json").write_text('{"format": "bmltrt-models-2", "models": {"segmenter": "x"}}')
+    assert "not a bmltrt models manifest" in error_line(run(["detect", scan, "-o", tmp_path / "o", "--models", m]))
+    assert "models folder not found" in error_line(run(["detect", scan, "-o", tmp_path / "o", "--models",
+                                                            tmp_path / "nope"]))
+
+
+@pytest.mark.skipif(not has_torch(), reason="export-check needs torch")
+def test_export_check_refuses_a_split_the_dataset_lacks(tmp_path, tiny_dataset):
+    res = run(["export-check", REPO / "export", "--data", tiny_dataset, "--split", "bogus", "-o", tmp_path / "x"])
+    assert "bogus" in error_line(res)
+
+
+def test_evaluate_verifies_the_models_before_any_cached_map_is_used(tmp_path):
+    """With a warm map cache no network ran, so a corrupt models folder went unnoticed."""
+    from bmltrt.errors import BmlError
+    from bmltrt.evaluation.evaluate import open_model_sets
+
+    m = tmp_path / "m"
+    m.mkdir()
+    for f in (REPO / "export").iterdir():
+        if f.is_file():
+            (m / f.name).symlink_to(f)
+    (m / "segmenter.onnx").unlink()
+    b = bytearray((REPO / "export" / "segmenter.onnx").read_bytes())
+    b[-100] ^= 0xFF
+    (m / "segmenter.onnx").write_bytes(bytes(b))
+    with pytest.raises(BmlError, match="does not match the sha256"):
+        open_model_sets([f"x={m}"], [256], "onnxruntime", "cpu")

@@ -116,6 +116,23 @@ def _make_bad(kind, d):
         b = p.read_bytes()
         p.write_bytes(b[: len(b) // 2])
         return p
+    if kind in ("bad_crc", "damaged_tail"):
+        # nibabel never reads the gzip trailer: both loaded silently, with wrong voxels in
+        # the second, before the stream was checked to its end
+        p = save_nifti(d / f"{kind}.nii.gz", (rng.random((40, 40, 10)) * 1000).astype(np.float32))
+        b = bytearray(p.read_bytes())
+        if kind == "bad_crc":
+            b[-8:-4] = bytes(x ^ 0xFF for x in b[-8:-4])
+        else:
+            b[-300:-200] = bytes(100)
+        p.write_bytes(bytes(b))
+        return p
+    if kind == "scl_overflow":  # a scale factor that takes int16 voxels beyond float32
+        img = nib.Nifti1Image((vol * 100).astype(np.int16), np.diag([3.0, 0.5, 0.5, 1.0]))
+        img.header.set_slope_inter(1e38, 0)
+        p = d / "scl.nii.gz"
+        nib.save(img, str(p))
+        return p
     if kind == "2d":
         return save_nifti(d / "flat.nii.gz", vol[:, :, 0])
     if kind == "4d_many":
@@ -149,7 +166,7 @@ def _make_bad(kind, d):
     raise ValueError(kind)
 
 
-BAD = ["missing", "not_nifti", "wrong_extension", "truncated_gzip", "2d", "4d_many", "nan_inf", "constant",
+BAD = ["missing", "not_nifti", "wrong_extension", "truncated_gzip", "bad_crc", "damaged_tail", "scl_overflow", "2d", "4d_many", "nan_inf", "constant",
        "zero_length", "singular_affine", "absurd_spacing", "oversize_dims", "complex", "rgb"]
 
 
@@ -167,6 +184,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, kind):
     assert "Traceback" not in res.output + err
     if kind != "missing":
         assert str(bad.name) in lines[0]
+    if kind in ("truncated_gzip", "bad_crc", "damaged_tail"):
+        assert "corrupt" in lines[0], lines[0]
+    if kind == "scl_overflow":
+        assert "scale factor" in lines[0], lines[0]
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 

@@ -135,6 +135,20 @@ def test_demo_runs(tmp_path):
     assert res.exit_code == 0, res.output + res.stderr
     assert "lesion Dice" in res.output
     assert (tmp_path / "demo" / "demo_knee_overlay.png").exists()
+    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo")])  # a rerun replaces its own files
+    assert res.exit_code == 0, res.output + res.stderr
+
+
+def test_demo_never_replaces_a_users_files(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "demo_knee_bml.nii.gz").write_text("precious")
+    (tmp_path / "e" / "input").mkdir(parents=True)
+    (tmp_path / "e" / "input" / "mine.txt").write_text("precious")
+    for d in ("d", "e"):
+        res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / d)])
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert (tmp_path / "d" / "demo_knee_bml.nii.gz").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "e").rglob("*")) == ["input", "mine.txt"]
 
 
 @needs_shared

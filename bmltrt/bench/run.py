@@ -129,6 +129,10 @@ class Bench:
         self._scans: dict = {}
         self.models_record = {n: {"sha256": e.get("sha256"), "precisions": self.store.precisions(n)}
                               for n, e in self.store.manifest.get("models", {}).items()}
+        # a corrupt or swapped file is bad input, refused now: later it would only skip its rows
+        for n, rec in self.models_record.items():
+            for prec in rec["precisions"]:
+                self.store.path(n, prec)
 
     # -- what to measure -----------------------------------------------------------------
     def _resolutions(self) -> list[int]:

@@ -100,6 +100,10 @@ def open_model_sets(specs, resolutions, backend="auto", device="auto", post_over
             warn(w)
         res = resolutions or [be.store.default_resolution]
         dets = {r: Detector(be, DetectConfig(resolution=r, post_overrides=dict(post_overrides or {}))) for r in res}
+        # Verified now, not when a network first runs: with a warm map cache none may run,
+        # and figures would be reported for a corrupt or swapped models folder.
+        for name in {"segmenter", *(d.inp_name for d in dets.values())}:
+            be.store.path(name)
         sets.append(ModelSet(label, be.store.root, dets))
     return sets
 
@@ -169,7 +173,7 @@ def load_params(path: Path) -> dict[str, PostConfig]:
     try:
         doc = json.loads(Path(path).read_text())
         return {k: PostConfig.from_dict(v["best"]) for k, v in doc["tuning"]["methods"].items()}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BmlError(f"no tuned parameters in this file ({type(exc).__name__})", path,
                        "give the evaluation.json of a run made with --tune") from None
 

@@ -12,6 +12,9 @@ checkpoints give byte-identical ONNX files (the manifest also records tool versi
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import platform
 from pathlib import Path
 
@@ -121,9 +124,7 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
                 calibration_seed: int = 11, bound: float | None = None, fp16_io: bool = False,
                 lint: bool = True, progress=print) -> dict:
     """Write the models folder (graphs + manifest.json) and return the manifest."""
-    from bmltrt.export.calibrate import activation_ranges, calibration_inputs, fp16_tensors, range_summary
-    from bmltrt.export.fp16 import DEFAULT_BOUND, to_fp16
-    from bmltrt.runtime.models import ModelStore
+    from bmltrt.export.fp16 import DEFAULT_BOUND
 
     if precision not in ("fp32", "fp16", "both"):
         raise BmlError(f"unknown --precision {precision!r}", hint="choose fp32, fp16 or both")
@@ -133,9 +134,35 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
         raise BmlError("--from-onnx and --out are the same folder", out_dir, "write the new models elsewhere")
     if from_onnx is None and segmenter is None and not inpainters:
         raise BmlError("nothing to export", hint="pass --segmenter/--inpainter checkpoints or --from-onnx DIR")
+    if calibration_cases < 0:
+        raise BmlError(f"--calibration-cases {calibration_cases} is negative", hint="give 0 (islands by rule only) or more")
+    if not (math.isfinite(bound) and bound > 0):
+        raise BmlError(f"--fp16-bound {bound} is not a positive number", hint=f"the default is {DEFAULT_BOUND:g}")
     resolutions = [int(r) for r in resolutions] if resolutions else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    graphs = _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress)
+    # Everything is written into a staging folder beside --out and moved in at the end, the
+    # manifest last: an interrupted or failed export leaves the old folder as it was.
+    stage = out_dir.parent / f".{out_dir.name}.export-partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        manifest = _write_models(stage, graphs=_fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress),
+                                 precision=precision, default_resolution=default_resolution,
+                                 calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
+                                 fp16_io=fp16_io, lint=lint, progress=progress)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(stage.iterdir(), key=lambda f: f.name == MANIFEST):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+
+
+def _write_models(out_dir: Path, graphs: dict, precision: str, default_resolution: int, calibration_cases: int,
+                  calibration_seed: int, bound: float, fp16_io: bool, lint: bool, progress) -> dict:
+    """The graphs of every precision, checked, and manifest.json, into `out_dir`."""
+    from bmltrt.export.calibrate import activation_ranges, calibration_inputs, fp16_tensors, range_summary
+    from bmltrt.export.fp16 import to_fp16
+    from bmltrt.runtime.models import ModelStore
 
     models = {}
     for name, (model, fields) in sorted(graphs.items()):

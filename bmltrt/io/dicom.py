@@ -26,6 +26,8 @@ from bmltrt.errors import BmlError
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ECHO_DECIMALS = 3  # echo times equal to 1 us are one echo
 SPACING_TOLERANCE = 0.1  # slice gaps may differ by 10% before the series is refused
+# Implicit and explicit VR little endian, explicit big endian: raw pixels, no codec needed
+UNCOMPRESSED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
 def _pydicom():
@@ -116,13 +118,20 @@ def find_series(folder: Path, echo: int | None = None) -> list[DicomSeries]:
                                   want if len(tes) > 1 else 1))
     many = len(series) > 1
     base = folder.resolve().name or "dicom"
+    numbers = [s.number for s in series]
     for s in series:
         stem = base
         if many:
-            stem += f"_series{s.number}" if s.number else f"_{s.uid[-8:]}"
+            # a re-sent or derived series can repeat a SeriesNumber: then its UID tells them apart
+            stem += f"_series{s.number}" if s.number and numbers.count(s.number) == 1 else \
+                (f"_series{s.number}" if s.number else "") + f"_{s.uid[-8:]}"
         if len(s.echo_times) > 1:
             stem += f"_echo{s.echo}"
         s.stem = stem
+    stems = [s.stem for s in series]
+    for i, s in enumerate(series):  # the last resort: UIDs that end alike
+        if stems.count(s.stem) > 1:
+            s.stem += f"_{i + 1}"
     return series
 
 
@@ -162,6 +171,9 @@ def read_series(series: DicomSeries):
                            "re-export the series with its geometry, or convert it with dcm2niix") from None
         geo.append((iop, ipp, ps, shape))
     iop0, _, ps0, shape0 = geo[0]
+    if ps0.shape != (2,) or not np.all(np.isfinite(ps0)) or not np.all(ps0 > 0):
+        raise BmlError(f"PixelSpacing {'/'.join(f'{v:g}' for v in ps0)} is not two positive sizes (zero voxel size)", f0,
+                       "re-export the series with its geometry, or convert it with dcm2niix")
     for (f, _), (iop, _, ps, shape) in zip(slices, geo):
         if shape != shape0 or not np.allclose(iop, iop0, atol=1e-3) or not np.allclose(ps, ps0, atol=1e-4):
             raise BmlError("the slices of this series differ in size, orientation or pixel spacing", f,
@@ -188,6 +200,9 @@ def read_series(series: DicomSeries):
             px = ds.pixel_array
         except Exception as exc:
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+            if str(ts) in UNCOMPRESSED_SYNTAXES:  # nothing to decode: the pixel data are damaged
+                raise BmlError(f"the pixel data are cut short or damaged ({type(exc).__name__})", f,
+                               "copy or export the series again") from None
             raise BmlError(f"cannot decode the pixel data (transfer syntax {ts}; {type(exc).__name__})", f,
                            "pip install pylibjpeg pylibjpeg-libjpeg, or decompress with dcm2niix/gdcmconv") from None
         if px.ndim != 2:

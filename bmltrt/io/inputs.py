@@ -82,6 +82,9 @@ def expand_inputs(items: list[str], echo: int | None = None) -> Expanded:
     out = Expanded([], [], [])
     for item in items:
         p = Path(item)
+        if not item.strip():  # Path("") is the current folder: never what an empty argument meant
+            out.problems.append(BmlError("an empty input path", repr(item), "give a NIfTI file, a folder or a glob"))
+            continue
         if any(c in item for c in "*?[") and not p.exists():
             hits = sorted(glob.glob(item))
             if not hits:

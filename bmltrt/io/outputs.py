@@ -39,6 +39,9 @@ MASK_DESCRIP = b"bmltrt mask"  # written into our masks' header: how we know our
 PARTIAL_PREFIX = ".bmltrt-partial-"
 PART_SUFFIX = ".part"
 STALE_AFTER_S = 60.0  # a staging folder without a pid file older than this is left from a crash
+# One scan is written within minutes; a lock older than this is left from a killed run even
+# when its pid now belongs to another live process (pid reuse, pid 1 in a container).
+LOCK_MAX_AGE_S = 6 * 3600.0
 
 
 def is_nifti_name(name: str) -> bool:
@@ -150,9 +153,17 @@ class OutputSet:
         have = self.existing()
         return set(have) == set(OUTPUT_ENDINGS) and all(_is_ours(p, k) for k, p in have.items())
 
+    def foreign(self) -> list[Path]:
+        """Existing files at this set's names that bmltrt did not write."""
+        return [p for k, p in self.existing().items() if not _is_ours(p, k)]
+
     def check_writable(self, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
         """The overwrite guard over the whole set. Raises BmlError; writes nothing."""
         have = self.existing()
+        for p in have.values():
+            if p.is_dir() or (p.exists() and not p.is_file()):  # no rename can replace it: refuse before writing
+                raise BmlError("a folder or other non-file is where an output goes", p,
+                               "move it away or choose another --out folder")
         for k, p in self.paths.items():
             for src in inputs:
                 if _same_file(src, p) or (k in have and _same_file(src, have[k])):
@@ -160,7 +171,7 @@ class OutputSet:
                                    "choose another --out folder")
         if not have or overwrite:
             return
-        foreign = [p for k, p in have.items() if not _is_ours(p, k)]
+        foreign = self.foreign()
         if foreign:
             raise BmlError("a file that bmltrt did not write is where an output goes", foreign[0],
                            "move it away, choose another --out folder, or pass --overwrite")
@@ -203,13 +214,17 @@ def locked_staging(outs: OutputSet):
                 young = time.time() - stage.stat().st_mtime < STALE_AFTER_S
             except OSError:
                 young = False
+            try:  # a lock untouched for hours is stale even if its pid was reused by a live process
+                ancient = time.time() - stage.stat().st_mtime > LOCK_MAX_AGE_S
+            except OSError:
+                ancient = False
             # No pid yet and just made: another run is between its mkdir and its pid file.
-            stale = (pid == os.getpid()) or (not _pid_alive(pid) if pid else not young)
+            stale = (pid == os.getpid()) or ancient or (not _pid_alive(pid) if pid else not young)
             if attempt == 0 and stale:
                 shutil.rmtree(stage, ignore_errors=True)  # left by a killed run: take it over
                 continue
             raise BmlError(f"another bmltrt run (pid {pid}) is writing the outputs of this scan", stage,
-                           "wait for it, or run into another --out folder") from None
+                           "wait for it, or remove this folder if no bmltrt run is going on") from None
         except OSError as exc:
             raise os_error(exc, outs.out_dir, "write into the output folder") from None
     try:

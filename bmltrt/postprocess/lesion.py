@@ -15,6 +15,8 @@ mask = close(open(d > t))        footprints in millimetres; small islands remove
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,6 +26,8 @@ from bmltrt.morphology import bincount_fixed, binary_closing, binary_opening, re
 
 
 OTSU_SCOPES = ("slice", "volume", "none")
+MAX_FOOTPRINT_MM = 20.0  # opening and closing radii (the CLI's range too)
+MAX_MIN_AREA_MM2 = 10_000.0
 
 
 @dataclass
@@ -38,8 +42,18 @@ class PostConfig:
     otsu_scope: str = "slice"  # where Otsu's threshold is taken: slice, volume or none
 
     def __post_init__(self):
+        # A file can hold anything (a hand-edited postprocess.json): a NaN floor or a
+        # negative footprint would quietly find nothing, so every field is checked here.
         if self.otsu_scope not in OTSU_SCOPES:
             raise ValueError(f"otsu_scope {self.otsu_scope!r} is not one of {', '.join(OTSU_SCOPES)}")
+        if isinstance(self.nbins, bool) or not isinstance(self.nbins, numbers.Integral) or not 2 <= self.nbins <= 65536:
+            raise ValueError(f"nbins {self.nbins!r} is not a whole number from 2 to 65536")
+        for name, hi in (("floor", None), ("opening_mm", MAX_FOOTPRINT_MM), ("closing_mm", MAX_FOOTPRINT_MM),
+                         ("min_area_mm2", MAX_MIN_AREA_MM2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
+                    or (hi is not None and v > hi):
+                raise ValueError(f"{name} {v!r} is not a number " + (f"from 0 to {hi:g}" if hi else "of 0 or more"))
 
     def to_dict(self) -> dict:
         return asdict(self)

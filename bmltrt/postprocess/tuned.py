@@ -49,9 +49,14 @@ def read_tuned(root: Path, manifest: dict, resolution: int) -> tuple[PostConfig 
     if entry is None:
         return None, f"built-in defaults ({POSTPROCESS_FILE} has no entry for resolution {resolution})", []
     try:
+        if not isinstance(entry, dict):
+            raise TypeError("not a JSON object")
         cfg = PostConfig.from_dict(entry)
-    except (TypeError, ValueError) as exc:
-        raise BmlError(f"{POSTPROCESS_FILE}: bad entry for resolution {resolution} ({exc})", path) from None
+        if cfg.floor > 1:  # detect's difference map is in HE units: nothing passes a floor above 1
+            raise ValueError(f"floor {cfg.floor!r} is not a number from 0 to 1")
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BmlError(f"{POSTPROCESS_FILE}: bad entry for resolution {resolution} ({exc})", path,
+                       "correct it, or write it again with `bmltrt evaluate tune DATA --save`") from None
     tuned = doc.get("tuned", {})
     source = f"{path} (tuned on {tuned.get('split', '?')} of {tuned.get('data', '?')})"
     warnings = []

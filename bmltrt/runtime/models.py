@@ -62,13 +62,17 @@ class ModelStore:
         root = Path(root) if root else Path(os.environ["BMLTRT_MODELS"]) if os.environ.get("BMLTRT_MODELS") \
             else default_models_dir()
         man = root / MANIFEST
+        if not root.is_dir():
+            raise BmlError("models folder not found", root, "pass the folder `bmltrt export` wrote (--models)")
         if not man.exists():
             raise BmlError("no manifest.json in the models folder", root, "pass the folder `bmltrt export` wrote")
         try:
             manifest = json.loads(man.read_text())
-        except json.JSONDecodeError as exc:
-            raise BmlError(f"manifest.json is not valid JSON ({exc.msg})", man) from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("models", {}), dict):
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BmlError(f"manifest.json is not valid JSON ({type(exc).__name__})", man,
+                           "export the models again with `bmltrt export`") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("models", {}), dict) \
+                or not all(isinstance(e, dict) for e in manifest.get("models", {}).values()):
             raise BmlError("manifest.json is not a bmltrt models manifest", man, "pass the folder `bmltrt export` wrote")
         return cls(root, manifest, precision)
 

@@ -22,12 +22,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage as ndi
 
 from bmltrt.io.checksum import file_sha256
+from bmltrt.io.nifti import read_header_checked, read_label_map
 from bmltrt.synth import tissue_labels as T
 from bmltrt.synth.appearance import smooth_noise
 
@@ -53,8 +53,8 @@ class Anatomy:
 
 def canonical_labels(path) -> tuple[np.ndarray, np.ndarray]:
     """Label map in the working orientation (R, I, P axcodes) and its spacing (mm)."""
-    img = nib.load(str(path))
-    lab = np.rint(np.asanyarray(img.dataobj)).astype(np.int16)
+    img = read_header_checked(path)
+    lab = np.rint(read_label_map(path, img)).astype(np.int16)
     tr = ornt_transform(io_orientation(img.affine), axcodes2ornt(("R", "I", "P")))
     lab = apply_orientation(lab, tr)
     zooms = np.asarray(img.header.get_zooms()[:3], float)
@@ -437,7 +437,7 @@ def plan_bank(label_dir: Path | None, knee_variants: int = 6, swaps_per_femur: i
         files = sorted(Path(label_dir).glob("*.nii*"))
         knees, femurs = [], []
         for f in files:
-            lab = np.asanyarray(nib.load(str(f)).dataobj)
+            lab = read_label_map(f)
             (femurs if is_femur_only(lab) else knees).append(f)
         hosts = [k for k in knees if _has_all(k)]
         for k in knees:
@@ -454,7 +454,7 @@ def plan_bank(label_dir: Path | None, knee_variants: int = 6, swaps_per_femur: i
 
 
 def _has_all(path: Path) -> bool:
-    u = set(np.unique(np.asanyarray(nib.load(str(path)).dataobj)).tolist())
+    u = set(np.unique(read_label_map(path)).tolist())
     return {T.FEMUR, T.FEM_CART, T.TIBIA, T.TIB_CART, T.PATELLA}.issubset(u)
 
 

@@ -14,6 +14,7 @@ test subjects carry lesions, in the paper's 210/45/45 proportions.
 from __future__ import annotations
 
 import json
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from bmltrt.errors import BmlError
 from bmltrt.io import write_nifti_atomic
+from bmltrt.io.nifti import read_label_map
 from bmltrt.io.atomic import atomic_write
 from bmltrt.synth.phantom import Phantom, PhantomConfig, make_phantom
 
@@ -93,10 +95,16 @@ def _run(jobs, fn, workers, progress):
             results.append(fn(j))
             progress()
     else:
-        with ProcessPoolExecutor(workers) as ex:
-            for r in ex.map(fn, jobs):
-                results.append(r)
-                progress()
+        # Workers leave Ctrl-C to the main process (which cleans up): a worker that took it
+        # would print its own traceback.
+        with ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as ex:
+            try:
+                for r in ex.map(fn, jobs):
+                    results.append(r)
+                    progress()
+            except BaseException:
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
     return results
 
 
@@ -154,7 +162,7 @@ def synth_from_labels(out: Path, labels_dir: Path, seed: int, workers: int = 1,
     for f in files:
         name = f.name.split(".nii")[0].replace("_labels", "")
         names.append(name)
-        burden[name] = int((np.asanyarray(nib.load(str(f)).dataobj) == 7).sum())
+        burden[name] = int((read_label_map(f) == 7).sum())
     split = split_by_subject(burden)
     jobs = [(str(out), split[name], name, seed, i, str(f)) for i, (f, name) in enumerate(zip(files, names))]
     results = _run(jobs, _label_case, workers, progress)
@@ -181,6 +189,10 @@ def case_paths(root: Path, split: str) -> list[tuple[str, Path, Path, Path]]:
     man = root / "dataset.json"
     if not man.exists():
         raise BmlError("no dataset.json: not a bmltrt dataset", root, "make one with `bmltrt synth`")
-    cases = json.loads(man.read_text())["splits"][split]
+    try:
+        cases = json.loads(man.read_text())["splits"].get(split, [])  # a split it does not have: no cases
+        cases = [str(c) for c in cases]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise BmlError(f"dataset.json is damaged ({type(exc).__name__})", man, "make the dataset again with `bmltrt synth`") from None
     return [(c, root / split / "images" / f"{c}.nii.gz", root / split / "femur" / f"{c}.nii.gz",
              root / split / "lesion" / f"{c}.nii.gz") for c in cases]

@@ -74,7 +74,13 @@ def load_weights(path, kind: str, module: str) -> dict:
 
             return generator_weights_from_graph(path)[0]
         return weights_from_onnx(path, module)
-    st = load(path)
-    if st.get("kind") != kind:
-        raise BmlError(f"checkpoint is a {st.get('kind')}, not a {kind}", path)
-    return st["modules"][module]
+    try:
+        st = load(path)
+        found = st.get("kind")
+        weights = st["modules"][module] if found == kind else None
+    except Exception as exc:  # noqa: BLE001 - pickle raises anything for a file that is not a checkpoint
+        raise BmlError(f"not a bmltrt checkpoint ({type(exc).__name__})", path,
+                       f"give a {kind} run's checkpoint.pt or best.pt, or a float32 .onnx of a models folder") from None
+    if weights is None:
+        raise BmlError(f"checkpoint is a {found}, not a {kind}", path)
+    return weights
