@@ -740,6 +740,8 @@ def export_check(
     from bmltrt.synth.dataset import case_paths
 
     _check_dataset(data, "--data")
+    if out_dir.exists() and not out_dir.is_dir():  # before minutes of computing
+        raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
     if split not in ("train", "val", "test") or not case_paths(data, split):
         raise BmlError(f"--split {split!r} is not a split with cases in this dataset", data,
                        "choose train, val or test (dataset.json lists them)")

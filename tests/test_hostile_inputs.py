@@ -706,3 +706,12 @@ def test_evaluate_verifies_the_models_before_any_cached_map_is_used(tmp_path):
     (m / "segmenter.onnx").write_bytes(bytes(b))
     with pytest.raises(BmlError, match="does not match the sha256"):
         open_model_sets([f"x={m}"], [256], "onnxruntime", "cpu")
+
+
+def test_a_long_but_legal_scan_name_is_written(tmp_path):
+    """A 240-character name: its outputs fit in 255 bytes, the staging folder's name did not."""
+    from bmltrt.io.outputs import write_output_set
+
+    outs = OutputSet(tmp_path, "k" * 240)
+    write_output_set(outs, _writers())
+    assert listing(tmp_path) == sorted(f"{'k' * 240}{e}" for e in OUTPUT_NAMES)

@@ -18,6 +18,7 @@ is not ours, is replaced only with ``--overwrite``, and an input of the run neve
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ OUTPUT_ENDINGS = {"bml": "_bml.nii.gz", "femur": "_femur.nii.gz", "overlay": "_o
 COMMIT_ORDER = ("bml", "femur", "overlay", "report")
 MASK_DESCRIP = b"bmltrt mask"  # written into our masks' header: how we know our own files
 PARTIAL_PREFIX = ".bmltrt-partial-"
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 PART_SUFFIX = ".part"
 STALE_AFTER_S = 60.0  # a staging folder without a pid file older than this is left from a crash
 # One scan is written within minutes; a lock older than this is left from a killed run even
@@ -130,7 +132,12 @@ class OutputSet:
 
     @property
     def staging(self) -> Path:
-        return self.out_dir / f"{PARTIAL_PREFIX}{self.stem}"
+        # A stem whose outputs still fit in a file name (255 bytes) may make a staging name too
+        # long: then a hashed one (the same for every run of that scan: it is the lock).
+        name = f"{PARTIAL_PREFIX}{self.stem}"
+        if len(name.encode()) > NAME_MAX:
+            name = f"{PARTIAL_PREFIX}{hashlib.sha1(self.stem.encode()).hexdigest()[:16]}"
+        return self.out_dir / name
 
     def existing(self) -> dict[str, Path]:
         """Existing files that this set would replace, matched without regard to case
