@@ -22,6 +22,7 @@ import onnx
 
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
+from bmltrt.io.outputs import signals_held
 
 FORMAT = "bmltrt-models-2"
 MANIFEST = "manifest.json"
@@ -150,8 +151,9 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
                                  calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
                                  fp16_io=fp16_io, lint=lint, progress=progress)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for f in sorted(stage.iterdir(), key=lambda f: f.name == MANIFEST):
-            os.replace(f, out_dir / f.name)
+        with signals_held():  # Ctrl-C waits for the last rename: no new graphs beside an old manifest
+            for f in sorted(stage.iterdir(), key=lambda f: f.name == MANIFEST):
+                os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest

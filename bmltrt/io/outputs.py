@@ -245,7 +245,7 @@ def locked_staging(outs: OutputSet):
 
 
 @contextmanager
-def _signals_held():
+def signals_held():
     """Hold SIGINT/SIGTERM back during the commit's renames (delivered right after)."""
     sigs = {signal.SIGINT, signal.SIGTERM}
     try:
@@ -276,7 +276,7 @@ def write_output_set(outs: OutputSet, writers: dict[str, Callable[[Path], object
                 raise os_error(exc, outs.paths[kind], "write the outputs") from None
             staged[kind] = tmp
         final = outs.paths
-        with _signals_held():
+        with signals_held():
             try:
                 old = outs.existing()
                 if "report" in old:
