@@ -307,6 +307,28 @@ def _read_json(path):
     return doc
 
 
+def _config_value_problem(key: str, value, default) -> str | None:
+    """What is wrong with one network setting from a JSON file, judged by its default's type
+    (and, for the fractions and sizes that any type would pass, by range); None if nothing."""
+    def whole(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return None if whole(value) and value > 0 else "must be a whole number above 0"
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "must be a finite number"
+        if key == "overlap" and not 0 <= value < 1:
+            return "must be a fraction from 0 to below 1"
+        return None if value > 0 or key == "overlap" else "must be above 0"
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or len(value) != len(default) or not all(whole(x) and x > 0 for x in value):
+            return f"must be a list of {len(default)} whole numbers above 0"
+    return None
+
+
 def _model_config(kind: str, config: str):
     """The network settings of `--config`: a preset name or a JSON file, checked by building
     the network once (a bad width fails here, not after minutes of anatomy bank)."""
@@ -324,6 +346,11 @@ def _model_config(kind: str, config: str):
     if unknown:
         raise BmlError(f"unknown {kind} setting(s) {', '.join(unknown)} in the config", config,
                        f"use {', '.join(cls.__dataclass_fields__)}")
+    for k, v in doc.items():
+        problem = _config_value_problem(k, v, getattr(cls(), k))
+        if problem:
+            raise BmlError(f"{kind} setting {k} = {v!r}: {problem}", config,
+                           "check its values against a preset's (bmltrt/models)")
     try:
         cfg = cls.from_dict(doc)
         build(cfg)

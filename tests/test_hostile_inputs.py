@@ -624,6 +624,8 @@ def test_echo_on_nifti_inputs_is_said_to_be_ignored(tmp_path, phantom_case):
 @pytest.mark.parametrize("what, text", [("--config", "hello"), ("--config", "[1, 2]"),
                                         ("--config", '{"featurs": [8, 8, 16, 32, 64, 8]}'),
                                         ("--config", '{"features": [8, -8, 16, 32, 64, 8]}'),
+                                        ("--config", '{"patch": "abc"}'), ("--config", '{"overlap": 7}'),
+                                        ("--config", '{"deep_supervision": "yes"}'),
                                         ("--init", "hello")])
 def test_train_refuses_a_bad_config_or_checkpoint(tmp_path, tiny_dataset, what, text):
     f = tmp_path / "given.json"
