@@ -176,10 +176,10 @@ def synth(
 
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path is a file, not a folder", out_dir, "choose a folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+    ours = not out_dir.exists() or not any(out_dir.iterdir())  # then a failed run leaves no folder
+    if not ours and not force:
         raise BmlError("output folder is not empty", out_dir, "choose a new folder or pass --force")
     total = len(label_files(from_labels)) if from_labels else sum(split_counts(cases).values())
-    ours = not out_dir.exists() or not any(out_dir.iterdir())  # then a failed run leaves no folder
     out_dir.mkdir(parents=True, exist_ok=True)
     # dataset.json is written last: without it a folder is never taken for a finished dataset
     (out_dir / "dataset.json").unlink(missing_ok=True)
@@ -638,9 +638,6 @@ def detect(
         raise typer.Exit(2)
 
 
-DEMO_MARKER = ".bmltrt-demo"
-
-
 @app.command()
 @user_errors
 def demo(
@@ -654,17 +651,18 @@ def demo(
     from bmltrt.io import load_scan
     from bmltrt.evaluation.metrics import confusion, lesion_detection, scores
     from bmltrt.report import write_outputs
+    from bmltrt.io.outputs import OutputSet
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
 
-    from bmltrt.io.outputs import OutputSet
-
     det = _detector(resolution, backend, device, models, None, None, None, None)
-    # A rerun replaces the demo's own files, never a user's: the phantom's folder carries a
-    # marker, and output files must be ones bmltrt wrote.
-    marker = out_dir / "input" / DEMO_MARKER
-    if (out_dir / "input").exists() and any((out_dir / "input").iterdir()) and not marker.exists():
-        raise BmlError("this folder holds an input/ folder that the demo did not write", out_dir / "input",
+    # A rerun replaces the demo's own files, never a user's: input/ may hold only the phantom's
+    # three files (as every demo, older ones too, wrote them), and outputs must be ones bmltrt wrote.
+    inp = out_dir / "input"
+    own = {inp / kind / "demo_knee.nii.gz" for kind in ("images", "femur", "lesion")}
+    stray = [f for f in inp.rglob("*") if not f.is_dir() and f not in own] if inp.is_dir() else []
+    if stray:
+        raise BmlError("the demo's input/ folder holds a file that the demo did not write", stray[0],
                        "choose another --out folder")
     foreign = OutputSet(out_dir, "demo_knee").foreign()
     if foreign:
@@ -674,7 +672,6 @@ def demo(
     out.print(f"writing the phantom and the outputs to {escape(str(out_dir.resolve()))}")
     ph = make_phantom([seed, 0], PhantomConfig(n_lesions=(2, 2)))
     write_case(out_dir, "input", "demo_knee", ph)
-    marker.write_text("written by `bmltrt demo`: a rerun replaces this folder's files\n")
     scan_path = out_dir / "input" / "images" / "demo_knee.nii.gz"
     scan = load_scan(scan_path)
     result = det.detect_checked(scan)

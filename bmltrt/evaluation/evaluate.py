@@ -263,6 +263,7 @@ def run(plan: Plan, data: Path, split: str, *, tune: bool = False, params: dict 
                      "models": None, "resolution": miss.get("resolution"), **miss, "status": "not run"})
     for r in rows:
         r["paper"] = paper_row(r["method"], r.get("resolution"))
+    settings = _dataset_settings(data)  # read once: mode and painter
     n_lesions = sum(r["summary"]["lesion_wise"]["n_true"] for r in rows[:1] if r["status"] == "ok")
     first = plan.model_sets[0].first.backend
     doc = {
@@ -272,7 +273,7 @@ def run(plan: Plan, data: Path, split: str, *, tune: bool = False, params: dict 
         "bmltrt_version": __version__,
         "machine": machine(),
         "data": {"path": str(data), "split": split, "n_cases": len(maps.cases), "n_lesions": n_lesions,
-                 "mode": _dataset_mode(data), "painter": _painter(data), "limit": limit},
+                 "mode": settings.get("mode", "phantom"), "painter": _painter_of(settings), "limit": limit},
         "backend": {"name": first.name, "device": first.device, "precision": first.precision},
         "model_sets": [ms.describe() for ms in plan.model_sets],
         "regions": {"volume": "every voxel of the scan", "femur": "voxels inside the true femur mask"},
@@ -301,15 +302,14 @@ def _dataset_settings(data: Path) -> dict:
         return {"mode": "unknown"}
 
 
-def _dataset_mode(data: Path) -> str:
-    return _dataset_settings(data).get("mode", "phantom")
+def _painter_of(settings: dict) -> int | None:
+    """Painter version of a `--from-labels` dataset (those made before it was recorded: 1);
+    scores on painted data compare only within one version."""
+    return int(settings.get("painter", 1)) if settings.get("mode") == "labels" else None
 
 
 def _painter(data: Path) -> int | None:
-    """Painter version of a `--from-labels` dataset (those made before it was recorded: 1);
-    scores on painted data compare only within one version."""
-    s = _dataset_settings(data)
-    return int(s.get("painter", 1)) if s.get("mode") == "labels" else None
+    return _painter_of(_dataset_settings(data))
 
 
 def machine() -> dict:

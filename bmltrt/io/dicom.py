@@ -122,9 +122,10 @@ def find_series(folder: Path, echo: int | None = None) -> list[DicomSeries]:
     for s in series:
         stem = base
         if many:
-            # a re-sent or derived series can repeat a SeriesNumber: then its UID tells them apart
-            stem += f"_series{s.number}" if s.number and numbers.count(s.number) == 1 else \
-                (f"_series{s.number}" if s.number else "") + f"_{s.uid[-8:]}"
+            if s.number:
+                stem += f"_series{s.number}"
+            if not s.number or numbers.count(s.number) > 1:  # a re-sent or derived series repeats its number
+                stem += f"_{s.uid[-8:]}"
         if len(s.echo_times) > 1:
             stem += f"_echo{s.echo}"
         s.stem = stem
