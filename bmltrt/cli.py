@@ -72,13 +72,35 @@ def internal_error_line(exc: BaseException, where: str, log: Path | None) -> str
             f"{log or 'no log (nothing writable)'} | please report it")
 
 
+# Options that name a file or folder: an empty value would become Path(".") (-o "" wrote
+# into the current folder), so it is refused before click converts it.
+PATH_OPTIONS = ("-o", "--out", "--models", "--engines", "--data", "--labels", "--val-data", "--bank-cache",
+                "--init", "--params", "--cache", "--autoencoder", "--mkd", "--readme", "--from-labels", "--config")
+
+
+def _empty_path_option(args: list[str]) -> str | None:
+    for i, a in enumerate(args):
+        if a == "--":
+            return None
+        name, eq, value = a.partition("=")
+        if name in PATH_OPTIONS and ((eq and not value.strip()) or
+                                     (not eq and i + 1 < len(args) and not args[i + 1].strip())):
+            return name
+    return None
+
+
 class OneLineErrors(TyperGroup):
     """Bad options and bugs as one line too (click would print usage boxes and tracebacks)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        empty = _empty_path_option(sys.argv[1:] if args is None else list(args))
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            code = rv if isinstance(rv, int) else 0
+            if empty:
+                print_error(f"{empty} was given an empty path | give a file or folder name (. for this folder)")
+                code = 2
+            else:
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                code = rv if isinstance(rv, int) else 0
         except Exception as exc:  # click's UsageError/BadParameter/Abort, or a bug
             code = self._one_line(exc)
         if not standalone_mode:
@@ -461,7 +483,7 @@ def _post_overrides(floor, opening_mm, closing_mm, min_area_mm2) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-_RES = typer.Option(None, "--resolution", "-r", min=8, max=4096,
+_RES = typer.Option(None, "--resolution", "-r",
                     help="Inpainting resolution (128, 192, 256, 320, 448); default: the models'.")
 _BACKEND = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch (auto: TensorRT if its "
                         "engines are built, else torch on CUDA, else ONNX Runtime).")
@@ -492,6 +514,8 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
                             ("--torch-compile", torch_compile, ("torch",))):
         if on and be.name not in takes:
             print_warning(f"{flag} applies to the {' and '.join(takes)} backend(s), not {be.name}: ignored")
+    if engines is not None and be.name != "tensorrt":
+        print_warning(f"--engines applies to the tensorrt backend, not {be.name}: ignored")
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size, seg_batch_size=seg_batch_size,
                        post_overrides=_post_overrides(floor, opening_mm, closing_mm, min_area_mm2))
     det = Detector(be, cfg)

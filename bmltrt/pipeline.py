@@ -229,7 +229,7 @@ class Detector:
         store = backend.store
         self.seg_entry = store.entry("segmenter")
         self.seg_cfg = self.seg_entry["config"]
-        res = self.config.resolution or store.default_resolution
+        res = store.default_resolution if self.config.resolution is None else self.config.resolution
         if res not in store.resolutions():
             raise BmlError(f"no inpainter for --resolution {res}", store.root,
                            f"choose one of {store.resolutions()}")

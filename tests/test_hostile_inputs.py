@@ -717,3 +717,78 @@ def test_a_long_but_legal_scan_name_is_written(tmp_path):
     outs = OutputSet(tmp_path, "k" * 240)
     write_output_set(outs, _writers())
     assert listing(tmp_path) == sorted(f"{'k' * 240}{e}" for e in OUTPUT_NAMES)
+
+
+# ---- the re-check's leftovers (session 2026-12-06) ----------------------------------------
+
+@pytest.mark.parametrize("form", [["-o", ""], ["--out="], ["-o", "  "]], ids=["o_empty", "out_eq", "o_blank"])
+def test_an_empty_output_path_is_not_the_current_folder(tmp_path, monkeypatch, form):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    res = run(["detect", scan, *form], inputs=[scan])
+    assert "empty path" in error_line(res)
+    assert listing(cwd) == []
+
+
+@pytest.mark.parametrize("name, stem", [("..nii.gz", "scan"), (".nii.gz", "scan"), (".k.nii", "k"),
+                                        ("..hidden.nii.gz", "hidden"), ("k.nii.gz", "k")])
+def test_outputs_are_never_hidden_files(tmp_path, name, stem):
+    from bmltrt.io.inputs import expand_inputs
+
+    small_scan(tmp_path / name)
+    found = expand_inputs([str(tmp_path / name)], None)
+    assert [s.stem for s in found.sources] == [stem]
+
+
+def test_a_file_given_as_the_models_or_engines_folder_is_refused(tmp_path):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert "models path is a file" in error_line(run(["detect", scan, "-o", tmp_path / "o", "--models", f]))
+    assert "engines path is a file" in error_line(run(["detect", scan, "-o", tmp_path / "o", "--engines", f]))
+    assert not (tmp_path / "o").exists()
+
+
+def test_engines_with_another_backend_is_said_to_be_ignored(tmp_path):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    res = run(["detect", scan, "-o", tmp_path / "o", "--backend", "onnxruntime", "--engines", tmp_path], inputs=[scan])
+    assert "--engines applies to the tensorrt backend" in res.stderr  # then the tiny scan is refused
+
+
+def test_a_graph_swapped_under_the_manifest_is_one_line(tmp_path, phantom_case):
+    """The 128 graph under the 256 name with its sha256 written in: a shape check, not an internal error."""
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "export", models)
+    shutil.copy2(models / "inpainter_128.onnx", models / "inpainter_256.onnx")
+    man = json.loads((models / "manifest.json").read_text())
+    sha = hashlib.sha256((models / "inpainter_256.onnx").read_bytes()).hexdigest()
+    entry = man["models"]["inpainter_256"]
+    man["files"]["inpainter_256.onnx"] = entry["sha256"] = entry["precisions"]["fp32"]["sha256"] = sha
+    (models / "manifest.json").write_text(json.dumps(man))
+    scan, _ = phantom_case
+    res = run(["detect", scan, "-o", tmp_path / "o", "--models", models, "--resolution", "256"], inputs=[scan])
+    line = error_line(res)
+    assert "inpainter_256" in line and "[-1, 2, 128, 128]" in line and "internal error" not in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_resolution_zero_is_not_the_default(tmp_path):
+    scan = small_scan(tmp_path / "k.nii.gz")
+    assert "no inpainter for --resolution 0" in error_line(run(["detect", scan, "-o", tmp_path / "o", "-r", "0"]))
+
+
+def test_evaluate_and_bench_keep_earlier_results_without_overwrite(tmp_path, tiny_dataset):
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "evaluation.json").write_text("precious")
+    (ev / "table1.md").write_text("mine")
+    res = run(["evaluate", tiny_dataset, "-o", ev, "--limit", "1"], inputs=[ev])
+    assert "earlier results" in error_line(res) and "--overwrite" in error_line(res)
+    (ev / "tuning.json").write_text("old")
+    assert "tuning.json" in error_line(run(["evaluate", "tune", tiny_dataset, "-o", ev], inputs=[ev]))
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "bench.csv").write_text("old")
+    assert "bench.csv" in error_line(run(["bench", "--quick", "-o", b], inputs=[b]))

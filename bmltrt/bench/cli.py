@@ -9,6 +9,7 @@ import typer
 
 from bmltrt import cli as base
 from bmltrt.errors import BmlError
+from bmltrt.io.outputs import refuse_earlier_results
 
 MAX_BATCH = 4096
 MAX_REPEATS = 1000
@@ -56,6 +57,7 @@ def bench_cmd(
     models: Optional[Path] = base._MODELS,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default "
                                            "benchmarks/results/bench_<machine>_<date>/)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in -o."),
 ):
     """Throughput and latency per resolution, backend, precision and stage; ratios side by side; JSON, CSV, PNG."""
     from bmltrt.bench.machine import REPO, machine_info, machine_slug
@@ -85,6 +87,7 @@ def bench_cmd(
         out_dir = root / f"bench_{machine_slug(info)}_{info['date']}{'_quick' if quick else ''}"
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the results folder (-o) is a file", out_dir, "choose a folder")
+    refuse_earlier_results(out_dir, ("bench.json", "bench.csv", "throughput.png", "stages.png"), overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with base._progress() as bar:

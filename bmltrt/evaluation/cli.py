@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 
 from bmltrt import cli as base
 from bmltrt.errors import BmlError
+from bmltrt.io.outputs import refuse_earlier_results
 
 
 class DefaultToRun(TyperGroup):
@@ -51,6 +52,9 @@ _MKD = typer.Option(None, "--mkd", help="Baseline (c): checkpoint from `bmltrt t
 _CACHE = typer.Option(None, "--cache", help="Where anomaly maps are kept between runs (default: "
                       "$BMLTRT_CACHE/evaluation or ~/.cache/bmltrt/evaluation).")
 _NOCACHE = typer.Option(False, "--no-cache", help="Keep anomaly maps in memory only.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in -o.")
+# what `evaluate run` writes (evaluation/tables.write_outputs)
+RUN_OUTPUTS = ("evaluation.json", "table1.csv", "table1.md", "cases.csv", "figure3.png")
 _LIMIT = typer.Option(None, "--limit", min=1, help="Only the first N cases of each split (trials).")
 _NOBASE = typer.Option(False, "--no-baselines", help="Only our method (no baseline rows).")
 _SCOPE = typer.Option(None, "--otsu-scope", help="Ours: Otsu per slice (the paper), per volume, or none.")
@@ -143,7 +147,7 @@ def run_cmd(
     limit: Optional[int] = _LIMIT,
     floor: Optional[float] = base._FLOOR, opening_mm: Optional[float] = base._OPEN,
     closing_mm: Optional[float] = base._CLOSE, min_area_mm2: Optional[float] = base._MINAREA,
-    otsu_scope: Optional[str] = _SCOPE, same_femur: bool = _SAME,
+    otsu_scope: Optional[str] = _SCOPE, same_femur: bool = _SAME, overwrite: bool = _OVERWRITE,
 ):
     """Table 1 (Dice, IoU, Sens, Spec, Acc; pooled and per case; femur and whole volume; lesion-wise F1)
     and Figure 3 for ours at each resolution and the baselines, the paper's numbers beside."""
@@ -151,6 +155,7 @@ def run_cmd(
     from bmltrt.evaluation.tables import print_table, write_outputs
 
     check_inputs(data, split, out_dir, tune)
+    refuse_earlier_results(out_dir, RUN_OUTPUTS + (("postprocess*.json",) if tune else ()), overwrite)
     _check_search(search)
     overrides = _overrides(floor, opening_mm, closing_mm, min_area_mm2, otsu_scope)
     if tune and (params or overrides):
@@ -193,13 +198,14 @@ def tune_cmd(
                               "postprocess.json: `detect` uses it from then on."),
     search: str = _SEARCH, autoencoder: Optional[Path] = _AE, mkd: Optional[Path] = _MKD,
     no_baselines: bool = _NOBASE, cache_dir: Optional[Path] = _CACHE, no_cache: bool = _NOCACHE,
-    limit: Optional[int] = _LIMIT, same_femur: bool = _SAME,
+    limit: Optional[int] = _LIMIT, same_femur: bool = _SAME, overwrite: bool = _OVERWRITE,
 ):
     """Choose the post-processing (floor, Otsu scope, opening, closing, minimum area) on the val split only."""
     from bmltrt.evaluation.evaluate import check_inputs, clean, tune_split
     from bmltrt.io.atomic import atomic_write
 
     check_inputs(data, "val", out_dir, False)
+    refuse_earlier_results(out_dir, ("tuning.json", "postprocess*.json"), overwrite)
     _check_search(search)
     plan = _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, same_femur=same_femur)
     with base._progress() as prog:
@@ -224,6 +230,7 @@ def table_cmd(
                                            "Figure 3 per data set here."),
     readme: Optional[Path] = typer.Option(None, "--readme", help="Paste the short report between the results "
                                           "markers of this README."),
+    overwrite: bool = _OVERWRITE,
 ):
     """One report from several runs: data sets one after the other, models folders side by side."""
     import os
@@ -235,6 +242,8 @@ def table_cmd(
     docs = read_documents(runs)
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path is a file, not a folder", out_dir, "give a folder with -o")
+    if out_dir is not None:
+        refuse_earlier_results(out_dir, ("report.md", "table1_*.csv", "figure3_*.png"), overwrite)
     groups: dict[tuple, list] = {}
     where: dict[tuple, Path] = {}
     for d, p in zip(docs, runs):

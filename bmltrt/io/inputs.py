@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmltrt.errors import BmlError
-from bmltrt.io.outputs import is_nifti_name, is_our_mask, strip_nifti_suffix
+from bmltrt.io.outputs import is_nifti_name, is_our_mask, strip_nifti_suffix, visible_stem
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ScanSource:
 
     @property
     def stem(self) -> str:
-        return self.series.stem if self.series is not None else strip_nifti_suffix(self.path.name)
+        return visible_stem(self.series.stem if self.series is not None else strip_nifti_suffix(self.path.name))
 
     @property
     def label(self) -> str:

@@ -59,6 +59,26 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
+def visible_stem(stem: str) -> str:
+    """The stem outputs are named by, never hidden: ``..nii.gz`` would give ``._bml.nii.gz``."""
+    s = stem.lstrip(".")
+    if ("." + s).lower() in NIFTI_SUFFIXES:  # a file named just ".nii.gz"
+        s = ""
+    return s or "scan"
+
+
+def refuse_earlier_results(out_dir: Path, patterns, overwrite: bool) -> None:
+    """Results of an earlier run (or a user's files of the same names: glob patterns) are
+    replaced only on --overwrite: a rerun into the same -o must not silently destroy them."""
+    out_dir = Path(out_dir)
+    if overwrite or not out_dir.is_dir():
+        return
+    there = sorted({p.name for pat in patterns for p in out_dir.glob(pat)})
+    if there:
+        raise BmlError(f"earlier results are in the output folder ({', '.join(there)})", out_dir,
+                       "add --overwrite to replace them, or choose another -o")
+
+
 def is_output_name(name: str) -> bool:
     """A name of the kind we write (any case), e.g. ``k_bml.nii.gz``, ``K_REPORT.JSON``."""
     low = name.lower()

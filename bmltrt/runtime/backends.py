@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
@@ -166,6 +167,7 @@ class OnnxRuntimeBackend(BackendBase):
 
     def prepare(self, models) -> None:
         for m in models:
+            self.spec(m)  # the graph's shapes against the manifest's, before any scan
             self.session(m)
 
     def _run(self, model, spec, batch, out):
@@ -242,6 +244,9 @@ def make_backend(backend: str, device: str, models_dir=None, precision: str = "a
         raise BmlError(f"unknown device {device!r}", hint=f"choose one of {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
         raise BmlError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if engines_dir is not None and Path(engines_dir).exists() and not Path(engines_dir).is_dir():
+        raise BmlError("the engines path is a file, not a folder", engines_dir,
+                       "pass the folder `bmltrt build-engines` wrote (--engines)")
     warnings: list[str] = []
     store = ModelStore.open(models_dir)
     if backend == "auto":

@@ -62,6 +62,9 @@ class ModelStore:
         root = Path(root) if root else Path(os.environ["BMLTRT_MODELS"]) if os.environ.get("BMLTRT_MODELS") \
             else default_models_dir()
         man = root / MANIFEST
+        if root.exists() and not root.is_dir():
+            raise BmlError("the models path is a file, not a folder", root,
+                           "pass the folder `bmltrt export` wrote (--models), the one holding manifest.json")
         if not root.is_dir():
             raise BmlError("models folder not found", root, "pass the folder `bmltrt export` wrote (--models)")
         if not man.exists():

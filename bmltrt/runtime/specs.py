@@ -92,12 +92,33 @@ def graph_io(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return rows(m.graph.input), rows(m.graph.output)
 
 
+def graph_shapes(path: Path) -> list[tuple]:
+    """Shapes of the graph's inputs then outputs, -1 for a symbolic dimension."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return [tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+            for v in list(m.graph.input) + list(m.graph.output) if v.name not in inits]
+
+
+def check_graph_matches(spec: ModelSpec, onnx_path: Path) -> ModelSpec:
+    """A graph swapped under the manifest (another resolution, same sha256 written in) would
+    fail deep inside the runtime; say so in one line instead."""
+    for want, got in zip(spec.inputs + spec.outputs, graph_shapes(onnx_path)):
+        if len(want.shape) != len(got) or any(w != -1 and g != -1 and w != g for w, g in zip(want.shape, got)):
+            raise BmlError(f"{spec.model}: the graph's tensor {want.name} has shape {list(got)}, the manifest "
+                           f"says {list(want.shape)}", onnx_path, "re-export the models with `bmltrt export`")
+    return spec
+
+
 def spec_from_entry(model: str, entry: dict, onnx_path: Path | None = None) -> ModelSpec:
     """The I/O spec of one manifest entry (see the module docstring)."""
     io = entry.get("io") if isinstance(entry.get("io"), dict) else entry
     if io.get("inputs") and io.get("outputs"):
-        return ModelSpec(model, tuple(_tensor_from_manifest(t) for t in io["inputs"]),
+        spec = ModelSpec(model, tuple(_tensor_from_manifest(t) for t in io["inputs"]),
                          tuple(_tensor_from_manifest(t) for t in io["outputs"]))
+        return check_graph_matches(spec, onnx_path) if onnx_path is not None else spec
     kind, cfg = entry.get("kind"), entry.get("config", {})
     if kind == "segmenter":
         patch = tuple(int(p) for p in cfg["patch"])
@@ -116,7 +137,8 @@ def spec_from_entry(model: str, entry: dict, onnx_path: Path | None = None) -> M
             raise BmlError(f"{model}: expected one input and one output, the graph has {len(ins)} and {len(outs)}",
                            onnx_path)
         (in_name, in_dt), (out_name, out_dt) = ins[0], outs[0]
-    return ModelSpec(model, (TensorSpec(in_name, in_dt, in_shape),), (TensorSpec(out_name, out_dt, out_shape),))
+    spec = ModelSpec(model, (TensorSpec(in_name, in_dt, in_shape),), (TensorSpec(out_name, out_dt, out_shape),))
+    return check_graph_matches(spec, onnx_path) if onnx_path is not None else spec
 
 
 def model_path(store, model: str, precision: str = "fp32") -> Path:

@@ -90,6 +90,7 @@ class TensorRTBackend(BackendBase):
 
     def prepare(self, models) -> None:
         for m in models:
+            self.spec(m)  # the graph's shapes against the manifest's, before any scan
             self._engine(m)
 
     # -- running ------------------------------------------------------------------

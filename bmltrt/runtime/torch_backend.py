@@ -127,6 +127,7 @@ class TorchBackend(BackendBase):
 
     def prepare(self, models) -> None:
         for m in models:
+            self.spec(m)  # the graph's shapes against the manifest's, before any scan
             self.module(m)
 
     def _stream_ctx(self):
