@@ -195,6 +195,12 @@ def test_load_scan_accepts_4d_with_one_volume(tmp_path):
     vol = np.random.default_rng(5).random((8, 8, 4, 1)).astype(np.float32)
     scan = load_scan(save_nifti(tmp_path / "one.nii.gz", vol))
     assert scan.data.ndim == 3
+    from bmltrt.io.nifti import mask_image_like
+
+    mask = np.zeros(scan.data.shape, np.uint8)
+    mask[(0,) * 3] = 1
+    out = mask_image_like(mask, scan)  # the mask has the input's shape, (8, 8, 4, 1)
+    assert out.shape == vol.shape and int(out.header["dim"][0]) == 4 and int(np.asarray(out.dataobj).sum()) == 1
 
 
 def test_bytes_after_the_gzip_stream_are_ignored_like_gzip_does(tmp_path):

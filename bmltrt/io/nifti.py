@@ -308,6 +308,8 @@ def mask_image_like(mask_working: np.ndarray, scan: Scan) -> nib.spatialimages.S
     """A uint8 image of the mask on the input's grid, affine and qform/sform codes."""
     src = scan.image
     mask_in = scan.to_input_grid(np.asarray(mask_working).astype(np.uint8))
+    if len(src.shape) > 3:  # a single-volume 4D input (x, y, z, 1) gets a mask of its own shape
+        mask_in = mask_in.reshape(src.shape)
     hdr = src.header.copy()
     hdr.set_data_dtype(np.uint8)
     out = type(src)(mask_in, src.affine, header=hdr)
