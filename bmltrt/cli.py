@@ -72,20 +72,18 @@ def internal_error_line(exc: BaseException, where: str, log: Path | None) -> str
             f"{log or 'no log (nothing writable)'} | please report it")
 
 
-# Options that name a file or folder: an empty value would become Path(".") (-o "" wrote
-# into the current folder), so it is refused before click converts it.
-PATH_OPTIONS = ("-o", "--out", "--models", "--engines", "--data", "--labels", "--val-data", "--bank-cache",
-                "--init", "--params", "--cache", "--autoencoder", "--mkd", "--readme", "--from-labels", "--config")
-
-
-def _empty_path_option(args: list[str]) -> str | None:
+def _empty_argument(args: list[str]) -> str | None:
+    """No option or argument of ours takes an empty value, and typer would turn an empty path
+    into Path(".") (-o "" wrote into the current folder; synth "" made a dataset there)."""
     for i, a in enumerate(args):
-        if a == "--":
-            return None
         name, eq, value = a.partition("=")
-        if name in PATH_OPTIONS and ((eq and not value.strip()) or
-                                     (not eq and i + 1 < len(args) and not args[i + 1].strip())):
-            return name
+        if a.startswith("-") and eq and not value.strip():
+            return f"{name} was given an empty value"
+        if not a.strip():
+            prev = args[i - 1] if i else ""
+            if prev.startswith("-") and "=" not in prev:
+                return f"{prev} was given an empty value"
+            return "an empty path or value was given as an argument"
     return None
 
 
@@ -93,10 +91,10 @@ class OneLineErrors(TyperGroup):
     """Bad options and bugs as one line too (click would print usage boxes and tracebacks)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        empty = _empty_path_option(sys.argv[1:] if args is None else list(args))
+        empty = _empty_argument(sys.argv[1:] if args is None else list(args))
         try:
             if empty:
-                print_error(f"{empty} was given an empty path | give a file or folder name (. for this folder)")
+                print_error(f"{empty} | give a file or folder name (. for this folder), or leave the option out")
                 code = 2
             else:
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -778,6 +776,7 @@ def export_check(
     out_dir: Path = typer.Option(Path("benchmarks/results/fp16_parity"), "--out", "-o", help="Where parity.json and parity.md go."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Comma-separated; default: all in the folder."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N scans of the split."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in -o."),
 ):
     """FP16 against float32, honestly (graphs run op by op in torch, float16 kernels): NaN/Inf, Dice, reconstruction error."""
     try:
@@ -785,11 +784,13 @@ def export_check(
     except ImportError:
         raise BmlError("export-check needs torch", hint="pip install 'bmltrt[export]'") from None
     from bmltrt.export.parity import parity_report
+    from bmltrt.io.outputs import refuse_earlier_results
     from bmltrt.synth.dataset import case_paths
 
     _check_dataset(data, "--data")
     if out_dir.exists() and not out_dir.is_dir():  # before minutes of computing
         raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
+    refuse_earlier_results(out_dir, ("parity.json", "parity.md"), overwrite)
     if split not in ("train", "val", "test") or not case_paths(data, split):
         raise BmlError(f"--split {split!r} is not a split with cases in this dataset", data,
                        "choose train, val or test (dataset.json lists them)")

@@ -609,7 +609,7 @@ def test_two_series_with_one_series_number_get_their_own_outputs(tmp_path):
 
 def test_an_empty_path_is_not_the_current_folder(tmp_path):
     res = run(["detect", "", "-o", tmp_path / "o"])
-    assert "empty input path" in error_line(res) and not (tmp_path / "o").exists()
+    assert "empty path" in error_line(res) and not (tmp_path / "o").exists()
 
 
 def test_echo_on_nifti_inputs_is_said_to_be_ignored(tmp_path, phantom_case):
@@ -721,14 +721,19 @@ def test_a_long_but_legal_scan_name_is_written(tmp_path):
 
 # ---- the re-check's leftovers (session 2026-12-06) ----------------------------------------
 
-@pytest.mark.parametrize("form", [["-o", ""], ["--out="], ["-o", "  "]], ids=["o_empty", "out_eq", "o_blank"])
-def test_an_empty_output_path_is_not_the_current_folder(tmp_path, monkeypatch, form):
+@pytest.mark.parametrize("form", [["detect", "{scan}", "-o", ""], ["detect", "{scan}", "--out="],
+                                  ["detect", "{scan}", "-o", "  "], ["synth", ""], ["evaluate", "run", "", "-o", "x"],
+                                  ["detect", "{scan}", "-o", "x", "--models", ""],
+                                  ["evaluate", "{scan}", "-o", "x", "--resolutions", ""]],
+                         ids=["o_empty", "out_eq", "o_blank", "synth_empty", "evaluate_empty", "models_empty",
+                              "resolutions_empty"])
+def test_an_empty_path_or_value_is_not_the_current_folder(tmp_path, monkeypatch, form):
     scan = small_scan(tmp_path / "k.nii.gz")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    res = run(["detect", scan, *form], inputs=[scan])
-    assert "empty path" in error_line(res)
+    res = run([a.format(scan=scan) for a in form], inputs=[scan])
+    assert "empty value" in error_line(res) or "empty path" in error_line(res)
     assert listing(cwd) == []
 
 
@@ -792,3 +797,23 @@ def test_evaluate_and_bench_keep_earlier_results_without_overwrite(tmp_path, tin
     b.mkdir()
     (b / "bench.csv").write_text("old")
     assert "bench.csv" in error_line(run(["bench", "--quick", "-o", b], inputs=[b]))
+
+
+def test_hidden_input_names_write_visible_outputs(tmp_path, phantom_case):
+    """The stem must name the written files too, not only the checks before the work."""
+    from bmltrt.io.inputs import expand_inputs
+
+    scan = shutil.copy2(phantom_case[0], tmp_path / "..nii.gz")
+    src = expand_inputs([str(scan)], None).sources[0]
+    assert src.load().name == "scan"
+
+
+def test_table_with_a_bad_readme_writes_nothing(tmp_path):
+    ev = REPO / "benchmarks" / "results" / "oai_painted_test"
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    out = tmp_path / "t"
+    res = run(["evaluate", "table", ev, "-o", out, "--readme", readme], inputs=[readme])
+    assert "markers" in error_line(res) and listing(out) == []
+    res = run(["evaluate", "table", ev, "-o", out, "--readme", tmp_path / "missing.md"])
+    assert "no such file" in error_line(res) and listing(out) == []

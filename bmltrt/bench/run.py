@@ -130,9 +130,11 @@ class Bench:
         self.models_record = {n: {"sha256": e.get("sha256"), "precisions": self.store.precisions(n)}
                               for n, e in self.store.manifest.get("models", {}).items()}
         # a corrupt or swapped file is bad input, refused now: later it would only skip its rows
+        from bmltrt.runtime.specs import model_spec
+
         for n, rec in self.models_record.items():
             for prec in rec["precisions"]:
-                self.store.path(n, prec)
+                model_spec(self.store, n, prec)  # its sha256, then its shapes against the manifest's
 
     # -- what to measure -----------------------------------------------------------------
     def _resolutions(self) -> list[int]:

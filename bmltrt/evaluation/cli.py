@@ -236,7 +236,8 @@ def table_cmd(
     import os
 
     from bmltrt.evaluation.figure import size_figure
-    from bmltrt.evaluation.tables import csv_text, merge, paste_readme, print_table, read_documents, report_markdown
+    from bmltrt.evaluation.tables import (check_readme, csv_text, merge, paste_readme, print_table, read_documents,
+                                          report_markdown)
     from bmltrt.io.atomic import atomic_write
 
     docs = read_documents(runs)
@@ -244,6 +245,8 @@ def table_cmd(
         raise BmlError("the output path is a file, not a folder", out_dir, "give a folder with -o")
     if out_dir is not None:
         refuse_earlier_results(out_dir, ("report.md", "table1_*.csv", "figure3_*.png"), overwrite)
+    if readme is not None:
+        check_readme(readme)
     groups: dict[tuple, list] = {}
     where: dict[tuple, Path] = {}
     for d, p in zip(docs, runs):

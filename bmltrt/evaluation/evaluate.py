@@ -66,6 +66,8 @@ def parse_models(specs: list[str] | None) -> list[tuple[str, Path | None]]:
     out, seen = [], set()
     for s in specs:
         label, _, d = s.rpartition("=") if "=" in s else ("", "", s)
+        if not d.strip():
+            raise BmlError(f"--models {s!r} names no folder", hint="give --models DIR or --models LABEL=DIR")
         path = Path(d)
         label = label or path.resolve().name
         if label in seen:
@@ -103,7 +105,7 @@ def open_model_sets(specs, resolutions, backend="auto", device="auto", post_over
         # Verified now, not when a network first runs: with a warm map cache none may run,
         # and figures would be reported for a corrupt or swapped models folder.
         for name in {"segmenter", *(d.inp_name for d in dets.values())}:
-            be.store.path(name)
+            be.spec(name)  # sha256, then the graph's shapes against the manifest's
         sets.append(ModelSet(label, be.store.root, dets))
     return sets
 

@@ -340,6 +340,12 @@ def read_documents(paths: list[Path]) -> list[dict]:
     return docs
 
 
+def check_readme(readme: Path) -> None:
+    from bmltrt.io.atomic import check_marked_block
+
+    check_marked_block(readme, README_BEGIN, README_END, "results")
+
+
 def paste_readme(readme: Path, block: str) -> None:
     """Replace the text between the README's result markers by `block`."""
     replace_marked_block(readme, README_BEGIN, README_END, f"\n{block.strip()}\n\n", "results")

@@ -59,7 +59,9 @@ class GraphBackend:
     def module(self, model):
         if model not in self._mods:
             from bmltrt.runtime.onnx_torch import OnnxGraphModule
+            from bmltrt.runtime.specs import model_spec
 
+            model_spec(self.store, model, self.precision)  # a graph swapped under the manifest: one line
             self._mods[model] = OnnxGraphModule(self.store.path(model, self.precision)).eval()
         return self._mods[model]
 

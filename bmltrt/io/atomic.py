@@ -43,14 +43,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
     return path
 
 
-def replace_marked_block(path: str | os.PathLike, begin: str, end: str, body: str, what: str) -> Path:
-    """Put `body` between the lines `begin` and `end` of a text file (a README's generated
-    section), atomically; no markers: one clear line naming `what` they are for."""
+def check_marked_block(path: str | os.PathLike, begin: str, end: str, what: str) -> tuple[str, "re.Pattern"]:
+    """The text of a file that holds the `begin`/`end` markers (else one clear line): checked
+    before a command writes anything else, so a bad --readme leaves no outputs behind."""
     path = Path(path)
-    text = path.read_text()
+    if not path.is_file():
+        raise BmlError(f"no such file to paste the {what} into", path, "give an existing README.md")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BmlError(f"cannot read the file ({type(exc).__name__})", path, "give a readable text README") from None
     pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pat.search(text):
         raise BmlError(f"the file has no {what} markers", path,
                        f"put the two lines {begin!r} and {end!r} where the {what} go")
+    return text, pat
+
+
+def replace_marked_block(path: str | os.PathLike, begin: str, end: str, body: str, what: str) -> Path:
+    """Put `body` between the lines `begin` and `end` of a text file (a README's generated
+    section), atomically; no markers: one clear line naming `what` they are for."""
+    path = Path(path)
+    text, pat = check_marked_block(path, begin, end, what)
     new = pat.sub(lambda _: f"{begin}\n{body}{end}", text, count=1)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(new))

@@ -38,10 +38,10 @@ class ScanSource:
         return list(self.series.files) if self.series is not None else [self.path]
 
     def load(self, force_orientation: bool = False):
-        from bmltrt.io.nifti import load_scan, scan_from_image
+        from bmltrt.io.nifti import read_header_checked, scan_from_image
 
-        if self.series is None:
-            return load_scan(self.path, force_orientation=force_orientation)
+        if self.series is None:  # the stem, not the file name, names the outputs (never hidden)
+            return scan_from_image(read_header_checked(self.path), self.path, force_orientation, stem=self.stem)
         from bmltrt.io.dicom import read_series
 
         return scan_from_image(read_series(self.series), self.path, force_orientation, stem=self.stem)

@@ -25,7 +25,7 @@ from nibabel.orientations import (
 
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
-from bmltrt.io.outputs import MASK_DESCRIP, is_nifti_name, strip_nifti_suffix
+from bmltrt.io.outputs import MASK_DESCRIP, is_nifti_name, strip_nifti_suffix, visible_stem
 
 WORKING_AXCODES = ("R", "I", "P")
 _WORKING_ORNT = axcodes2ornt(WORKING_AXCODES)
@@ -60,7 +60,7 @@ class Scan:
     @property
     def name(self) -> str:
         """Names the outputs: the file name without .nii/.nii.gz (any case), or `stem`."""
-        return self.stem if self.stem else strip_nifti_suffix(self.path.name)
+        return self.stem if self.stem else visible_stem(strip_nifti_suffix(self.path.name))
 
     @property
     def voxel_volume_mm3(self) -> float:
