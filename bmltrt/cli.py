@@ -434,11 +434,15 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                         shell_weight: float = typer.Option(0.0, "--shell-weight", min=0.0, max=100.0,
                                                            help="Extra cross-entropy weight on the ring just "
                                                            "outside the true femur (balances --lesion-weight, "
-                                                           "which alone grows the femur).")):
+                                                           "which alone grows the femur)."),
+                        dark_muscle_p: float = typer.Option(0.3, "--dark-muscle-p", min=0.0, max=1.0,
+                                                            help="Share of fat-suppressed generated scans whose "
+                                                            "muscle is as dark as the marrow (0.8-1.6x), as on "
+                                                            "a DESS echo 2.")):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
-            "lesion_breach_p": lesion_breach_p,
+            "lesion_breach_p": lesion_breach_p, "dark_muscle_p": dark_muscle_p,
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,

@@ -73,7 +73,8 @@ FAT_SUPPRESSED = ("iw_fs", "t2_fs", "gre_we")
 CLASSES = ("air", "marrow", "cortex", "physis", "cartilage", "dark", "fat", "muscle", "fluid", "vessel", "edema")
 
 
-def draw_contrast(rng: np.random.Generator, family: str | None = None) -> tuple[str, dict[str, float]]:
+def draw_contrast(rng: np.random.Generator, family: str | None = None,
+                  dark_muscle_p: float = DARK_MUSCLE_P) -> tuple[str, dict[str, float]]:
     names = list(CONTRASTS)
     if family is None:
         p = np.array([CONTRASTS[n][0] for n in names])
@@ -87,7 +88,7 @@ def draw_contrast(rng: np.random.Generator, family: str | None = None) -> tuple[
         means["air"] = float(rng.uniform(0, 0.02))
         if family == "non_fs":  # fat and marrow are both fat
             means["fat"] = float(np.clip(means["marrow"] * rng.uniform(0.85, 1.2), 0.4, 1.1))
-        if family in FAT_SUPPRESSED and rng.random() < DARK_MUSCLE_P:
+        if family in FAT_SUPPRESSED and rng.random() < dark_muscle_p:
             means["muscle"] = means["marrow"] * float(rng.uniform(*DARK_MUSCLE_RATIO))
         means["physis"] = means["cortex"] + rng.uniform(0, 0.6) * (means["marrow"] - means["cortex"])
     # Oedema replaces fat with water: toward fluid in every contrast.
@@ -299,7 +300,8 @@ def _zero_border(rng: np.random.Generator, shape: tuple[int, int], px_mm: float)
 
 def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 1.6, n_sub: int = 3,
                      lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3,
-                     surface_p: float = 0.0, breach_p: float = 0.0) -> SegmenterSample:
+                     surface_p: float = 0.0, breach_p: float = 0.0,
+                     dark_muscle_p: float = DARK_MUSCLE_P) -> SegmenterSample:
     """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels)."""
     t = _thickness(rng)
     n = max(8, int(round(rng.uniform(80, 150) / t)))
@@ -311,7 +313,7 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     labels = sample_labels(anatomy, pose, rng, lr, rows, cols, px_mm)
     if rng.random() < lesion_p:
         labels = add_lesions(labels, sub_mm, rng, max_lesions, surface_p, breach_p)
-    fam, means = draw_contrast(rng, family)
+    fam, means = draw_contrast(rng, family, dark_muscle_p)
     img = paint(labels, rng, means)
     img = img.reshape(n, n_sub, rows, cols).mean(axis=1)
     femur = T.FEMUR_TABLE[labels].reshape(n, n_sub, rows, cols).mean(axis=1) > 0.5

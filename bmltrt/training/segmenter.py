@@ -93,7 +93,7 @@ def _bank_crops(pool, patch, batch, rng):
 def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> dict:
     """Train on label-driven scans of the anatomy bank (opts.extra["bank"]) and/or a phantom
     dataset (opts.data); `phantom_fraction` of each batch comes from the phantom dataset."""
-    from bmltrt.synth.labelgen import segmenter_sample
+    from bmltrt.synth.labelgen import DARK_MUSCLE_P, segmenter_sample
     from bmltrt.training.data import LabelBank, SamplePool
 
     device = resolve_device(opts.device)
@@ -110,7 +110,9 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     lesion_p, max_les = float(opts.extra.get("lesion_p", 0.5)), int(opts.extra.get("max_lesions", 3))
     surface_p = float(opts.extra.get("lesion_surface_p", 0.0))
     breach_p = float(opts.extra.get("lesion_breach_p", 0.0))
-    lesion_kw = dict(lesion_p=lesion_p, max_lesions=max_les, surface_p=surface_p, breach_p=breach_p)
+    dark_p = float(opts.extra.get("dark_muscle_p", DARK_MUSCLE_P))
+    lesion_kw = dict(lesion_p=lesion_p, max_lesions=max_les, surface_p=surface_p, breach_p=breach_p,
+                     dark_muscle_p=dark_p)
     lesion_weight = float(opts.extra.get("lesion_weight", 0.0))
     shell_weight = float(opts.extra.get("shell_weight", 0.0))
     pool = None
@@ -212,7 +214,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
               "lesion_p": lesion_p, "max_lesions": max_les, "lesion_surface_p": surface_p,
-              "lesion_breach_p": breach_p, "lesion_weight": lesion_weight, "shell_weight": shell_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
+              "lesion_breach_p": breach_p, "dark_muscle_p": dark_p, "lesion_weight": lesion_weight, "shell_weight": shell_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
                     select=("gen_dice", "max"))
