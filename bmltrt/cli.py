@@ -438,11 +438,15 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                         dark_muscle_p: float = typer.Option(0.3, "--dark-muscle-p", min=0.0, max=1.0,
                                                             help="Share of fat-suppressed generated scans whose "
                                                             "muscle is as dark as the marrow (0.8-1.6x), as on "
-                                                            "a DESS echo 2.")):
+                                                            "a DESS echo 2."),
+                        stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1,
+                                                              help="End at this step (validated, checkpointed), "
+                                                              "the learning rate still decaying over --steps.")):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
             "lesion_breach_p": lesion_breach_p, "dark_muscle_p": dark_muscle_p,
+            **({"stop_at": stop_at} if stop_at else {}),
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,

@@ -51,14 +51,16 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     # (another --seed reuses the anatomy bank: it is keyed by --bank-seed, not rebuilt)
     bank = sorted(p.name for p in (tmp_path / "bank").iterdir())
     tune = [a if a != str(tmp_path / "seg") else str(tmp_path / "tuned") for a in common]
-    _run(tune + ["--steps", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p", "1", "--lr", "1e-9",
-                 "--lesion-surface-p", "0.6", "--lesion-breach-p", "0.5", "--lesion-weight", "5", "--shell-weight", "5",
-                 "--seed", "7"])
+    _run(tune + ["--steps", "10", "--stop-at", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p",
+                 "1", "--lr", "1e-9", "--lesion-surface-p", "0.6", "--lesion-breach-p", "0.5", "--lesion-weight", "5",
+                 "--shell-weight", "5", "--dark-muscle-p", "0.7", "--seed", "7"])
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == bank
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
     assert tuned["config"]["lesion_surface_p"] == 0.6 and tuned["config"]["lesion_weight"] == 5.0
     assert tuned["config"]["shell_weight"] == 5.0 and tuned["config"]["lesion_breach_p"] == 0.5
+    assert tuned["config"]["dark_muscle_p"] == 0.7
+    assert tuned["step"] == 1 and tuned["history"][-1]["step"] == 1  # --stop-at 1 of a 10-step schedule
     assert 0.0 <= tuned["history"][-1]["gen_lesion_in_femur"] <= 1.0  # generated scans carry lesions
     k = "conv_0_0.conv_0.conv.weight"
     assert torch.allclose(tuned["modules"]["net"][k], last["modules"]["net"][k], atol=1e-6)  # tiny lr: where it started

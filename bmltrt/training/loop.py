@@ -113,12 +113,15 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
         losses = step_fn(step)
         done = step + 1
         out_of_time = opts.time_limit_min is not None and time.time() - t0 > 60 * opts.time_limit_min
-        if done % opts.val_every == 0 or done == opts.steps or out_of_time:
+        # --stop-at: end early on a fixed step with the learning-rate schedule of --steps (a
+        # recipe can then replay a run that was stopped by hand, step for step)
+        stop = out_of_time or done == opts.extra.get("stop_at")
+        if done % opts.val_every == 0 or done == opts.steps or stop:
             metrics = validate_now(losses)
         if progress:
             progress(done, opts.steps, {**losses, **metrics})
-        if done % opts.ckpt_every == 0 or done == opts.steps or out_of_time:
+        if done % opts.ckpt_every == 0 or done == opts.steps or stop:
             save(done)
-        if out_of_time:
+        if stop:
             break
     return {"metrics": metrics, "history": history, "seconds": time.time() - t0, "steps": done}
