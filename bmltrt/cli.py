@@ -77,6 +77,8 @@ def _empty_argument(args: list[str]) -> str | None:
     into Path(".") (-o "" wrote into the current folder; synth "" made a dataset there)."""
     for i, a in enumerate(args):
         name, eq, value = a.partition("=")
+        if len(name) == 2 and name[0] == "-" and name[1] != "-" and eq:  # click reads -o=x as the path "=x"
+            return f"{a!r}: a short option takes its value after a space ({name} {value or 'VALUE'})"
         if a.startswith("-") and eq and not value.strip():
             return f"{name} was given an empty value"
         if not a.strip():

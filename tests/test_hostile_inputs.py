@@ -737,6 +737,13 @@ def test_an_empty_path_or_value_is_not_the_current_folder(tmp_path, monkeypatch,
     assert listing(cwd) == []
 
 
+def test_a_short_option_with_an_equals_sign_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scan = small_scan(tmp_path / "k.nii.gz")
+    assert "after a space (-o out)" in error_line(run(["detect", scan, "-o=out"], inputs=[scan]))
+    assert listing(tmp_path) == ["k.nii.gz"]  # no folder named "=out"
+
+
 @pytest.mark.parametrize("name, stem", [("..nii.gz", "scan"), (".nii.gz", "scan"), (".k.nii", "k"),
                                         ("..hidden.nii.gz", "hidden"), ("k.nii.gz", "k")])
 def test_outputs_are_never_hidden_files(tmp_path, name, stem):
