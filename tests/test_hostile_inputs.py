@@ -769,8 +769,8 @@ def test_engines_with_another_backend_is_said_to_be_ignored(tmp_path):
     assert "--engines applies to the tensorrt backend" in res.stderr  # then the tiny scan is refused
 
 
-def test_a_graph_swapped_under_the_manifest_is_one_line(tmp_path, phantom_case):
-    """The 128 graph under the 256 name with its sha256 written in: a shape check, not an internal error."""
+def swapped_models(tmp_path) -> Path:
+    """The shipped models with the 128 graph under the 256 name, its sha256 written in."""
     models = tmp_path / "models"
     shutil.copytree(REPO / "export", models)
     shutil.copy2(models / "inpainter_128.onnx", models / "inpainter_256.onnx")
@@ -779,6 +779,14 @@ def test_a_graph_swapped_under_the_manifest_is_one_line(tmp_path, phantom_case):
     entry = man["models"]["inpainter_256"]
     man["files"]["inpainter_256.onnx"] = entry["sha256"] = entry["precisions"]["fp32"]["sha256"] = sha
     (models / "manifest.json").write_text(json.dumps(man))
+    return models
+
+
+def test_a_graph_swapped_under_the_manifest_is_one_line(tmp_path, phantom_case):
+    """A shape check at load, not an internal error (nor, in bench, skipped rows and exit 0)."""
+    models = swapped_models(tmp_path)
+    res = run(["bench", "--quick", "--models", models, "--backends", "onnxruntime", "-o", tmp_path / "b"])
+    assert "inpainter_256" in error_line(res) and not (tmp_path / "b").exists()
     scan, _ = phantom_case
     res = run(["detect", scan, "-o", tmp_path / "o", "--models", models, "--resolution", "256"], inputs=[scan])
     line = error_line(res)

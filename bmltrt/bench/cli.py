@@ -88,7 +88,6 @@ def bench_cmd(
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the results folder (-o) is a file", out_dir, "choose a folder")
     refuse_earlier_results(out_dir, ("bench.json", "bench.csv", "throughput.png", "stages.png"), overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     with base._progress() as bar:
         task = bar.add_task("bench", total=None, status="")
@@ -102,6 +101,7 @@ def bench_cmd(
 
         res = run_bench(opts, progress)
         bar.update(task, description="bench: done")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
     paths = write_results(res, out_dir)
     for n in res["notes"]:
         base.print_warning(n)
