@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmltrt.errors import BmlError
-from bmltrt.io.outputs import is_nifti_name, is_our_mask, strip_nifti_suffix, visible_stem
+from bmltrt.io.outputs import is_nifti_name, is_our_mask, nifti_stem, visible_stem
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ScanSource:
 
     @property
     def stem(self) -> str:
-        return visible_stem(self.series.stem if self.series is not None else strip_nifti_suffix(self.path.name))
+        return visible_stem(self.series.stem) if self.series is not None else nifti_stem(self.path.name)
 
     @property
     def label(self) -> str:
@@ -38,10 +38,10 @@ class ScanSource:
         return list(self.series.files) if self.series is not None else [self.path]
 
     def load(self, force_orientation: bool = False):
-        from bmltrt.io.nifti import read_header_checked, scan_from_image
+        from bmltrt.io.nifti import load_scan, scan_from_image
 
         if self.series is None:  # the stem, not the file name, names the outputs (never hidden)
-            return scan_from_image(read_header_checked(self.path), self.path, force_orientation, stem=self.stem)
+            return load_scan(self.path, force_orientation, stem=self.stem)
         from bmltrt.io.dicom import read_series
 
         return scan_from_image(read_series(self.series), self.path, force_orientation, stem=self.stem)

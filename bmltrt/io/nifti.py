@@ -25,7 +25,7 @@ from nibabel.orientations import (
 
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
-from bmltrt.io.outputs import MASK_DESCRIP, is_nifti_name, strip_nifti_suffix, visible_stem
+from bmltrt.io.outputs import MASK_DESCRIP, is_nifti_name, nifti_stem
 
 WORKING_AXCODES = ("R", "I", "P")
 _WORKING_ORNT = axcodes2ornt(WORKING_AXCODES)
@@ -60,7 +60,7 @@ class Scan:
     @property
     def name(self) -> str:
         """Names the outputs: the file name without .nii/.nii.gz (any case), or `stem`."""
-        return self.stem if self.stem else visible_stem(strip_nifti_suffix(self.path.name))
+        return self.stem if self.stem else nifti_stem(self.path.name)
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -199,13 +199,15 @@ def check_header(img: nib.spatialimages.SpatialImage, path) -> None:
                            path, f"spacing must lie in [{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm; fix the header")
 
 
-def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask: bool = False) -> Scan:
+def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask: bool = False,
+              stem: str | None = None) -> Scan:
     """Load, validate and reorient one scan. Raises BmlError with one clear line.
 
-    Masks (``is_mask``) may be constant (an empty lesion mask) and skip the sagittal check.
+    Masks (``is_mask``) may be constant (an empty lesion mask) and skip the sagittal check;
+    `stem` names the outputs when not the file's name.
     """
     path = Path(path)
-    return scan_from_image(read_header_checked(path), path, force_orientation, is_mask)
+    return scan_from_image(read_header_checked(path), path, force_orientation, is_mask, stem=stem)
 
 
 def image_from_array(array, affine) -> nib.Nifti1Image:

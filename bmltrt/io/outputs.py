@@ -67,6 +67,11 @@ def visible_stem(stem: str) -> str:
     return s or "scan"
 
 
+def nifti_stem(name: str) -> str:
+    """The outputs' stem of a NIfTI file name: ``K.nii.gz`` -> ``K``, ``..nii.gz`` -> ``scan``."""
+    return visible_stem(strip_nifti_suffix(name))
+
+
 def refuse_earlier_results(out_dir: Path, patterns, overwrite: bool) -> None:
     """Results of an earlier run (or a user's files of the same names: glob patterns) are
     replaced only on --overwrite: a rerun into the same -o must not silently destroy them."""

@@ -81,31 +81,30 @@ def _tensor_from_manifest(d: dict) -> TensorSpec:
 
 def graph_io(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """[(name, dtype)] of the graph's inputs and outputs (initializers excluded)."""
+    ins, outs = graph_tensors(path)
+    return [r[:2] for r in ins], [r[:2] for r in outs]
+
+
+def graph_tensors(path: Path) -> tuple[list[tuple[str, str, tuple]], list[tuple[str, str, tuple]]]:
+    """[(name, dtype, shape)] of the graph's inputs and outputs (initializers excluded; -1 for
+    a symbolic dimension), from one read of the file."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
 
     def rows(vals):
-        return [(v.name, _ONNX_ELEM.get(v.type.tensor_type.elem_type, "float32")) for v in vals if v.name not in inits]
+        return [(v.name, _ONNX_ELEM.get(v.type.tensor_type.elem_type, "float32"),
+                 tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim))
+                for v in vals if v.name not in inits]
 
     return rows(m.graph.input), rows(m.graph.output)
 
 
-def graph_shapes(path: Path) -> list[tuple]:
-    """Shapes of the graph's inputs then outputs, -1 for a symbolic dimension."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    return [tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
-            for v in list(m.graph.input) + list(m.graph.output) if v.name not in inits]
-
-
-def check_graph_matches(spec: ModelSpec, onnx_path: Path) -> ModelSpec:
+def check_graph_matches(spec: ModelSpec, graph: tuple[list, list], onnx_path: Path) -> ModelSpec:
     """A graph swapped under the manifest (another resolution, same sha256 written in) would
     fail deep inside the runtime; say so in one line instead."""
-    for want, got in zip(spec.inputs + spec.outputs, graph_shapes(onnx_path)):
+    for want, (_, _, got) in zip(spec.inputs + spec.outputs, graph[0] + graph[1]):
         if len(want.shape) != len(got) or any(w != -1 and g != -1 and w != g for w, g in zip(want.shape, got)):
             raise BmlError(f"{spec.model}: the graph's tensor {want.name} has shape {list(got)}, the manifest "
                            f"says {list(want.shape)}", onnx_path, "re-export the models with `bmltrt export`")
@@ -115,10 +114,11 @@ def check_graph_matches(spec: ModelSpec, onnx_path: Path) -> ModelSpec:
 def spec_from_entry(model: str, entry: dict, onnx_path: Path | None = None) -> ModelSpec:
     """The I/O spec of one manifest entry (see the module docstring)."""
     io = entry.get("io") if isinstance(entry.get("io"), dict) else entry
+    graph = graph_tensors(onnx_path) if onnx_path is not None else None
     if io.get("inputs") and io.get("outputs"):
         spec = ModelSpec(model, tuple(_tensor_from_manifest(t) for t in io["inputs"]),
                          tuple(_tensor_from_manifest(t) for t in io["outputs"]))
-        return check_graph_matches(spec, onnx_path) if onnx_path is not None else spec
+        return check_graph_matches(spec, graph, onnx_path) if graph else spec
     kind, cfg = entry.get("kind"), entry.get("config", {})
     if kind == "segmenter":
         patch = tuple(int(p) for p in cfg["patch"])
@@ -131,14 +131,14 @@ def spec_from_entry(model: str, entry: dict, onnx_path: Path | None = None) -> M
     else:
         raise BmlError(f"model {model!r} has an unknown kind {kind!r} in the manifest")
     (in_name, in_dt), (out_name, out_dt) = names
-    if onnx_path is not None:
-        ins, outs = graph_io(onnx_path)
+    if graph:
+        ins, outs = graph
         if len(ins) != 1 or len(outs) != 1:
             raise BmlError(f"{model}: expected one input and one output, the graph has {len(ins)} and {len(outs)}",
                            onnx_path)
-        (in_name, in_dt), (out_name, out_dt) = ins[0], outs[0]
+        (in_name, in_dt, _), (out_name, out_dt, _) = ins[0], outs[0]
     spec = ModelSpec(model, (TensorSpec(in_name, in_dt, in_shape),), (TensorSpec(out_name, out_dt, out_shape),))
-    return check_graph_matches(spec, onnx_path) if onnx_path is not None else spec
+    return check_graph_matches(spec, graph, onnx_path) if graph else spec
 
 
 def model_path(store, model: str, precision: str = "fp32") -> Path:
