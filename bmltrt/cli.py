@@ -78,14 +78,15 @@ def _empty_argument(args: list[str]) -> str | None:
     for i, a in enumerate(args):
         name, eq, value = a.partition("=")
         if len(name) == 2 and name[0] == "-" and name[1] != "-" and eq:  # click reads -o=x as the path "=x"
-            return f"{a!r}: a short option takes its value after a space ({name} {value or 'VALUE'})"
+            return f"{a!r}: a short option takes its value after a space ({name} {value or 'VALUE'}) | drop the ="
+        hint = " | give a file or folder name (. for this folder), or leave the option out"
         if a.startswith("-") and eq and not value.strip():
-            return f"{name} was given an empty value"
+            return f"{name} was given an empty value" + hint
         if not a.strip():
             prev = args[i - 1] if i else ""
             if prev.startswith("-") and "=" not in prev:
-                return f"{prev} was given an empty value"
-            return "an empty path or value was given as an argument"
+                return f"{prev} was given an empty value" + hint
+            return "an empty path or value was given as an argument" + hint
     return None
 
 
@@ -96,7 +97,7 @@ class OneLineErrors(TyperGroup):
         empty = _empty_argument(sys.argv[1:] if args is None else list(args))
         try:
             if empty:
-                print_error(f"{empty} | give a file or folder name (. for this folder), or leave the option out")
+                print_error(empty)
                 code = 2
             else:
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
