@@ -46,9 +46,10 @@ def test_evaluate_writes_scores(tiny_dataset, tmp_path):
 
 def test_post_options_reach_the_detector(phantom_case, tmp_path):
     scan, _ = phantom_case
-    r = CliRunner().invoke(app, ["detect", str(scan), "-o", str(tmp_path), "--floor", "0.99"])
+    r = CliRunner().invoke(app, ["detect", str(scan), "-o", str(tmp_path), "--floor", "0.99", "--no-mirror"])
     assert r.exit_code == 0, r.stderr
     rep = json.loads((tmp_path / "knee_report.json").read_text())
     assert rep["config"]["post"]["floor"] == 0.99
+    assert rep["config"]["mirror_tta"] is False  # on by default (DetectConfig), off on request
     assert rep["lesion_count"] == 0  # nothing passes a floor of 0.99
     assert not np.any(rep["lesions"])

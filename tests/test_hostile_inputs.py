@@ -240,6 +240,7 @@ def test_hidden_leftovers_are_never_taken_for_scans(tmp_path):
     (d / f"{PARTIAL_PREFIX}k").mkdir()
     res = run(["detect", d, "-o", tmp_path / "o"], inputs=[d])
     assert "no NIfTI files" in error_line(res)
+    assert "skipped hidden: .old_tmp.nii.gz" in error_line(res) and "by its file name" in error_line(res)
 
 
 # ---- the output set itself: locks, interruptions, commits -------------------------------
@@ -832,3 +833,21 @@ def test_table_with_a_bad_readme_writes_nothing(tmp_path):
     assert "markers" in error_line(res) and listing(out) == []
     res = run(["evaluate", "table", ev, "-o", out, "--readme", tmp_path / "missing.md"])
     assert "no such file" in error_line(res) and listing(out) == []
+
+
+def test_table_overwrite_leaves_one_runs_results(tmp_path):
+    """`evaluate table --overwrite` into a folder of an earlier table with more data sets:
+    the earlier run's extra table and figure go, the user's other files stay."""
+    ev = REPO / "benchmarks" / "results" / "oai_painted_test"
+    out = tmp_path / "t"
+    out.mkdir()
+    for name in ("table1_1.csv", "table1_2.csv", "figure3_2.png", "report.md", "notes.txt"):
+        (out / name).write_text("earlier")
+    res = run(["evaluate", "table", ev, "-o", out], code=2)
+    assert "earlier results" in error_line(res) and (out / "table1_2.csv").read_text() == "earlier"
+    res = run(["evaluate", "table", ev, "-o", out, "--overwrite"], code=0)
+    assert "removed table1_2.csv" in res.stdout
+    names = listing(out)
+    assert "table1_2.csv" not in names and "figure3_2.png" not in names and "notes.txt" in names
+    assert (out / "table1_1.csv").read_text().startswith("data,split,")
+    assert (out / "report.md").read_text() != "earlier"

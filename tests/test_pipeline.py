@@ -255,3 +255,28 @@ def test_femur_slices_with_a_sliver_of_femur_are_dropped_from_the_mask(detector)
     assert femur.reshape(4, -1).sum(1).tolist() == [0, 1600, 1600, 256]
     keep_all = Detector(detector.backend, dataclasses.replace(detector.config, femur_min_slice_fraction=0.0))
     assert keep_all.femur_mask(prob, spacing)[0].sum() == 16
+
+
+def test_mirror_averaging_makes_the_femur_of_a_mirrored_knee_its_mirror(phantom_case, detector):
+    """mirror_tta (on by default) averages the femur probability with that of the knee
+    mirrored left <-> right: the probability of a mirrored knee is then exactly the mirror
+    of the knee's. Without it the two differ (patch tiling, an imperfectly symmetric net)."""
+    import dataclasses
+
+    from bmltrt.pipeline import Detector
+    from bmltrt.runtime.preprocess import normalize_intensity
+
+    scan = load_scan(phantom_case[0])
+    norm = normalize_intensity(scan.data)
+    mirrored = np.ascontiguousarray(norm[::-1])
+    assert detector.config.mirror_tta
+    ticks = []
+    p = detector.femur_probability(norm, scan.spacing, on_patch=lambda d, n: ticks.append((d, n)))
+    n = ticks[-1][1]  # progress counts the patches of both passes, up to all of them
+    assert ticks[-1][0] == n and [d for d, _ in ticks] == sorted(d for d, _ in ticks) and ticks[0][0] < n / 2
+    assert np.allclose(detector.femur_probability(mirrored, scan.spacing)[::-1], p, atol=1e-6)
+    single = Detector(detector.backend, dataclasses.replace(detector.config, mirror_tta=False, femur_refine_mm=0.0))
+    q, q_mirrored = single.femur_probability(norm, scan.spacing), single.femur_probability(mirrored, scan.spacing)[::-1]
+    assert np.abs(q - q_mirrored).max() > 1e-3
+    both = Detector(detector.backend, dataclasses.replace(single.config, mirror_tta=True))
+    assert np.allclose(both.femur_probability(norm, scan.spacing), 0.5 * (q + q_mirrored), atol=1e-6)

@@ -40,15 +40,15 @@ def echo_dice(detector):
 
 
 def test_both_qdess_echoes_get_nearly_the_same_femur(echo_dice):
-    # What the shipped models reach (0.902: stage-6 segmenter of 2026-12-06, which traded
-    # stage 4's 0.910 for painted-OAI lesions; stage 3 gave 0.900, 0.895 without the edge
-    # refinement): a floor against regressions. The old phantom-trained models gave 0.82.
-    assert echo_dice >= 0.90, f"echo 1 / echo 2 femur Dice {echo_dice:.3f}"
+    # What the shipped models reach (0.915: stage-6 segmenter of 2026-12-06 with the mirror
+    # averaging, 0.902 without it; stage 4 gave 0.910 without, stage 3 0.900, 0.895 without
+    # the edge refinement): a floor against regressions. Phantom-trained models gave 0.82.
+    assert echo_dice >= 0.91, f"echo 1 / echo 2 femur Dice {echo_dice:.3f}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7's target; the shipped models reach 0.90: the two masks part "
-                   "along the shaft (the segmenter fades out up it in echo 2's slices 24-29) and at "
-                   "the lateral and medial edge slices")
+@pytest.mark.xfail(strict=True, reason="issue 7's target; the shipped models reach 0.915: the two masks part "
+                   "by 1-2 mm along the whole border, most along the shaft in slices 24-30 (echo 1's "
+                   "mask the wider) and at the lateral and medial edge slices")
 def test_both_qdess_echoes_get_the_same_femur(echo_dice):
     assert echo_dice >= 0.95, f"echo 1 / echo 2 femur Dice {echo_dice:.3f}"
 

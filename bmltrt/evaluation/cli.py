@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 
 from bmltrt import cli as base
 from bmltrt.errors import BmlError
-from bmltrt.io.outputs import refuse_earlier_results
+from bmltrt.io.outputs import refuse_earlier_results, remove_stale_results
 
 
 class DefaultToRun(TyperGroup):
@@ -243,8 +243,9 @@ def table_cmd(
     docs = read_documents(runs)
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path is a file, not a folder", out_dir, "give a folder with -o")
+    table_outputs = ("report.md", "table1_*.csv", "figure3_*.png")
     if out_dir is not None:
-        refuse_earlier_results(out_dir, ("report.md", "table1_*.csv", "figure3_*.png"), overwrite)
+        refuse_earlier_results(out_dir, table_outputs, overwrite)
     if readme is not None:
         check_readme(readme)
     groups: dict[tuple, list] = {}
@@ -254,6 +255,7 @@ def table_cmd(
         groups.setdefault(key, []).append(d)
         where.setdefault(key, Path(p) if Path(p).is_dir() else Path(p).parent)
     figures: dict[tuple, Path] = {}
+    written: list[Path] = []
     for i, (key, ds) in enumerate(groups.items()):
         if len(ds) == 1 and (where[key] / "figure3.png").exists():
             figures[key] = where[key] / "figure3.png"
@@ -261,7 +263,9 @@ def table_cmd(
             f = size_figure(ds, out_dir / f"figure3_{i + 1}.png")
             if f:
                 figures[key] = f
-            atomic_write(out_dir / f"table1_{i + 1}.csv", lambda tmp, ds=ds: Path(tmp).write_text(
+                written.append(f)
+            written.append(out_dir / f"table1_{i + 1}.csv")
+            atomic_write(written[-1], lambda tmp, ds=ds: Path(tmp).write_text(
                 csv_text(merge(ds) if len(ds) > 1 else ds[0])))
         print_table(merge(ds) if len(ds) > 1 else ds[0], base.out)
 
@@ -270,6 +274,8 @@ def table_cmd(
 
     if out_dir is not None:
         atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text(report_markdown(docs, figure=rel(out_dir))))
+        for name in remove_stale_results(out_dir, table_outputs, written + [out_dir / "report.md"]):
+            base.out.print(f"removed {name} of the earlier run")
         base.out.print(f"outputs in {out_dir}")
     if readme is not None:
         paste_readme(readme, report_markdown(docs, short=True, figure=rel(readme.resolve().parent)))

@@ -155,7 +155,8 @@ def femur_cleanup_of(det) -> dict:
     c = det.config
     return {"threshold": c.femur_threshold, "refine": [c.femur_refine_mm, c.femur_refine_eps, c.femur_refine_passes],
             "edge_slice_fraction": c.edge_slice_fraction,
-            "notch_fill": [c.notch_fill_mm, c.notch_fill_gate], "femur_min_slice_fraction": c.femur_min_slice_fraction}
+            "notch_fill": [c.notch_fill_mm, c.notch_fill_gate], "femur_min_slice_fraction": c.femur_min_slice_fraction,
+            "mirror_tta": c.mirror_tta}
 
 
 def scored_slices(femur: np.ndarray, spacing, edge_fraction: float | None = None) -> list[int]:

@@ -74,7 +74,11 @@ def _folder(folder: Path, echo: int | None, out: Expanded) -> None:
         except BmlError as err:
             out.problems.append(err)
     elif not nifti:
-        out.problems.append(BmlError("no NIfTI files (.nii, .nii.gz) and no DICOM series in this folder", folder,
+        # A folder's hidden files are skipped (as ls skips them); a file given by name is read.
+        hidden = [p.name for p in entries if p.name.startswith(".") and is_nifti_name(p.name)]
+        skipped = f" (skipped hidden: {', '.join(hidden[:3])}{', ...' if len(hidden) > 3 else ''})" if hidden else ""
+        out.problems.append(BmlError("no NIfTI files (.nii, .nii.gz) and no DICOM series in this folder" + skipped,
+                                     folder, "give a hidden scan by its file name" if hidden else
                                      "give scan files, or a folder of them (subfolders are not searched)"))
 
 

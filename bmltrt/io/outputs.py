@@ -84,6 +84,17 @@ def refuse_earlier_results(out_dir: Path, patterns, overwrite: bool) -> None:
                        "add --overwrite to replace them, or choose another -o")
 
 
+def remove_stale_results(out_dir: Path, patterns, written) -> list[str]:
+    """After a run that replaced earlier results (--overwrite): the files matching `patterns`
+    that this run did not write (table1_3.csv of an earlier run with three data sets) are
+    removed, so the folder holds one run's results, not a mix. Returns their names."""
+    keep = {Path(w).name for w in written}
+    stale = sorted({p for pat in patterns for p in Path(out_dir).glob(pat) if p.name not in keep and p.is_file()})
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
+
+
 def is_output_name(name: str) -> bool:
     """A name of the kind we write (any case), e.g. ``k_bml.nii.gz``, ``K_REPORT.JSON``."""
     low = name.lower()

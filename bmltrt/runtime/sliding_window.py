@@ -60,6 +60,6 @@ def sliding_window(vol, patch: tuple[int, int, int], predict: Callable, batch_si
             acc[(slice(None),) + sl] += p * imp
             wsum[sl] += imp
         if on_patch:
-            on_patch(len(chunk), len(corners))
+            on_patch(i + len(chunk), len(corners))  # patches done so far, of all
     out = acc / wsum
     return out[(slice(None),) + tuple(slice(0, s) for s in shape)]
