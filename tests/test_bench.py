@@ -47,6 +47,7 @@ def quick_run(toy_models_dir, tmp_path_factory):
 def test_quick_bench_writes_json_csv_png(quick_run):
     out, res = quick_run
     assert res["format"] == "bmltrt-bench-1"
+    assert res["settings"]["mirror_tta"] is True  # the stage timings are of detect's default pipeline
     sections = {r["section"] for r in res["rows"]}
     for s in ("macs", "inpainter", "segmenter", "stages", "ratio", "scaling", "memory_check", "roofline"):
         assert s in sections, s
