@@ -72,6 +72,11 @@ def internal_error_line(exc: BaseException, where: str, log: Path | None) -> str
             f"{log or 'no log (nothing writable)'} | please report it")
 
 
+# on/off options: they take no value, so "--mirror=" is not an empty path
+_FLAGS = {"--mirror", "--no-mirror", "--overwrite", "--force", "--force-orientation", "--resume", "--quick",
+          "--save", "--tune", "--cuda-graphs", "--torch-compile", "--no-baselines", "--same-femur"}
+
+
 def _empty_argument(args: list[str]) -> str | None:
     """No option or argument of ours takes an empty value, and typer would turn an empty path
     into Path(".") (-o "" wrote into the current folder; synth "" made a dataset there)."""
@@ -81,6 +86,8 @@ def _empty_argument(args: list[str]) -> str | None:
             return f"{a!r}: a short option takes its value after a space ({name} {value or 'VALUE'}) | drop the ="
         hint = " | give a file or folder name (. for this folder), or leave the option out"
         if a.startswith("-") and eq and not value.strip():
+            if name in _FLAGS:
+                return f"{name} takes no value | write {name} alone"
             return f"{name} was given an empty value" + hint
         if not a.strip():
             prev = args[i - 1] if i else ""

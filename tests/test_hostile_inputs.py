@@ -851,3 +851,31 @@ def test_table_overwrite_leaves_one_runs_results(tmp_path):
     assert "table1_2.csv" not in names and "figure3_2.png" not in names and "notes.txt" in names
     assert (out / "table1_1.csv").read_text().startswith("data,split,")
     assert (out / "report.md").read_text() != "earlier"
+    # names that only look like ours are the user's; an input is never removed or replaced
+    for name in ("table1_backup.csv", "table1_02.csv", "figure3_final.png"):
+        (out / name).write_text("mine")
+    shutil.copy(ev / "evaluation.json", out / "table1_7.csv")
+    res = run(["evaluate", "table", ev, out / "table1_7.csv", "-o", out, "--overwrite"], code=0)
+    assert all((out / n).read_text() == "mine" for n in ("table1_backup.csv", "table1_02.csv", "figure3_final.png"))
+    assert (out / "table1_7.csv").read_bytes() == (ev / "evaluation.json").read_bytes()
+    shutil.copy(ev / "evaluation.json", out / "table1_2.csv")
+    res = run(["evaluate", "table", ev, out / "table1_2.csv", "-o", out, "--overwrite"], inputs=[out / "table1_2.csv"])
+    assert "input of this command would be overwritten" in error_line(res)
+
+
+def test_control_characters_in_names_are_shown_not_sent(tmp_path, phantom_case):
+    d = tmp_path / "d"
+    d.mkdir()
+    shutil.copy2(phantom_case[0], d / ".k\x1b[31mRED.nii.gz")
+    line = error_line(run(["detect", d, "-o", tmp_path / "o"], inputs=[d]))
+    assert "\x1b" not in line and "\\x1b[31mRED" in line
+    assert "takes no value" in error_line(run(["detect", d, "-o", tmp_path / "o", "--no-mirror="]))
+
+
+def test_a_pattern_that_names_hidden_scans_runs_them(tmp_path, phantom_case):
+    d = tmp_path / "d"
+    d.mkdir()
+    shutil.copy2(phantom_case[0], d / ".k.nii.gz")
+    (d / ".notes.txt").write_text("not a scan")
+    run(["detect", str(d / ".k*"), "-o", tmp_path / "o"], inputs=[d / ".k.nii.gz"], code=0)
+    assert "k_report.json" in listing(tmp_path / "o")

@@ -241,13 +241,26 @@ def table_cmd(
     from bmltrt.io.atomic import atomic_write
 
     docs = read_documents(runs)
+    # what was read: never removed or replaced by this run's outputs
+    inputs = {Path(p).absolute() for p in runs} | {(Path(p) / "evaluation.json").absolute() for p in runs}
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path is a file, not a folder", out_dir, "give a folder with -o")
     table_outputs = ("report.md", "table1_*.csv", "figure3_*.png")
     if out_dir is not None:
         refuse_earlier_results(out_dir, table_outputs, overwrite)
+        planned = [out_dir / "report.md"] + [out_dir / f"{stem}_{i + 1}.{ext}" for i in range(len(docs))
+                                            for stem, ext in (("table1", "csv"), ("figure3", "png"))]
+        resolved = {p.resolve() for p in inputs}
+        for p in planned:
+            if p.absolute() in inputs or p.resolve() in resolved:
+                raise BmlError("an input of this command would be overwritten by its output", p,
+                               "choose another -o, or move the input")
     if readme is not None:
         check_readme(readme)
+    stale_names = r"table1_[1-9]\d*\.csv|figure3_[1-9]\d*\.png"
+    removed = []
+    if out_dir is not None and overwrite and out_dir.is_dir():  # before writing: a file that cannot go stops the run first
+        removed = remove_stale_results(out_dir, stale_names, planned, keep=inputs)
     groups: dict[tuple, list] = {}
     where: dict[tuple, Path] = {}
     for d, p in zip(docs, runs):
@@ -274,7 +287,9 @@ def table_cmd(
 
     if out_dir is not None:
         atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text(report_markdown(docs, figure=rel(out_dir))))
-        for name in remove_stale_results(out_dir, table_outputs, written + [out_dir / "report.md"]):
+        if overwrite:  # a figure planned but not drawn this time: the earlier one goes too
+            removed += remove_stale_results(out_dir, stale_names, written + [out_dir / "report.md"], keep=inputs)
+        for name in removed:
             base.out.print(f"removed {name} of the earlier run")
         base.out.print(f"outputs in {out_dir}")
     if readme is not None:

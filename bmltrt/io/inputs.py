@@ -97,7 +97,8 @@ def expand_inputs(items: list[str], echo: int | None = None) -> Expanded:
                 hp = Path(h)
                 if hp.is_dir():
                     _folder(hp, echo, out)
-                elif not hp.name.startswith("."):
+                elif not hp.name.startswith(".") or is_nifti_name(hp.name):
+                    # glob matches a hidden file only where the pattern names one (".k*"): asked for
                     out.sources.append(ScanSource(hp))
         elif p.is_dir():
             _folder(p, echo, out)

@@ -84,12 +84,18 @@ def refuse_earlier_results(out_dir: Path, patterns, overwrite: bool) -> None:
                        "add --overwrite to replace them, or choose another -o")
 
 
-def remove_stale_results(out_dir: Path, patterns, written) -> list[str]:
-    """After a run that replaced earlier results (--overwrite): the files matching `patterns`
-    that this run did not write (table1_3.csv of an earlier run with three data sets) are
-    removed, so the folder holds one run's results, not a mix. Returns their names."""
-    keep = {Path(w).name for w in written}
-    stale = sorted({p for pat in patterns for p in Path(out_dir).glob(pat) if p.name not in keep and p.is_file()})
+def remove_stale_results(out_dir: Path, names: str, written, keep=()) -> list[str]:
+    """After a run that replaced earlier results (--overwrite): the files whose whole name
+    matches the regular expression `names` (``table1_\\d+\\.csv``: only names we write, never
+    ``table1_backup.csv``) that this run did not write and that are not in `keep` (its
+    inputs) are removed, so the folder holds one run's results, not a mix. Returns them."""
+    import re
+
+    pattern = re.compile(names)
+    spared = {Path(w).name for w in written}
+    kept = {Path(k).resolve() for k in keep}
+    stale = sorted(p for p in Path(out_dir).iterdir() if pattern.fullmatch(p.name) and p.name not in spared
+                   and (p.is_file() or p.is_symlink()) and p.resolve() not in kept and p.absolute() not in kept)
     for p in stale:
         p.unlink()
     return [p.name for p in stale]
