@@ -72,12 +72,17 @@ def internal_error_line(exc: BaseException, where: str, log: Path | None) -> str
             f"{log or 'no log (nothing writable)'} | please report it")
 
 
-# on/off options: they take no value, so "--mirror=" is not an empty path
-_FLAGS = {"--mirror", "--no-mirror", "--overwrite", "--force", "--force-orientation", "--resume", "--quick",
-          "--save", "--tune", "--cuda-graphs", "--torch-compile", "--no-baselines", "--same-femur"}
+def _flag_names(cmd) -> set[str]:
+    """The on/off options of a command and of every command under it: they take no value,
+    so "--mirror=" is not an empty path."""
+    names = {n for p in getattr(cmd, "params", ()) if getattr(p, "is_flag", False)
+             for n in list(p.opts) + list(p.secondary_opts)}
+    for sub in getattr(cmd, "commands", {}).values():
+        names |= _flag_names(sub)
+    return names
 
 
-def _empty_argument(args: list[str]) -> str | None:
+def _empty_argument(args: list[str], flags=frozenset()) -> str | None:
     """No option or argument of ours takes an empty value, and typer would turn an empty path
     into Path(".") (-o "" wrote into the current folder; synth "" made a dataset there)."""
     for i, a in enumerate(args):
@@ -86,7 +91,7 @@ def _empty_argument(args: list[str]) -> str | None:
             return f"{a!r}: a short option takes its value after a space ({name} {value or 'VALUE'}) | drop the ="
         hint = " | give a file or folder name (. for this folder), or leave the option out"
         if a.startswith("-") and eq and not value.strip():
-            if name in _FLAGS:
+            if name in flags:
                 return f"{name} takes no value | write {name} alone"
             return f"{name} was given an empty value" + hint
         if not a.strip():
@@ -101,7 +106,7 @@ class OneLineErrors(TyperGroup):
     """Bad options and bugs as one line too (click would print usage boxes and tracebacks)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        empty = _empty_argument(sys.argv[1:] if args is None else list(args))
+        empty = _empty_argument(sys.argv[1:] if args is None else list(args), _flag_names(self))
         try:
             if empty:
                 print_error(empty)

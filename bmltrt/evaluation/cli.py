@@ -242,7 +242,7 @@ def table_cmd(
 
     docs = read_documents(runs)
     # what was read: never removed or replaced by this run's outputs
-    inputs = {Path(p).absolute() for p in runs} | {(Path(p) / "evaluation.json").absolute() for p in runs}
+    inputs = {Path(p).resolve() for p in runs} | {(Path(p) / "evaluation.json").resolve() for p in runs}
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path is a file, not a folder", out_dir, "give a folder with -o")
     table_outputs = ("report.md", "table1_*.csv", "figure3_*.png")
@@ -250,9 +250,8 @@ def table_cmd(
         refuse_earlier_results(out_dir, table_outputs, overwrite)
         planned = [out_dir / "report.md"] + [out_dir / f"{stem}_{i + 1}.{ext}" for i in range(len(docs))
                                             for stem, ext in (("table1", "csv"), ("figure3", "png"))]
-        resolved = {p.resolve() for p in inputs}
         for p in planned:
-            if p.absolute() in inputs or p.resolve() in resolved:
+            if p.resolve() in inputs:
                 raise BmlError("an input of this command would be overwritten by its output", p,
                                "choose another -o, or move the input")
     if readme is not None:

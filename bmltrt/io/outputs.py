@@ -95,7 +95,7 @@ def remove_stale_results(out_dir: Path, names: str, written, keep=()) -> list[st
     spared = {Path(w).name for w in written}
     kept = {Path(k).resolve() for k in keep}
     stale = sorted(p for p in Path(out_dir).iterdir() if pattern.fullmatch(p.name) and p.name not in spared
-                   and (p.is_file() or p.is_symlink()) and p.resolve() not in kept and p.absolute() not in kept)
+                   and (p.is_file() or p.is_symlink()) and p.resolve() not in kept)
     for p in stale:
         p.unlink()
     return [p.name for p in stale]
