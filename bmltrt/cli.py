@@ -450,6 +450,16 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                            help="Extra cross-entropy weight on the ring just "
                                                            "outside the true femur (balances --lesion-weight, "
                                                            "which alone grows the femur)."),
+                        consistency_weight: float = typer.Option(0.0, "--consistency-weight", min=0.0, max=100.0,
+                                                                 help="Weight of a loss that pulls together the "
+                                                                 "femur of each generated scan drawn in two "
+                                                                 "contrasts (the echoes of one knee must agree); "
+                                                                 "pairs double each step's generated crops."),
+                        anchor_weight: float = typer.Option(0.0, "--anchor-weight", min=0.0, max=100.0,
+                                                            help="Weight of a loss that keeps the femur "
+                                                            "probability near that of the --init network "
+                                                            "(a frozen copy), so that a fine-tune keeps what "
+                                                            "it did well."),
                         dark_muscle_p: float = typer.Option(0.3, "--dark-muscle-p", min=0.0, max=1.0,
                                                             help="Share of fat-suppressed generated scans whose "
                                                             "muscle is as dark as the marrow (0.8-1.6x), as on "
@@ -458,11 +468,15 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                               help="End at this step (validated, checkpointed), "
                                                               "the learning rate still decaying over --steps.")):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
+    if anchor_weight > 0 and not init:
+        raise BmlError("--anchor-weight needs --init: the network to stay near", None,
+                       "give --init CHECKPOINT, or leave --anchor-weight out")
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
             "lesion_breach_p": lesion_breach_p, "dark_muscle_p": dark_muscle_p,
             **({"stop_at": stop_at} if stop_at else {}),
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
+            "consistency_weight": consistency_weight, "anchor_weight": anchor_weight,
             **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
                   limit_cases, time_limit, autocast, more=more)

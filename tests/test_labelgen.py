@@ -79,6 +79,22 @@ def test_segmenter_sample_is_a_normalised_scan_with_its_femur(anatomy):
     assert smp.femur.shape == smp.image.shape and 0 < smp.femur.mean() < 0.5
     again = G.segmenter_sample(anatomy, np.random.default_rng(3))
     assert np.array_equal(again.image, smp.image)  # the same seed, the same scan
+    assert smp.image2 is None
+
+
+def test_paired_sample_is_the_same_knee_in_a_second_contrast(anatomy):
+    """paired=True adds the knee painted again (for the consistency loss) and leaves the
+    first scan exactly as an unpaired sample of that seed draws it."""
+    plain = G.segmenter_sample(anatomy, np.random.default_rng(8), lesion_p=1.0)
+    pair = G.segmenter_sample(anatomy, np.random.default_rng(8), lesion_p=1.0, paired=True)
+    assert np.array_equal(pair.image, plain.image) and np.array_equal(pair.femur, plain.femur)
+    assert pair.image2.shape == pair.image.shape and pair.image2.dtype == np.float32
+    assert 0 <= pair.image2.min() and pair.image2.max() <= 1.5
+    assert not np.allclose(pair.image2, pair.image, atol=0.05)  # another appearance
+    fem = pair.femur > 0.5
+    assert pair.image2[fem].mean() != pytest.approx(pair.image[fem].mean(), abs=1e-3)
+    zero = pair.image == 0  # a zeroed field-of-view border is the same in both
+    assert np.array_equal(zero & (pair.image2 == 0), zero & (pair.image2 <= 0))
 
 
 def test_lesions_are_femur_and_brighter_in_fat_suppressed_contrast(anatomy):

@@ -53,13 +53,17 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     tune = [a if a != str(tmp_path / "seg") else str(tmp_path / "tuned") for a in common]
     _run(tune + ["--steps", "10", "--stop-at", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p",
                  "1", "--lr", "1e-9", "--lesion-surface-p", "0.6", "--lesion-breach-p", "0.5", "--lesion-weight", "5",
-                 "--shell-weight", "5", "--dark-muscle-p", "0.7", "--seed", "7"])
+                 "--shell-weight", "5", "--dark-muscle-p", "0.7", "--consistency-weight", "2", "--anchor-weight", "3",
+                 "--seed", "7"])
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == bank
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
     assert tuned["config"]["lesion_surface_p"] == 0.6 and tuned["config"]["lesion_weight"] == 5.0
     assert tuned["config"]["shell_weight"] == 5.0 and tuned["config"]["lesion_breach_p"] == 0.5
-    assert tuned["config"]["dark_muscle_p"] == 0.7
+    assert tuned["config"]["dark_muscle_p"] == 0.7 and tuned["config"]["consistency_weight"] == 2.0
+    assert tuned["history"][-1]["consistency"] >= 0.0  # each generated crop came in two contrasts
+    assert tuned["config"]["anchor_weight"] == 3.0
+    assert tuned["history"][-1]["anchor"] < 1e-4  # the teacher is the --init network, frozen
     assert tuned["step"] == 1 and tuned["history"][-1]["step"] == 1  # --stop-at 1 of a 10-step schedule
     assert 0.0 <= tuned["history"][-1]["gen_lesion_in_femur"] <= 1.0  # generated scans carry lesions
     k = "conv_0_0.conv_0.conv.weight"
@@ -140,6 +144,9 @@ def test_bad_training_options_are_one_line(labels_dir, tmp_path, args, words):
     (["--lesion-breach-p", "-0.1"], "--lesion-breach-p"),
     (["--lesion-weight", "-1"], "--lesion-weight"),
     (["--shell-weight", "x"], "--shell-weight"),
+    (["--consistency-weight", "-1"], "--consistency-weight"),
+    (["--anchor-weight", "-1"], "--anchor-weight"),
+    (["--anchor-weight", "1"], "--anchor-weight needs --init"),
 ])
 def test_bad_lesion_options_are_one_line(labels_dir, tmp_path, args, words):
     r = CliRunner().invoke(app, ["train", "segmenter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
@@ -189,6 +196,26 @@ def test_shell_weight_makes_a_swollen_femur_cost_more():
     assert 0 < gap[0] < gap[1] and gap[1] - gap[0] > 2 * 7.9  # ~8 nats per wrong ring voxel
     assert abs(float(dice_ce_loss(as_logits(exact), target, shell_weight=2.0)
                      - dice_ce_loss(as_logits(exact), target))) < 0.01
+
+
+def test_consistency_loss_is_zero_for_agreeing_scans_and_pulls_them_together():
+    """--consistency-weight: two scans of one knee that disagree on the femur border pay for
+    it; identical predictions pay nothing; the gradient moves each toward the other."""
+    from bmltrt.training.segmenter import consistency_loss
+
+    target = torch.zeros(1, 1, 4, 16, 16)
+    target[..., 4:12, 4:12] = 1
+    as_logits = lambda m: torch.cat([4 - 8 * m, 8 * m - 4], 1)  # noqa: E731  (femur +4 inside, -4 outside)
+    a = as_logits(target)
+    wider = torch.zeros_like(target)
+    wider[..., 3:13, 3:13] = 1
+    b = as_logits(wider).requires_grad_(True)
+    assert float(consistency_loss(a, a.clone())) == 0.0
+    loss = consistency_loss([a, a], [b, b])  # deep-supervision lists too
+    assert 0.1 < float(loss) < 1.0  # the ring of 36 voxels per slice, out of 100 near the femur
+    loss.backward()
+    ring = (wider > 0) & (target == 0)
+    assert (b.grad[:, 1:2][ring] > 0).all()  # lowering b's femur logit on the ring lowers the loss
 
 
 def test_shipped_segmenter_graph_is_a_fine_tuning_start():

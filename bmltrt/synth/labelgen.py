@@ -275,6 +275,7 @@ class SegmenterSample:
     spacing: tuple[float, float, float]
     family: str
     lesion: np.ndarray | None = None  # bool, the lesions (part of `femur`); None: no lesions drawn
+    image2: np.ndarray | None = None  # the same knee in a second contrast (`paired`), else None
 
 
 def _slice_positions(n_slices: int, thickness: float, n_sub: int, centre: float = 0.0) -> np.ndarray:
@@ -301,8 +302,12 @@ def _zero_border(rng: np.random.Generator, shape: tuple[int, int], px_mm: float)
 def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 1.6, n_sub: int = 3,
                      lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3,
                      surface_p: float = 0.0, breach_p: float = 0.0,
-                     dark_muscle_p: float = DARK_MUSCLE_P) -> SegmenterSample:
-    """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels)."""
+                     dark_muscle_p: float = DARK_MUSCLE_P, paired: bool = False) -> SegmenterSample:
+    """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels).
+
+    With `paired`, `image2` is the same knee (same labels, same field of view) painted in a
+    second contrast, half the time of the same family (as the echoes of one DESS scan are),
+    with its own textures and acquisition: what a consistency loss compares."""
     t = _thickness(rng)
     n = max(8, int(round(rng.uniform(80, 150) / t)))
     rows = int(round(rng.uniform(120, 190) / px_mm))
@@ -314,16 +319,23 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     if rng.random() < lesion_p:
         labels = add_lesions(labels, sub_mm, rng, max_lesions, surface_p, breach_p)
     fam, means = draw_contrast(rng, family, dark_muscle_p)
-    img = paint(labels, rng, means)
-    img = img.reshape(n, n_sub, rows, cols).mean(axis=1)
+
+    def painted(means):
+        return paint(labels, rng, means).reshape(n, n_sub, rows, cols).mean(axis=1)
+
+    img = painted(means)  # the random draws in the order of unpaired samples made before
     femur = T.FEMUR_TABLE[labels].reshape(n, n_sub, rows, cols).mean(axis=1) > 0.5
     lesion = (labels == T.FEM_LESION).reshape(n, n_sub, rows, cols).mean(axis=1) > 0.5
     keep = _zero_border(rng, (rows, cols), px_mm)
-    img = acquire(img, rng) * keep
+    img = normalize_intensity(acquire(img, rng) * keep)
+    img2 = None
+    if paired:
+        means2 = draw_contrast(rng, fam if rng.random() < 0.5 else None, dark_muscle_p)[1]
+        img2 = normalize_intensity(acquire(painted(means2), rng) * keep)
     femur &= keep
     lesion &= femur
-    return SegmenterSample(normalize_intensity(img), femur.astype(np.float32), (t, px_mm, px_mm), fam,
-                           lesion if lesion.any() else None)
+    return SegmenterSample(img, femur.astype(np.float32), (t, px_mm, px_mm), fam,
+                           lesion if lesion.any() else None, img2)
 
 
 @dataclass

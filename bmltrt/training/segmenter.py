@@ -3,6 +3,7 @@ SynthSeg-like contrast randomisation and random bias field."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -56,18 +57,35 @@ def dice_ce_loss(logits, target, lesion=None, lesion_weight: float = 0.0, shell_
     return total / len(outs)
 
 
-def random_crops(vols, patch, batch, rng: np.random.Generator, with_lesions: bool = False):
+def consistency_loss(logits_a, logits_b):
+    """Mean squared difference of the femur probabilities of two scans of the same knee,
+    over the voxels either calls femur-ish (> 0.05): the background, where both agree
+    anyway, would dilute it to nothing. Deep-supervision outputs averaged."""
+    outs_a = logits_a if isinstance(logits_a, (list, tuple)) else [logits_a]
+    outs_b = logits_b if isinstance(logits_b, (list, tuple)) else [logits_b]
+    total = 0.0
+    for la, lb in zip(outs_a, outs_b):
+        pa, pb = torch.softmax(la, 1)[:, 1], torch.softmax(lb, 1)[:, 1]
+        near = ((pa > 0.05) | (pb > 0.05)).detach().to(pa.dtype)
+        total = total + ((pa - pb) ** 2 * near).sum() / near.sum().clamp(min=1.0)
+    return total / len(outs_a)
+
+
+def random_crops(vols, patch, batch, rng: np.random.Generator, with_lesions: bool = False,
+                 with_pairs: bool = False):
     """Crops of `patch` from random volumes, biased to contain femur half the time (and, for
     volumes with lesions, a lesion a quarter of the time). Items are (name, image, femur,
-    spacing[, lesion or None]); with `with_lesions` the lesion crops come back too."""
-    xs, ys, ls = [], [], []
+    spacing[, lesion or None[, second image]]); with `with_lesions` the lesion crops come
+    back too, with `with_pairs` then the second image's crops (at the same place)."""
+    xs, ys, ls, x2s = [], [], [], []
     for _ in range(batch):
         item = vols[int(rng.integers(len(vols)))]
         img, fem = item[1], item[2]
         les = item[4] if len(item) > 4 and item[4] is not None else np.zeros(img.shape, bool)
+        img2 = item[5] if with_pairs else img
         pads = [(0, max(0, p - s)) for p, s in zip(patch, img.shape)]
         if any(b for _, b in pads):
-            img, fem, les = np.pad(img, pads), np.pad(fem, pads), np.pad(les, pads)
+            img, fem, les, img2 = np.pad(img, pads), np.pad(fem, pads), np.pad(les, pads), np.pad(img2, pads)
         u = rng.random()
         centre_on = les if (u < 0.25 and les.any()) else fem if (u < 0.5 and fem.any()) else None
         if centre_on is not None:
@@ -80,14 +98,18 @@ def random_crops(vols, patch, batch, rng: np.random.Generator, with_lesions: boo
         xs.append(img[sl])
         ys.append(fem[sl])
         ls.append(les[sl])
+        x2s.append(img2[sl])
+    out = (np.stack(xs)[:, None], np.stack(ys)[:, None])
     if with_lesions:
-        return np.stack(xs)[:, None], np.stack(ys)[:, None], np.stack(ls)[:, None]
-    return np.stack(xs)[:, None], np.stack(ys)[:, None]
+        out += (np.stack(ls)[:, None],)
+        if with_pairs:
+            out += (np.stack(x2s)[:, None],)
+    return out
 
 
-def _bank_crops(pool, patch, batch, rng):
-    vols = [(None, smp.image, smp.femur, smp.spacing, smp.lesion) for smp in pool.draw(batch)]
-    return random_crops(vols, patch, batch, rng, with_lesions=True)
+def _bank_crops(pool, patch, batch, rng, pairs: bool = False):
+    vols = [(None, smp.image, smp.femur, smp.spacing, smp.lesion, smp.image2) for smp in pool.draw(batch)]
+    return random_crops(vols, patch, batch, rng, with_lesions=True, with_pairs=pairs)
 
 
 def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> dict:
@@ -115,13 +137,23 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
                      dark_muscle_p=dark_p)
     lesion_weight = float(opts.extra.get("lesion_weight", 0.0))
     shell_weight = float(opts.extra.get("shell_weight", 0.0))
+    # > 0: each generated scan comes in two contrasts, and their femur probabilities are
+    # pulled together (the same knee must get the same femur in every echo)
+    consistency_weight = float(opts.extra.get("consistency_weight", 0.0))
+    pairs = consistency_weight > 0
+    # > 0: a frozen copy of the --init network is the teacher, and the squared difference of
+    # the two femur probabilities near the femur is added with this weight, so that a short
+    # fine-tune keeps what the starting network did well (which lesions it keeps as femur)
+    anchor_weight = float(opts.extra.get("anchor_weight", 0.0))
+    if anchor_weight > 0 and not opts.extra.get("init"):
+        raise ValueError("anchor_weight needs init (the CLI says so before any output is made)")
     pool = None
     gen_val = []
     if bank_files:
         bank = LabelBank(bank_files)
         px = cfg.inplane_spacing_mm
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
-        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, **lesion_kw),
+        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, paired=pairs, **lesion_kw),
                           size, int(opts.extra.get("refresh", 1)), rng)
         vrng = np.random.default_rng(12345)  # the same generated validation scans every time
         gen_val = [(f"gen{i}", smp.image, smp.femur, smp.spacing, smp.lesion)
@@ -141,6 +173,9 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
             raise BmlError(f"--init does not fit this segmenter config ({len(missing)} weights missing, "
                            f"{len(unexpected)} unexpected)", opts.extra["init"], "give --config of that run")
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
+    teacher = None
+    if anchor_weight > 0:
+        teacher = SegmenterLogits(copy.deepcopy(net)).eval().requires_grad_(False)
 
     skipped = [0]
 
@@ -154,19 +189,34 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     def step(i):
         n_ph = int(rng.binomial(opts.batch_size, frac)) if pool is not None else opts.batch_size
         xs, ys, ls = [], [], []
+        n_bank = opts.batch_size - n_ph
         if n_ph:
             x, y = phantom_batch(n_ph)
             xs.append(x), ys.append(y), ls.append(torch.zeros_like(y, dtype=torch.bool))
-        if opts.batch_size - n_ph:
+        if n_bank:
             # Appearance, lesions and left/right are in the generator already.
-            x, y, les = _bank_crops(pool, cfg.patch, opts.batch_size - n_ph, rng)
+            x, y, les, *second = _bank_crops(pool, cfg.patch, n_bank, rng, pairs)
             xs.append(torch.from_numpy(x).to(device)), ys.append(torch.from_numpy(y).to(device))
             ls.append(torch.from_numpy(les).to(device))
+            if second:  # the same crops in the second contrast, last in the batch
+                xs.append(torch.from_numpy(second[0]).to(device)), ys.append(ys[-1]), ls.append(ls[-1])
         x, y, les = torch.cat(xs).contiguous(memory_format=fmt), torch.cat(ys), torch.cat(ls)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)
         logits = [lg.float() for lg in logits] if isinstance(logits, (list, tuple)) else logits.float()
         loss = dice_ce_loss(logits, y, les, lesion_weight, shell_weight)
+        extra = {}
+        if pairs and n_bank:
+            outs = logits if isinstance(logits, list) else [logits]
+            cons = consistency_loss([lg[-2 * n_bank:-n_bank] for lg in outs], [lg[-n_bank:] for lg in outs])
+            loss = loss + consistency_weight * cons
+            extra["consistency"] = float(cons.detach())
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                held = teacher(x).float()
+            drift = consistency_loss(logits[-1] if isinstance(logits, list) else logits, held)
+            loss = loss + anchor_weight * drift
+            extra["anchor"] = float(drift.detach())
         for g in opt.param_groups:  # linear decay, a pure function of the step (resumable)
             g["lr"] = opts.lr * max(0.05, 1 - i / max(1, opts.steps))
         opt.zero_grad(set_to_none=True)
@@ -176,7 +226,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         if finite:
             opt.step()
         skipped[0] += not finite
-        return {"loss": float(loss.detach()), "skipped_steps": float(skipped[0])}
+        return {"loss": float(loss.detach()), "skipped_steps": float(skipped[0]), **extra}
 
     wrapped = SegmenterLogits(net)
 
@@ -214,7 +264,8 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
               "lesion_p": lesion_p, "max_lesions": max_les, "lesion_surface_p": surface_p,
-              "lesion_breach_p": breach_p, "dark_muscle_p": dark_p, "lesion_weight": lesion_weight, "shell_weight": shell_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
+              "lesion_breach_p": breach_p, "dark_muscle_p": dark_p, "lesion_weight": lesion_weight, "shell_weight": shell_weight,
+              "consistency_weight": consistency_weight, "anchor_weight": anchor_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
                     select=("gen_dice", "max"))
