@@ -11,7 +11,6 @@ Writes femur_threshold.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import sys
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
         probs[key] = det.femur_probability(normalize_intensity(scan.data), scan.spacing)
     rows = []
     for thr, grow in VARIANTS:
-        at = Detector(backend, dataclasses.replace(DetectConfig(), femur_threshold=grow or thr))
+        at = Detector(backend, DetectConfig(femur_threshold=grow or thr))
         masks = {}
         for key, p in probs.items():
             if grow is None:

@@ -266,14 +266,14 @@ class Bench:
         return self.result()
 
     def result(self) -> dict:
-        from bmltrt.pipeline import DetectConfig
+        from bmltrt.pipeline import MIRROR_TTA
 
         return {"format": FORMAT, "machine": self.machine, "machine_label": self.mlabel,
                 "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in self.s.items()},
                              "quick": self.opts.quick, "resolutions": self.resolutions,
                              "precisions": list(self.opts.precisions or ["fp32", "fp16"]), "threads": self.threads,
                              "stage_resolution": self.stage_resolution,
-                             "mirror_tta": DetectConfig().mirror_tta,  # two segmenter passes per scan when on
+                             "mirror_tta": MIRROR_TTA,  # two segmenter passes per scan when on
                              "targets": [t.label for t in self.targets]},
                 "models_dir": str(self.store.root), "models": self.models_record,
                 "notes": self.notes, "rows": self.rows}

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -89,8 +90,6 @@ def remove_stale_results(out_dir: Path, names: str, written, keep=()) -> list[st
     matches the regular expression `names` (``table1_\\d+\\.csv``: only names we write, never
     ``table1_backup.csv``) that this run did not write and that are not in `keep` (its
     inputs) are removed, so the folder holds one run's results, not a mix. Returns them."""
-    import re
-
     pattern = re.compile(names)
     spared = {Path(w).name for w in written}
     kept = {Path(k).resolve() for k in keep}

@@ -25,6 +25,11 @@ def outer_shell(target):
     return (grown > 0.5) & (target < 0.5)
 
 
+def as_outputs(logits) -> list:
+    """The network's outputs as a list (UNet++ with deep supervision returns several)."""
+    return list(logits) if isinstance(logits, (list, tuple)) else [logits]
+
+
 def dice_ce_loss(logits, target, lesion=None, lesion_weight: float = 0.0, shell_weight: float = 0.0):
     """Cross-entropy + soft Dice of the femur class; deep-supervision outputs averaged.
 
@@ -36,7 +41,7 @@ def dice_ce_loss(logits, target, lesion=None, lesion_weight: float = 0.0, shell_
     cross-entropy of the ring just outside the true femur, so a border pushed outwards
     costs as much as one pushed in.
     """
-    outs = logits if isinstance(logits, (list, tuple)) else [logits]
+    outs = as_outputs(logits)
     weighted = lesion is not None and lesion_weight > 0 and bool(lesion.any())
     shell = outer_shell(target)[:, 0] if shell_weight > 0 else None
     shelled = shell is not None and bool(shell.any())
@@ -61,8 +66,7 @@ def consistency_loss(logits_a, logits_b):
     """Mean squared difference of the femur probabilities of two scans of the same knee,
     over the voxels either calls femur-ish (> 0.05): the background, where both agree
     anyway, would dilute it to nothing. Deep-supervision outputs averaged."""
-    outs_a = logits_a if isinstance(logits_a, (list, tuple)) else [logits_a]
-    outs_b = logits_b if isinstance(logits_b, (list, tuple)) else [logits_b]
+    outs_a, outs_b = as_outputs(logits_a), as_outputs(logits_b)
     total = 0.0
     for la, lb in zip(outs_a, outs_b):
         pa, pb = torch.softmax(la, 1)[:, 1], torch.softmax(lb, 1)[:, 1]
@@ -82,10 +86,11 @@ def random_crops(vols, patch, batch, rng: np.random.Generator, with_lesions: boo
         item = vols[int(rng.integers(len(vols)))]
         img, fem = item[1], item[2]
         les = item[4] if len(item) > 4 and item[4] is not None else np.zeros(img.shape, bool)
-        img2 = item[5] if with_pairs else img
+        img2 = item[5] if with_pairs else None
         pads = [(0, max(0, p - s)) for p, s in zip(patch, img.shape)]
         if any(b for _, b in pads):
-            img, fem, les, img2 = np.pad(img, pads), np.pad(fem, pads), np.pad(les, pads), np.pad(img2, pads)
+            img, fem, les = np.pad(img, pads), np.pad(fem, pads), np.pad(les, pads)
+            img2 = None if img2 is None else np.pad(img2, pads)
         u = rng.random()
         centre_on = les if (u < 0.25 and les.any()) else fem if (u < 0.5 and fem.any()) else None
         if centre_on is not None:
@@ -98,7 +103,8 @@ def random_crops(vols, patch, batch, rng: np.random.Generator, with_lesions: boo
         xs.append(img[sl])
         ys.append(fem[sl])
         ls.append(les[sl])
-        x2s.append(img2[sl])
+        if img2 is not None:
+            x2s.append(img2[sl])
     out = (np.stack(xs)[:, None], np.stack(ys)[:, None])
     if with_lesions:
         out += (np.stack(ls)[:, None],)
@@ -203,18 +209,17 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         x, y, les = torch.cat(xs).contiguous(memory_format=fmt), torch.cat(ys), torch.cat(ls)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)
-        logits = [lg.float() for lg in logits] if isinstance(logits, (list, tuple)) else logits.float()
-        loss = dice_ce_loss(logits, y, les, lesion_weight, shell_weight)
+        outs = [lg.float() for lg in as_outputs(logits)]
+        loss = dice_ce_loss(outs, y, les, lesion_weight, shell_weight)
         extra = {}
         if pairs and n_bank:
-            outs = logits if isinstance(logits, list) else [logits]
             cons = consistency_loss([lg[-2 * n_bank:-n_bank] for lg in outs], [lg[-n_bank:] for lg in outs])
             loss = loss + consistency_weight * cons
             extra["consistency"] = float(cons.detach())
         if teacher is not None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 held = teacher(x).float()
-            drift = consistency_loss(logits[-1] if isinstance(logits, list) else logits, held)
+            drift = consistency_loss(outs[-1], held)
             loss = loss + anchor_weight * drift
             extra["anchor"] = float(drift.detach())
         for g in opt.param_groups:  # linear decay, a pure function of the step (resumable)
