@@ -471,6 +471,9 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
     if anchor_weight > 0 and not init:
         raise BmlError("--anchor-weight needs --init: the network to stay near", None,
                        "give --init CHECKPOINT, or leave --anchor-weight out")
+    if consistency_weight > 0 and labels is None:
+        raise BmlError("--consistency-weight needs --labels: only generated scans come in two contrasts", None,
+                       "give --labels LABEL_MAPS, or leave --consistency-weight out")
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
             "lesion_breach_p": lesion_breach_p, "dark_muscle_p": dark_muscle_p,

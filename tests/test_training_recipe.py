@@ -198,6 +198,14 @@ def test_shell_weight_makes_a_swollen_femur_cost_more():
                      - dice_ce_loss(as_logits(exact), target))) < 0.01
 
 
+def test_consistency_without_label_maps_is_one_line(tmp_path):
+    """Only generated scans come in two contrasts: on phantoms alone the option would do nothing."""
+    r = CliRunner().invoke(app, ["train", "segmenter", "--data", str(tmp_path), "--out", str(tmp_path / "x"),
+                                 "--steps", "1", "--consistency-weight", "1"])
+    assert r.exit_code == 2 and "--consistency-weight needs --labels" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_consistency_loss_is_zero_for_agreeing_scans_and_pulls_them_together():
     """--consistency-weight: two scans of one knee that disagree on the femur border pay for
     it; identical predictions pay nothing; the gradient moves each toward the other."""
