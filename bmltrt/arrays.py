@@ -29,3 +29,14 @@ def ndimage_of(xp: ModuleType) -> ModuleType:
 
 def to_numpy(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def masked_percentile(values, mask, q: float):
+    """The q-th percentile (nearest rank below) of `values` where `mask` is true, as a 0-d
+    array that never leaves the device (no host read, so the GPU loop does not wait);
+    +inf where the mask is empty."""
+    xp = array_module(values)
+    ranked = xp.sort(xp.where(mask, values, xp.inf).ravel())
+    n = mask.sum()
+    rank = xp.maximum(xp.floor((n - 1) * (q / 100.0)), 0).astype(xp.int64)
+    return ranked[rank]

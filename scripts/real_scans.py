@@ -3,6 +3,7 @@ Dice (the same knee twice), and per scan the femur area of each sagittal slice, 
 models folder on ONNX Runtime CPU.
 
     python scripts/real_scans.py --models export -o benchmarks/results/real_scans
+    python scripts/real_scans.py --set seg_antialias=1.0 -o benchmarks/results/segmenter_antialias
 
 Writes real_scans_<models folder name>.json. Look at `bmltrt detect`'s overlays too: a mask
 can agree across echoes and still be wrong.
@@ -37,10 +38,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=None)
     ap.add_argument("--real", type=Path, default=REAL)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a DetectConfig field of the femur stage, e.g. seg_antialias=1.0 (repeatable)")
     ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args(argv)
-    det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0], DetectConfig())
-    masks, doc = {}, {"models": str(a.models or "shipped (export/)"), "segmenter_grid_mm": det.seg_cfg["inplane_spacing_mm"],
+    fields = DetectConfig.__dataclass_fields__
+    over = {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            ap.error(f"--set {item!r}: give FIELD=VALUE with a DetectConfig field")
+        default = getattr(DetectConfig(), key)
+        over[key] = value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
+    det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0], DetectConfig(**over))
+    masks, doc = {}, {"models": str(a.models or "shipped (export/)"), "settings": over,
+                      "segmenter_grid_mm": det.seg_cfg["inplane_spacing_mm"],
                       "femur_cleanup": femur_cleanup_of(det),
                       "backend": "onnxruntime cpu fp32", "machine": f"{cpu_name()}, {usable_cores()} cores",
                       "date": dt.date.today().isoformat(),
@@ -65,7 +77,8 @@ def main(argv=None) -> int:
            for a_, b_ in zip(m1, m2)]
     doc["echo_dice_per_slice"] = [None if v is None else round(v, 3) for v in per]
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"real_scans_{(a.models or Path('export')).resolve().name}.json"
+    tag = "".join(f"_{k}{v}" for k, v in over.items())
+    path = a.out / f"real_scans_{(a.models or Path('export')).resolve().name}{tag}.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     print(f"echo 1 / echo 2 femur Dice {doc['echo_dice']:.4f}; per slice {doc['echo_dice_per_slice']}")
     return 0

@@ -275,8 +275,61 @@ def test_mirror_averaging_makes_the_femur_of_a_mirrored_knee_its_mirror(phantom_
     n = ticks[-1][1]  # progress counts the patches of both passes, up to all of them
     assert ticks[-1][0] == n and [d for d, _ in ticks] == sorted(d for d, _ in ticks) and ticks[0][0] < n / 2
     assert np.allclose(detector.femur_probability(mirrored, scan.spacing)[::-1], p, atol=1e-6)
-    single = Detector(detector.backend, dataclasses.replace(detector.config, mirror_tta=False, femur_refine_mm=0.0))
+    single = Detector(detector.backend, dataclasses.replace(detector.config, mirror_tta=False, femur_refine_mm=0.0,
+                                                            seg_antialias=0.0))
     q, q_mirrored = single.femur_probability(norm, scan.spacing), single.femur_probability(mirrored, scan.spacing)[::-1]
     assert np.abs(q - q_mirrored).max() > 1e-3
     both = Detector(detector.backend, dataclasses.replace(single.config, mirror_tta=True))
     assert np.allclose(both.femur_probability(norm, scan.spacing), 0.5 * (q + q_mirrored), atol=1e-6)
+
+
+def test_segmenter_grid_antialiasing_cuts_fine_pixel_noise_and_keeps_edges():
+    """to_segmenter_grid: antialias 0 is plain linear resampling; > 0 smooths each in-plane
+    axis that shrinks before resampling, so the noise of 0.36 mm pixels does not reach the
+    1.6 mm grid, while a bone edge stays where it was; slices are never smoothed, and an
+    axis that is not shrunk is left alone."""
+    from bmltrt.runtime.preprocess import inplane_shape, to_segmenter_grid, zoom_to
+
+    rng = np.random.default_rng(0)
+    spacing = (3.0, 0.36, 0.36)
+    step = np.zeros((3, 440, 440), np.float32)
+    step[:, :, 220:] = 1.0  # an edge half way across the columns
+    noise = rng.standard_normal(step.shape).astype(np.float32) * 0.2
+    plain = to_segmenter_grid(step + noise, spacing, 1.6)
+    assert np.array_equal(plain, zoom_to(step + noise, inplane_shape(step.shape, spacing, 1.6)))
+    smooth = to_segmenter_grid(step + noise, spacing, 1.6, antialias=2.5)
+    assert smooth.shape == plain.shape == (3, 99, 99)
+    flat = slice(10, 40)  # columns far from the edge: only noise varies there
+    assert smooth[:, :, flat].std() < 0.25 * plain[:, :, flat].std()
+    crossing = [np.flatnonzero(r > 0.5)[0] for r in smooth.reshape(-1, 99)]
+    assert set(crossing) <= {49, 50} and (plain[:, :, 49:] > 0.5).mean() > 0.9
+    slab = np.zeros((3, 40, 40), np.float32)
+    slab[1] = 1.0  # one bright slice: the slice axis is not smoothed
+    assert np.array_equal(to_segmenter_grid(slab, (3.0, 1.6, 1.6), 1.6, antialias=2.5), slab)
+
+
+def test_sharp_pass_adds_only_bright_femur_to_the_smoothed_pass(phantom_case, detector):
+    """By default the femur probability is the smoothed pass's, raised to the sharp pass's
+    where the scan is brighter than the femur's 90th intensity percentile (bright lesions);
+    seg_antialias 0 is the sharp pass alone, lesion_rescue_percentile 0 the smoothed alone."""
+    import dataclasses
+
+    from bmltrt.pipeline import Detector
+    from bmltrt.runtime.preprocess import normalize_intensity
+
+    scan = load_scan(phantom_case[0])
+    norm = normalize_intensity(scan.data)
+    c = detector.config
+    assert c.seg_antialias > 0 and c.lesion_rescue_percentile > 0
+    both = detector.femur_probability(norm, scan.spacing)
+    smooth = Detector(detector.backend, dataclasses.replace(c, lesion_rescue_percentile=0.0)).femur_probability(
+        norm, scan.spacing)
+    sharp = Detector(detector.backend, dataclasses.replace(c, seg_antialias=0.0)).femur_probability(norm, scan.spacing)
+    assert np.abs(smooth - sharp).max() > 0.2  # the smoothing changes what the segmenter sees
+    assert (both >= smooth - 1e-6).all()
+    raised = both > smooth + 1e-6
+    assert raised.any() and np.allclose(both[raised], sharp[raised], atol=1e-6)
+    marrow = norm[smooth > 0.5]
+    assert norm[raised].min() > np.percentile(marrow, 75)  # only bright voxels are raised
+    added = (both > 0.5) & (smooth <= 0.5)  # femur that only the sharp pass saw
+    assert added.sum() < 0.1 * (smooth > 0.5).sum()

@@ -266,7 +266,7 @@ class Bench:
         return self.result()
 
     def result(self) -> dict:
-        from bmltrt.pipeline import MIRROR_TTA
+        from bmltrt.pipeline import LESION_RESCUE_PERCENTILE, MIRROR_TTA, SEG_ANTIALIAS
 
         return {"format": FORMAT, "machine": self.machine, "machine_label": self.mlabel,
                 "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in self.s.items()},
@@ -274,6 +274,8 @@ class Bench:
                              "precisions": list(self.opts.precisions or ["fp32", "fp16"]), "threads": self.threads,
                              "stage_resolution": self.stage_resolution,
                              "mirror_tta": MIRROR_TTA,  # two segmenter passes per scan when on
+                             # a second (sharp) pass when both are on: twice the passes again
+                             "seg_antialias": SEG_ANTIALIAS, "lesion_rescue_percentile": LESION_RESCUE_PERCENTILE,
                              "targets": [t.label for t in self.targets]},
                 "models_dir": str(self.store.root), "models": self.models_record,
                 "notes": self.notes, "rows": self.rows}

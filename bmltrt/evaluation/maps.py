@@ -156,7 +156,8 @@ def femur_cleanup_of(det) -> dict:
     return {"threshold": c.femur_threshold, "refine": [c.femur_refine_mm, c.femur_refine_eps, c.femur_refine_passes],
             "edge_slice_fraction": c.edge_slice_fraction,
             "notch_fill": [c.notch_fill_mm, c.notch_fill_gate], "femur_min_slice_fraction": c.femur_min_slice_fraction,
-            "mirror_tta": c.mirror_tta}
+            "mirror_tta": c.mirror_tta, "seg_antialias": c.seg_antialias,
+            "lesion_rescue_percentile": c.lesion_rescue_percentile}
 
 
 def scored_slices(femur: np.ndarray, spacing, edge_fraction: float | None = None) -> list[int]:
