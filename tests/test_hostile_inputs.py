@@ -648,9 +648,12 @@ def test_synth_refuses_label_maps_that_are_not_label_maps(tmp_path):
 
 def test_interrupted_synth_leaves_no_dataset(tmp_path):
     out = tmp_path / "ds"
-    # 40 cases: with 12, an idle CI machine once finished them all before the signal came (rc 0)
-    p = subprocess.Popen([sys.executable, "-m", "bmltrt", "synth", str(out), "--cases", "40", "-j", "2"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child gets SIGINT's default action back: a suite started as a background job of a
+    # non-interactive shell (`nohup ... &`) passes SIGINT on ignored, and Python then never
+    # raises KeyboardInterrupt, so synth would run to the end.
+    p = subprocess.Popen([sys.executable, "-m", "bmltrt", "synth", str(out), "--cases", "12", "-j", "2"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not any(out.rglob("*.nii.gz")):  # until the first case is written
         time.sleep(0.2)
