@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from with_detect_config import detect_config_overrides  # scripts/ is on sys.path when run
+
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 SCANS = {"echo1": "pykneer_qdess_echo1_oailike_448x448x40.nii.gz",
          "echo2": "pykneer_qdess_echo2_oailike_448x448x40.nii.gz",
@@ -42,14 +44,10 @@ def main(argv=None) -> int:
                     help="a DetectConfig field of the femur stage, e.g. seg_antialias=1.0 (repeatable)")
     ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args(argv)
-    fields = DetectConfig.__dataclass_fields__
-    over = {}
-    for item in a.set:
-        key, _, value = item.partition("=")
-        if key not in fields or not value:
-            ap.error(f"--set {item!r}: give FIELD=VALUE with a DetectConfig field")
-        default = getattr(DetectConfig(), key)
-        over[key] = value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value)
+    try:
+        over = detect_config_overrides(a.set)
+    except ValueError as e:
+        ap.error(f"--set {e}")
     det = Detector(make_backend("onnxruntime", "cpu", models_dir=a.models)[0], DetectConfig(**over))
     masks, doc = {}, {"models": str(a.models or "shipped (export/)"), "settings": over,
                       "segmenter_grid_mm": det.seg_cfg["inplane_spacing_mm"],

@@ -14,6 +14,25 @@ import dataclasses
 import sys
 
 
+def detect_config_overrides(items) -> dict:
+    """FIELD=VALUE strings -> {field: value}, each typed like DetectConfig's default for it.
+    ValueError (one line) for a field DetectConfig does not have or a value of the wrong type."""
+    from bmltrt.pipeline import DetectConfig
+
+    defaults = DetectConfig()
+    over = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not hasattr(defaults, key) or not value:
+            raise ValueError(f"{item!r}: give FIELD=VALUE with a DetectConfig field")
+        kind = type(getattr(defaults, key))
+        try:
+            over[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {key} takes a {kind.__name__}") from None
+    return over
+
+
 def main(argv: list[str]) -> int:
     if "--" not in argv:
         print(__doc__)
@@ -22,15 +41,11 @@ def main(argv: list[str]) -> int:
     import bmltrt.pipeline as pipeline
     from bmltrt.cli import main as cli
 
-    defaults = pipeline.DetectConfig()
-    over = {}
-    for item in argv[:cut]:
-        key, _, value = item.partition("=")
-        if not hasattr(defaults, key) or not value:
-            print(f"{item!r}: give FIELD=VALUE with a DetectConfig field", file=sys.stderr)
-            return 2
-        kind = type(getattr(defaults, key))
-        over[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    try:
+        over = detect_config_overrides(argv[:cut])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     init = pipeline.Detector.__init__
 
     def patched(self, backend, config=None, *a, **k):
