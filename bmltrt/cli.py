@@ -280,6 +280,12 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
         raise BmlError(f"--phantom-fraction {d.phantom_fraction} is not in [0, 1]")
     if autocast not in ("none", "bf16"):
         raise BmlError(f"--autocast {autocast!r} is not none or bf16")
+    if autocast == "bf16" and device == "cpu":
+        from bmltrt.training.loop import cpu_has_native_bf16
+
+        if cpu_has_native_bf16() is False:
+            print_warning("--autocast bf16: this CPU has no native bfloat16 (AVX512-BF16), so torch emulates "
+                          "it and training is several times slower; use --autocast none")
     extra: dict = {"autocast": autocast, **(more or {})}
     if extra.get("init") is not None and not Path(extra["init"]).is_file():  # before minutes of bank building
         raise BmlError("no such checkpoint or graph (--init)", extra["init"])
@@ -408,7 +414,7 @@ _VALDATA = typer.Option(None, "--val-data", help="Dataset whose val split is sco
                         "(default: --data).")
 _OUT = typer.Option(..., "--out", help="Run folder: checkpoint.pt, history.json.")
 _AMP = typer.Option("none", "--autocast", help="none, or bf16: bfloat16 autocast (about 2x faster on a CPU "
-                    "with AVX512-BF16 or a recent GPU).")
+                    "with AVX512-BF16 or a recent GPU; several times slower on a CPU without).")
 _STEPS = typer.Option(1000, "--steps", min=1)
 _BS = typer.Option(4, "--batch-size", min=1, max=1024)
 _DEV = typer.Option("cpu", "--device", help="cpu or cuda.")
@@ -464,6 +470,11 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                             help="Share of fat-suppressed generated scans whose "
                                                             "muscle is as dark as the marrow (0.8-1.6x), as on "
                                                             "a DESS echo 2."),
+                        runtime_smoothing_p: float = typer.Option(0.0, "--runtime-smoothing-p", min=0.0, max=1.0,
+                                                                  help="Share of generated scans smoothed as "
+                                                                  "`detect` smooths a fine scan before the "
+                                                                  "segmenter's grid; > 0 also resamples the "
+                                                                  "phantom and validation scans as `detect` does."),
                         stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1,
                                                               help="End at this step (validated, checkpointed), "
                                                               "the learning rate still decaying over --steps.")):
@@ -477,6 +488,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
             "lesion_breach_p": lesion_breach_p, "dark_muscle_p": dark_muscle_p,
+            "runtime_smoothing_p": runtime_smoothing_p,
             **({"stop_at": stop_at} if stop_at else {}),
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             "consistency_weight": consistency_weight, "anchor_weight": anchor_weight,

@@ -17,7 +17,10 @@ work=${3:-runs/defaults}
 py=${PYTHON:-python3}
 labels=${LABELS:-../shared/data/train_labels}
 oai=${OAI:-../shared/data/labels/OAI_AKOA}
-amp=${AUTOCAST:-bf16}
+# bf16 autocast only where it is native (a GPU, or a CPU with AVX512-BF16): emulated, it is
+# far slower than float32 (bmltrt.training.loop.cpu_has_native_bf16)
+if [ "$dev" != cpu ] || grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then native=bf16; else native=none; fi
+amp=${AUTOCAST:-$native}
 resolutions=128,192,256,320,448
 mkdir -p "$work"
 [ -f "$work/phantoms/dataset.json" ] || $py -m bmltrt synth "$work/phantoms" --cases 80 --seed 1 -j 2 --force

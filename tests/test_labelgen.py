@@ -97,6 +97,51 @@ def test_paired_sample_is_the_same_knee_in_a_second_contrast(anatomy):
     assert np.array_equal(zero & (pair.image2 == 0), zero & (pair.image2 <= 0))
 
 
+def _edge_width(profile) -> float:
+    """10-90 % rise of a rising edge, in pixels."""
+    i = np.arange(len(profile))
+    return float(np.interp(0.9, profile, i) - np.interp(0.1, profile, i))
+
+
+@pytest.mark.parametrize("src_mm", [0.3, 0.5, 0.7])
+def test_runtime_smoothing_on_the_grid_matches_detects_resampling(src_mm):
+    """A step edge scanned at src_mm pixels and brought to 1.6 mm by the runtime
+    (to_segmenter_grid, SEG_ANTIALIAS) is as wide as the generator's: drawn on the grid (a
+    pixel averages its area), then runtime_smoothing. Without it the generator's edge is
+    half as wide: what the shipped segmenter was trained on."""
+    from bmltrt.pipeline import SEG_ANTIALIAS
+    from bmltrt.runtime.preprocess import to_segmenter_grid
+
+    edge_mm, n = 80.3, int(round(160 / src_mm))
+    fine = (((np.arange(n) + 0.5) * src_mm) > edge_mm).astype(np.float32)
+    runtime = to_segmenter_grid(np.broadcast_to(fine, (1, n, n)).copy(), (3.0, src_mm, src_mm), 1.6,
+                                SEG_ANTIALIAS)[0, 50]
+    grid = np.clip(((np.arange(100) + 0.5) * 1.6 + 0.8 - edge_mm) / 1.6, 0, 1).astype(np.float32)
+    drawn = np.broadcast_to(grid, (1, 100, 100)).copy()
+    smoothed, sigma = G.runtime_smoothing(drawn, np.random.default_rng(0), 1.6, SEG_ANTIALIAS, (src_mm, src_mm))
+    f = 1.6 / src_mm
+    assert sigma == pytest.approx(SEG_ANTIALIAS * (f - 1) / (2 * f))
+    assert _edge_width(smoothed[0, 50]) == pytest.approx(_edge_width(runtime), rel=0.1)
+    assert _edge_width(grid) < 0.7 * _edge_width(runtime)
+
+
+def test_smoothed_samples_are_the_same_knee_blurred(anatomy):
+    """smoothing_p=1 blurs the scan (both echoes of a pair) and keeps its femur and lesions;
+    smoothing_p=0 draws exactly the scan of older runs (no extra random draw)."""
+    kw = dict(lesion_p=1.0, surface_p=1.0)
+    plain = G.segmenter_sample(anatomy, np.random.default_rng(5), **kw)
+    off = G.segmenter_sample(anatomy, np.random.default_rng(5), smoothing_p=0.0, antialias=2.5, **kw)
+    assert np.array_equal(off.image, plain.image)
+    on = G.segmenter_sample(anatomy, np.random.default_rng(5), smoothing_p=1.0, antialias=2.5, paired=True, **kw)
+    assert np.array_equal(on.femur, plain.femur) and np.array_equal(on.lesion, plain.lesion)
+
+    def roughness(img):
+        return float(np.abs(np.diff(img, axis=2)).mean())
+    assert roughness(on.image) < 0.75 * roughness(plain.image)
+    unpaired_echo2 = G.segmenter_sample(anatomy, np.random.default_rng(5), paired=True, **kw).image2
+    assert roughness(on.image2) < 0.75 * roughness(unpaired_echo2)
+
+
 def test_lesions_are_femur_and_brighter_in_fat_suppressed_contrast(anatomy):
     rng = np.random.default_rng(5)
     pose = G.random_pose(anatomy, rng, strength=0.0)

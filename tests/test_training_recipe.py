@@ -54,7 +54,7 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     _run(tune + ["--steps", "10", "--stop-at", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p",
                  "1", "--lr", "1e-9", "--lesion-surface-p", "0.6", "--lesion-breach-p", "0.5", "--lesion-weight", "5",
                  "--shell-weight", "5", "--dark-muscle-p", "0.7", "--consistency-weight", "2", "--anchor-weight", "3",
-                 "--seed", "7"])
+                 "--runtime-smoothing-p", "0.5", "--seed", "7"])
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == bank
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
@@ -62,7 +62,8 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     assert tuned["config"]["shell_weight"] == 5.0 and tuned["config"]["lesion_breach_p"] == 0.5
     assert tuned["config"]["dark_muscle_p"] == 0.7 and tuned["config"]["consistency_weight"] == 2.0
     assert tuned["history"][-1]["consistency"] >= 0.0  # each generated crop came in two contrasts
-    assert tuned["config"]["anchor_weight"] == 3.0
+    assert tuned["config"]["anchor_weight"] == 3.0 and tuned["config"]["runtime_smoothing_p"] == 0.5
+    assert tuned["config"]["seg_antialias"] > 0  # the runtime's smoothing, recorded with the run
     assert tuned["history"][-1]["anchor"] < 1e-4  # the teacher is the --init network, frozen
     assert tuned["step"] == 1 and tuned["history"][-1]["step"] == 1  # --stop-at 1 of a 10-step schedule
     assert 0.0 <= tuned["history"][-1]["gen_lesion_in_femur"] <= 1.0  # generated scans carry lesions
@@ -297,3 +298,15 @@ def test_the_fine_grid_preset_fine_tunes_the_shipped_segmenter():
     _, unexpected = build_segmenter(fine).load_state_dict(
         load_weights(store.path("segmenter", "fp32"), "segmenter", "net"), strict=False)
     assert not unexpected
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    """--autocast bf16 warns on a CPU that emulates bfloat16 (far slower than float32)."""
+    from bmltrt.training.loop import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_has_native_bf16(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(str(info)) is True
+    assert cpu_has_native_bf16(str(tmp_path / "absent")) is None

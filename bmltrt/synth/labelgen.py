@@ -146,6 +146,25 @@ def acquire(img: np.ndarray, rng: np.random.Generator, inplane_axes=(1, 2)) -> n
     return np.sqrt(re * re + im * im).astype(np.float32)
 
 
+def runtime_smoothing(img: np.ndarray, rng: np.random.Generator, px_mm: float, antialias: float,
+                      src_px_mm=(0.3, 0.7), inplane_axes=(1, 2)) -> tuple[np.ndarray, float]:
+    """The smoothing that the runtime's `to_segmenter_grid` gives a scan of `src_px_mm` pixels
+    (drawn at random) before its `px_mm` grid, done on that grid: a Gaussian of
+    antialias * (f - 1) / 2 source pixels = antialias * (f - 1) / (2 f) grid pixels, f =
+    px_mm / source pixel. Applied after the noise, as the runtime smooths the noisy scan.
+    Returns the image and the sigma (grid pixels), so a second echo can get the same."""
+    f = px_mm / rng.uniform(*src_px_mm)
+    s = antialias * max(0.0, f - 1) / (2 * f)
+    return _smooth_inplane(img, s, inplane_axes), s
+
+
+def _smooth_inplane(img: np.ndarray, sigma: float, inplane_axes=(1, 2)) -> np.ndarray:
+    if sigma <= 0:
+        return img
+    sig = [sigma if a in inplane_axes else 0.0 for a in range(img.ndim)]
+    return ndi.gaussian_filter(img, sig, mode="nearest").astype(np.float32)
+
+
 # -- geometry --------------------------------------------------------------------------------
 
 def rotation(rx: float, ry: float, rz: float) -> np.ndarray:
@@ -302,12 +321,15 @@ def _zero_border(rng: np.random.Generator, shape: tuple[int, int], px_mm: float)
 def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 1.6, n_sub: int = 3,
                      lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3,
                      surface_p: float = 0.0, breach_p: float = 0.0,
-                     dark_muscle_p: float = DARK_MUSCLE_P, paired: bool = False) -> SegmenterSample:
+                     dark_muscle_p: float = DARK_MUSCLE_P, paired: bool = False,
+                     smoothing_p: float = 0.0, antialias: float = 0.0) -> SegmenterSample:
     """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels).
 
     With `paired`, `image2` is the same knee (same labels, same field of view) painted in a
     second contrast, half the time of the same family (as the echoes of one DESS scan are),
-    with its own textures and acquisition: what a consistency loss compares."""
+    with its own textures and acquisition: what a consistency loss compares. With
+    `smoothing_p`, that share of scans is smoothed as the runtime smooths a fine scan before
+    this grid (`runtime_smoothing` with `antialias`, both echoes alike)."""
     t = _thickness(rng)
     n = max(8, int(round(rng.uniform(80, 150) / t)))
     rows = int(round(rng.uniform(120, 190) / px_mm))
@@ -327,11 +349,15 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     femur = T.FEMUR_TABLE[labels].reshape(n, n_sub, rows, cols).mean(axis=1) > 0.5
     lesion = (labels == T.FEM_LESION).reshape(n, n_sub, rows, cols).mean(axis=1) > 0.5
     keep = _zero_border(rng, (rows, cols), px_mm)
-    img = normalize_intensity(acquire(img, rng) * keep)
+    img = acquire(img, rng)
+    sigma = 0.0
+    if smoothing_p > 0 and rng.random() < smoothing_p:  # no draw when off: old runs replay
+        img, sigma = runtime_smoothing(img, rng, px_mm, antialias)
+    img = normalize_intensity(img * keep)
     img2 = None
     if paired:
         means2 = draw_contrast(rng, fam if rng.random() < 0.5 else None, dark_muscle_p)[1]
-        img2 = normalize_intensity(acquire(painted(means2), rng) * keep)
+        img2 = normalize_intensity(_smooth_inplane(acquire(painted(means2), rng), sigma) * keep)
     femur &= keep
     lesion &= femur
     return SegmenterSample(img, femur.astype(np.float32), (t, px_mm, px_mm), fam,

@@ -7,21 +7,24 @@ from pathlib import Path
 import numpy as np
 
 from bmltrt.io import load_scan
-from bmltrt.runtime.preprocess import inplane_shape, normalize_intensity, slices_to_square, zoom_to
+from bmltrt.runtime.preprocess import (inplane_shape, normalize_intensity, slices_to_square, to_segmenter_grid,
+                                      zoom_to)
 from bmltrt.synth.dataset import case_paths
 
 MIN_FEMUR_FRACTION = 0.002  # a slice "contains femur" above this share of its pixels
 
 
-def segmenter_volumes(root: Path, split: str, inplane_mm: float, limit: int | None = None, lesions: bool = False):
+def segmenter_volumes(root: Path, split: str, inplane_mm: float, limit: int | None = None, lesions: bool = False,
+                      antialias: float = 0.0):
     """[(case, image (S,H',W') normalised, femur (S,H',W') float, voxel mm)] on the segmenter grid;
-    with `lesions`, a fifth element: the lesion mask on that grid (any overlap counts)."""
+    with `lesions`, a fifth element: the lesion mask on that grid (any overlap counts). The
+    image is resampled as the runtime does it (`to_segmenter_grid` with `antialias`)."""
     out = []
     for case, img_p, fem_p, les_p in case_paths(root, split)[:limit]:
         scan = load_scan(img_p)
         fem = load_scan(fem_p, is_mask=True).data
         shape = inplane_shape(scan.data.shape, scan.spacing, inplane_mm)
-        img = zoom_to(normalize_intensity(scan.data), shape)
+        img = to_segmenter_grid(normalize_intensity(scan.data), scan.spacing, inplane_mm, antialias)
         voxel = (scan.spacing[0], inplane_mm, inplane_mm)
         item = (case, img.astype(np.float32), (zoom_to(fem, shape) > 0.5).astype(np.float32), voxel)
         if lesions:

@@ -16,6 +16,18 @@ from bmltrt.io.atomic import atomic_write
 from bmltrt.training import checkpoint as ckpt
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); None where unknown.
+    Without it torch emulates bf16 autocast: on a 2-core AMD EPYC without AVX-512 the
+    segmenter fine-tune made 9 steps in 18 minutes, against about 4 s a step in float32
+    (2026-12-07); on one with AVX512-BF16, bf16 halved the step time."""
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 @dataclass
 class RunOptions:
     data: Path | None

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from bmltrt.errors import BmlError
 from bmltrt.models.unetpp import SegmenterConfig, SegmenterLogits, build_segmenter
+from bmltrt.pipeline import SEG_ANTIALIAS
 from bmltrt.runtime.sliding_window import sliding_window
 from bmltrt.training import augment
 from bmltrt.training.checkpoint import load_weights, seed_everything
@@ -127,9 +128,17 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     device = resolve_device(opts.device)
     rng = seed_everything(opts.seed)
     bank_files = opts.extra.get("bank") or []
-    train = segmenter_volumes(opts.data, "train", cfg.inplane_spacing_mm, opts.limit_cases) if opts.data else []
+    # > 0: that share of generated scans is smoothed as the runtime smooths a fine scan before
+    # the segmenter's grid (DetectConfig.seg_antialias), and the phantom and validation scans
+    # go through the runtime's own resampling: the network learns the input it will get
+    # (trained without it, it carved blurred bright lesions out of the femur)
+    smoothing_p = float(opts.extra.get("runtime_smoothing_p", 0.0))
+    antialias = SEG_ANTIALIAS if smoothing_p > 0 else 0.0
+    train = segmenter_volumes(opts.data, "train", cfg.inplane_spacing_mm, opts.limit_cases,
+                              antialias=antialias) if opts.data else []
     val_root = opts.extra.get("val_data") or opts.data
-    val = segmenter_volumes(val_root, "val", cfg.inplane_spacing_mm, opts.limit_cases, lesions=True) if val_root else []
+    val = segmenter_volumes(val_root, "val", cfg.inplane_spacing_mm, opts.limit_cases, lesions=True,
+                            antialias=antialias) if val_root else []
     if not train and not bank_files:
         raise BmlError("no training data: give label maps (--labels) or a phantom dataset (--data)",
                        opts.data, "make a dataset with `bmltrt synth`")
@@ -140,7 +149,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     breach_p = float(opts.extra.get("lesion_breach_p", 0.0))
     dark_p = float(opts.extra.get("dark_muscle_p", DARK_MUSCLE_P))
     lesion_kw = dict(lesion_p=lesion_p, max_lesions=max_les, surface_p=surface_p, breach_p=breach_p,
-                     dark_muscle_p=dark_p)
+                     dark_muscle_p=dark_p, smoothing_p=smoothing_p, antialias=antialias)
     lesion_weight = float(opts.extra.get("lesion_weight", 0.0))
     shell_weight = float(opts.extra.get("shell_weight", 0.0))
     # > 0: each generated scan comes in two contrasts, and their femur probabilities are
@@ -269,7 +278,9 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     config = {"segmenter": cfg.to_dict(), "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
               "lesion_p": lesion_p, "max_lesions": max_les, "lesion_surface_p": surface_p,
-              "lesion_breach_p": breach_p, "dark_muscle_p": dark_p, "lesion_weight": lesion_weight, "shell_weight": shell_weight,
+              "lesion_breach_p": breach_p, "dark_muscle_p": dark_p,
+              "runtime_smoothing_p": smoothing_p, "seg_antialias": antialias,
+              "lesion_weight": lesion_weight, "shell_weight": shell_weight,
               "consistency_weight": consistency_weight, "anchor_weight": anchor_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
