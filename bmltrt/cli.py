@@ -475,6 +475,11 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                                   "`detect` smooths a fine scan before the "
                                                                   "segmenter's grid; > 0 also resamples the "
                                                                   "phantom and validation scans as `detect` does."),
+                        fat_like_marrow_p: float = typer.Option(0.0, "--fat-like-marrow-p", min=0.0, max=1.0,
+                                                                help="Share of fat-suppressed generated scans "
+                                                                "whose fat is as dark as the suppressed marrow "
+                                                                "(0.8-1.25x): marrow is fat, and both are "
+                                                                "suppressed alike."),
                         stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1,
                                                               help="End at this step (validated, checkpointed), "
                                                               "the learning rate still decaying over --steps.")):
@@ -488,7 +493,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
             "lesion_breach_p": lesion_breach_p, "dark_muscle_p": dark_muscle_p,
-            "runtime_smoothing_p": runtime_smoothing_p,
+            "runtime_smoothing_p": runtime_smoothing_p, "fat_like_marrow_p": fat_like_marrow_p,
             **({"stop_at": stop_at} if stop_at else {}),
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             "consistency_weight": consistency_weight, "anchor_weight": anchor_weight,

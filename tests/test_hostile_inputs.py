@@ -403,6 +403,7 @@ OPTION_CASES = [
     ["train", "segmenter", "--data", "{out}", "--out", "{out}", "--steps", "0"],
     ["train", "segmenter", "--data", "{out}", "--out", "{out}", "--lr", "-1"],
     ["train", "segmenter", "--data", "{out}", "--out", "{out}", "--runtime-smoothing-p", "1.5"],
+    ["train", "segmenter", "--data", "{out}", "--out", "{out}", "--fat-like-marrow-p", "-0.1"],
     ["train", "inpainter", "--data", "{out}", "--out", "{out}", "--time-limit", "0"],
     ["train", "inpainter", "--data", "{out}", "--out", "{out}", "--resolution", "100"],
     ["train", "inpainter", "--data", "{out}", "--out", "{out}", "--batch-size", "0"],

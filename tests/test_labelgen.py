@@ -252,6 +252,25 @@ def test_fat_suppressed_contrasts_sometimes_have_muscle_as_dark_as_marrow():
     assert 0.7 < (often < 1.6 + 1e-6).mean() < 0.9
 
 
+def test_fat_like_marrow_ties_fat_to_the_suppressed_marrow():
+    """--fat-like-marrow-p: that share of fat-suppressed scans has fat within 0.8-1.25x the
+    marrow (both are fat, suppressed alike); drawn apart, they often differ by more; 0
+    draws exactly the contrasts of older runs."""
+    def ratios(p, n=400):
+        rng = np.random.default_rng(1)
+        return np.array([m["fat"] / m["marrow"] for m in (G.draw_contrast(rng, "gre_we", 0.3, p)[1] for _ in range(n))])
+    apart, tied, some = ratios(0.0), ratios(1.0), ratios(0.5)
+    inside = (0.8 - 1e-6, 1.25 + 1e-6)
+    assert ((tied >= inside[0]) & (tied <= inside[1])).all()
+    assert ((apart < inside[0]) | (apart > inside[1])).mean() > 0.4
+    assert 0.4 < ((some < inside[0]) | (some > inside[1])).mean() / ((apart < inside[0]) | (apart > inside[1])).mean() < 0.6
+    rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
+    assert [G.draw_contrast(rng_a)[1] for _ in range(20)] == [G.draw_contrast(rng_b, None, G.DARK_MUSCLE_P, 0.0)[1]
+                                                           for _ in range(20)]
+    non_fs = G.draw_contrast(np.random.default_rng(3), "non_fs", 0.3, 1.0)[1]
+    assert non_fs == G.draw_contrast(np.random.default_rng(3), "non_fs", 0.3, 0.0)[1]  # fat-suppressed only
+
+
 @pytest.mark.parametrize("res", (128, 256))
 def test_inpainter_sample_is_one_healthy_square_slice(anatomy, res):
     smp = G.inpainter_sample(anatomy, np.random.default_rng(7), res)

@@ -54,7 +54,7 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     _run(tune + ["--steps", "10", "--stop-at", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p",
                  "1", "--lr", "1e-9", "--lesion-surface-p", "0.6", "--lesion-breach-p", "0.5", "--lesion-weight", "5",
                  "--shell-weight", "5", "--dark-muscle-p", "0.7", "--consistency-weight", "2", "--anchor-weight", "3",
-                 "--runtime-smoothing-p", "0.5", "--seed", "7"])
+                 "--runtime-smoothing-p", "0.5", "--fat-like-marrow-p", "0.6", "--seed", "7"])
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == bank
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
     assert tuned["config"]["lesion_p"] == 1.0 and tuned["config"]["init"].endswith("checkpoint.pt")
@@ -64,6 +64,7 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     assert tuned["history"][-1]["consistency"] >= 0.0  # each generated crop came in two contrasts
     assert tuned["config"]["anchor_weight"] == 3.0 and tuned["config"]["runtime_smoothing_p"] == 0.5
     assert tuned["config"]["seg_antialias"] > 0  # the runtime's smoothing, recorded with the run
+    assert tuned["config"]["fat_like_marrow_p"] == 0.6
     assert tuned["history"][-1]["anchor"] < 1e-4  # the teacher is the --init network, frozen
     assert tuned["step"] == 1 and tuned["history"][-1]["step"] == 1  # --stop-at 1 of a 10-step schedule
     assert 0.0 <= tuned["history"][-1]["gen_lesion_in_femur"] <= 1.0  # generated scans carry lesions

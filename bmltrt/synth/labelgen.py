@@ -69,12 +69,18 @@ CONTRASTS = {
 # generated T2-fs scans with muscle at 1.1x marrow: the shipped 2026-11-25 segmenter's
 # femur Dice fell from 0.970 to 0.875 (0.80 in the shaft's third).
 DARK_MUSCLE_P, DARK_MUSCLE_RATIO = 0.3, (0.8, 1.6)
+# Marrow is fat: a fat-suppressed or water-excited scan suppresses both alike. Drawn apart
+# (the ranges above), fat often came out darker or brighter than marrow; on the real qDESS
+# echo 1 (water-excited) the fat above the lateral condyle is as dark as the marrow and the
+# shipped segmenter took it for femur (edge slices 28-30). With fat_like_marrow_p, that share
+# of fat-suppressed scans gets fat at marrow x FAT_LIKE_MARROW_RATIO.
+FAT_LIKE_MARROW_RATIO = (0.8, 1.25)
 FAT_SUPPRESSED = ("iw_fs", "t2_fs", "gre_we")
 CLASSES = ("air", "marrow", "cortex", "physis", "cartilage", "dark", "fat", "muscle", "fluid", "vessel", "edema")
 
 
 def draw_contrast(rng: np.random.Generator, family: str | None = None,
-                  dark_muscle_p: float = DARK_MUSCLE_P) -> tuple[str, dict[str, float]]:
+                  dark_muscle_p: float = DARK_MUSCLE_P, fat_like_marrow_p: float = 0.0) -> tuple[str, dict[str, float]]:
     names = list(CONTRASTS)
     if family is None:
         p = np.array([CONTRASTS[n][0] for n in names])
@@ -90,6 +96,9 @@ def draw_contrast(rng: np.random.Generator, family: str | None = None,
             means["fat"] = float(np.clip(means["marrow"] * rng.uniform(0.85, 1.2), 0.4, 1.1))
         if family in FAT_SUPPRESSED and rng.random() < dark_muscle_p:
             means["muscle"] = means["marrow"] * float(rng.uniform(*DARK_MUSCLE_RATIO))
+        # (no draw when off: the scans of older runs replay exactly)
+        if family in FAT_SUPPRESSED and fat_like_marrow_p > 0 and rng.random() < fat_like_marrow_p:
+            means["fat"] = means["marrow"] * float(rng.uniform(*FAT_LIKE_MARROW_RATIO))
         means["physis"] = means["cortex"] + rng.uniform(0, 0.6) * (means["marrow"] - means["cortex"])
     # Oedema replaces fat with water: toward fluid in every contrast.
     means["edema"] = means["marrow"] + rng.uniform(0.25, 0.9) * (means["fluid"] - means["marrow"])
@@ -322,7 +331,8 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
                      lesion_p: float = 0.5, family: str | None = None, max_lesions: int = 3,
                      surface_p: float = 0.0, breach_p: float = 0.0,
                      dark_muscle_p: float = DARK_MUSCLE_P, paired: bool = False,
-                     smoothing_p: float = 0.0, antialias: float = 0.0) -> SegmenterSample:
+                     smoothing_p: float = 0.0, antialias: float = 0.0,
+                     fat_like_marrow_p: float = 0.0) -> SegmenterSample:
     """A whole scan on the segmenter's working grid (the scan's slices, px_mm pixels).
 
     With `paired`, `image2` is the same knee (same labels, same field of view) painted in a
@@ -340,7 +350,7 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     labels = sample_labels(anatomy, pose, rng, lr, rows, cols, px_mm)
     if rng.random() < lesion_p:
         labels = add_lesions(labels, sub_mm, rng, max_lesions, surface_p, breach_p)
-    fam, means = draw_contrast(rng, family, dark_muscle_p)
+    fam, means = draw_contrast(rng, family, dark_muscle_p, fat_like_marrow_p)
 
     def painted(means):
         return paint(labels, rng, means).reshape(n, n_sub, rows, cols).mean(axis=1)
@@ -356,7 +366,7 @@ def segmenter_sample(anatomy: Anatomy, rng: np.random.Generator, px_mm: float = 
     img = normalize_intensity(img * keep)
     img2 = None
     if paired:
-        means2 = draw_contrast(rng, fam if rng.random() < 0.5 else None, dark_muscle_p)[1]
+        means2 = draw_contrast(rng, fam if rng.random() < 0.5 else None, dark_muscle_p, fat_like_marrow_p)[1]
         img2 = normalize_intensity(_smooth_inplane(acquire(painted(means2), rng), sigma) * keep)
     femur &= keep
     lesion &= femur

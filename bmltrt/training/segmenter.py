@@ -148,8 +148,10 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
     surface_p = float(opts.extra.get("lesion_surface_p", 0.0))
     breach_p = float(opts.extra.get("lesion_breach_p", 0.0))
     dark_p = float(opts.extra.get("dark_muscle_p", DARK_MUSCLE_P))
+    fat_p = float(opts.extra.get("fat_like_marrow_p", 0.0))
     lesion_kw = dict(lesion_p=lesion_p, max_lesions=max_les, surface_p=surface_p, breach_p=breach_p,
-                     dark_muscle_p=dark_p, smoothing_p=smoothing_p, antialias=antialias)
+                     dark_muscle_p=dark_p, smoothing_p=smoothing_p, antialias=antialias,
+                     fat_like_marrow_p=fat_p)
     lesion_weight = float(opts.extra.get("lesion_weight", 0.0))
     shell_weight = float(opts.extra.get("shell_weight", 0.0))
     # > 0: each generated scan comes in two contrasts, and their femur probabilities are
@@ -279,7 +281,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
               "init": str(opts.extra.get("init")) if opts.extra.get("init") else None,
               "lesion_p": lesion_p, "max_lesions": max_les, "lesion_surface_p": surface_p,
               "lesion_breach_p": breach_p, "dark_muscle_p": dark_p,
-              "runtime_smoothing_p": smoothing_p, "seg_antialias": antialias,
+              "runtime_smoothing_p": smoothing_p, "seg_antialias": antialias, "fat_like_marrow_p": fat_p,
               "lesion_weight": lesion_weight, "shell_weight": shell_weight,
               "consistency_weight": consistency_weight, "anchor_weight": anchor_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none"}
