@@ -71,9 +71,10 @@ CONTRASTS = {
 DARK_MUSCLE_P, DARK_MUSCLE_RATIO = 0.3, (0.8, 1.6)
 # Marrow is fat: a fat-suppressed or water-excited scan suppresses both alike. Drawn apart
 # (the ranges above), fat often came out darker or brighter than marrow; on the real qDESS
-# echo 1 (water-excited) the fat above the lateral condyle is as dark as the marrow and the
-# shipped segmenter took it for femur (edge slices 28-30). With fat_like_marrow_p, that share
-# of fat-suppressed scans gets fat at marrow x FAT_LIKE_MARROW_RATIO.
+# echo 1 (water-excited) the shipped segmenter's mask runs over a dark region above the
+# condyle, probably fat, in edge slices 28-30. With fat_like_marrow_p, that share of
+# fat-suppressed scans gets fat at marrow x FAT_LIKE_MARROW_RATIO (a fine-tune with it did
+# not help: benchmarks/results/segmenter_fat_like_marrow/).
 FAT_LIKE_MARROW_RATIO = (0.8, 1.25)
 FAT_SUPPRESSED = ("iw_fs", "t2_fs", "gre_we")
 CLASSES = ("air", "marrow", "cortex", "physis", "cartilage", "dark", "fat", "muscle", "fluid", "vessel", "edema")
