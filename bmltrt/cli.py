@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from bmltrt.errors import BmlError
+from bmltrt.errors import TERMINATION_REQUESTS, BmlError, Interrupted
+from bmltrt.errors import raise_interrupted as _raise_interrupted
 
 console = Console(stderr=True)
 # nibabel logs header repairs ("pixdim[1,2,3] should be non-zero") to stderr: on the command line
@@ -143,20 +144,13 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
                   help="Bone marrow lesion detection in the femur on knee MRI (UNet++ + LaMa, TensorRT-ready).")
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the output set in progress is cleaned up."""
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from bmltrt.io.outputs import os_error
 
         old_term = None
+        TERMINATION_REQUESTS.clear()  # a new command (the CLI also runs in-process, in tests)
         try:  # SIGTERM like Ctrl-C: each command cleans up what it had begun, then one line
             old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
         except ValueError:  # not the main thread: leave signals alone

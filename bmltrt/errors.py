@@ -34,3 +34,25 @@ def _printable(text: str) -> str:
     """Control characters (ESC, CR, BEL, ...) as \\x escapes; tabs as spaces."""
     text = text.replace("\t", " ")
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the output set in progress is cleaned up."""
+
+
+# SIGTERMs received by this command. The exception raised by the handler can be lost: when
+# the handler runs inside C code that clears Python errors (seen in a cold `export`, during
+# a lazy import), the command ran on to the end and committed. Every commit checks this
+# first (io.outputs.signals_held), so a termination is never lost at the point that matters.
+TERMINATION_REQUESTS: list[int] = []
+
+
+def raise_interrupted(signum, frame):
+    TERMINATION_REQUESTS.append(signum)
+    raise Interrupted(signum)
+
+
+def stop_if_terminated() -> None:
+    """Raise Interrupted if a SIGTERM arrived whose exception went missing."""
+    if TERMINATION_REQUESTS:
+        raise Interrupted(TERMINATION_REQUESTS[-1])

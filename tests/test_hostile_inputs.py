@@ -885,3 +885,24 @@ def test_a_pattern_that_names_hidden_scans_runs_them(tmp_path, phantom_case):
     (d / ".notes.txt").write_text("not a scan")
     run(["detect", str(d / ".k*"), "-o", tmp_path / "o"], inputs=[d / ".k.nii.gz"], code=0)
     assert "k_report.json" in listing(tmp_path / "o")
+
+
+def test_a_termination_whose_exception_was_lost_still_stops_the_commit(tmp_path):
+    """A SIGTERM handler that ran inside C code which cleared its exception (seen in a cold
+    export, during a lazy import) must not let the command commit its outputs."""
+    from bmltrt.errors import TERMINATION_REQUESTS, Interrupted, raise_interrupted
+    from bmltrt.io.outputs import signals_held
+
+    TERMINATION_REQUESTS.clear()
+    try:
+        raise_interrupted(signal.SIGTERM, None)
+    except Interrupted:
+        pass  # swallowed, as that C code did
+    with pytest.raises(Interrupted):
+        with signals_held():
+            (tmp_path / "committed").write_text("x")
+    assert not (tmp_path / "committed").exists()
+    TERMINATION_REQUESTS.clear()
+    with signals_held():  # no termination: the commit goes on
+        (tmp_path / "committed").write_text("x")
+    assert (tmp_path / "committed").exists()

@@ -287,7 +287,11 @@ def locked_staging(outs: OutputSet):
 
 @contextmanager
 def signals_held():
-    """Hold SIGINT/SIGTERM back during the commit's renames (delivered right after)."""
+    """Hold SIGINT/SIGTERM back during the commit's renames (delivered right after). A
+    SIGTERM that came earlier but whose exception was lost stops the commit before it starts."""
+    from bmltrt.errors import stop_if_terminated
+
+    stop_if_terminated()
     sigs = {signal.SIGINT, signal.SIGTERM}
     try:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
