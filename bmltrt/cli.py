@@ -419,6 +419,16 @@ _LIMIT = typer.Option(None, "--limit-cases", min=1, help="Use only the first N c
 _TIME = typer.Option(None, "--time-limit", min=0.0, help="Stop after this many minutes (checkpoint saved; steps reached recorded).")
 
 
+def _share(default: float, flag: str, help: str):
+    """A generator option that is a share of scans, in [0, 1]."""
+    return typer.Option(default, flag, min=0.0, max=1.0, help=help)
+
+
+def _loss_weight(flag: str, help: str):
+    """An extra loss weight of `train segmenter`, in [0, 100], off by default."""
+    return typer.Option(0.0, flag, min=0.0, max=100.0, help=help)
+
+
 @train_app.command("segmenter")
 @user_errors
 def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _LABELS, out_dir: Path = _OUT,
@@ -431,49 +441,41 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                         autocast: str = _AMP,
                         init: Optional[Path] = typer.Option(None, "--init", help="Start from this segmenter "
                                                             "checkpoint's weights (fine-tuning)."),
-                        lesion_p: float = typer.Option(0.5, "--lesion-p", min=0.0, max=1.0, help="Share of "
-                                                       "generated scans with oedema-like lesions in the femur."),
+                        lesion_p: float = _share(0.5, "--lesion-p", help="Share of generated scans with "
+                                                 "oedema-like lesions in the femur."),
                         max_lesions: int = typer.Option(3, "--max-lesions", min=1, max=20),
-                        lesion_surface_p: float = typer.Option(0.0, "--lesion-surface-p", min=0.0, max=1.0,
-                                                               help="Share of those lesions that are small "
-                                                               "(1.5-6 mm) and touch the bone surface under "
-                                                               "the cartilage."),
-                        lesion_breach_p: float = typer.Option(0.0, "--lesion-breach-p", min=0.0, max=1.0,
-                                                              help="Share of those surface lesions that "
-                                                              "replace the cortex under them too (the "
-                                                              "oedema then touches the cartilage)."),
-                        lesion_weight: float = typer.Option(0.0, "--lesion-weight", min=0.0, max=100.0,
-                                                            help="Extra cross-entropy weight on the "
-                                                            "generated lesions' voxels (they are femur: "
+                        lesion_surface_p: float = _share(0.0, "--lesion-surface-p", help="Share of those lesions "
+                                                         "that are small (1.5-6 mm) and touch the bone surface "
+                                                         "under the cartilage."),
+                        lesion_breach_p: float = _share(0.0, "--lesion-breach-p", help="Share of those surface "
+                                                        "lesions that replace the cortex under them too (the "
+                                                        "oedema then touches the cartilage)."),
+                        lesion_weight: float = _loss_weight("--lesion-weight", help="Extra cross-entropy weight "
+                                                            "on the generated lesions' voxels (they are femur: "
                                                             "a lesion carved out of the mask is never found)."),
-                        shell_weight: float = typer.Option(0.0, "--shell-weight", min=0.0, max=100.0,
-                                                           help="Extra cross-entropy weight on the ring just "
-                                                           "outside the true femur (balances --lesion-weight, "
-                                                           "which alone grows the femur)."),
-                        consistency_weight: float = typer.Option(0.0, "--consistency-weight", min=0.0, max=100.0,
-                                                                 help="Weight of a loss that pulls together the "
-                                                                 "femur of each generated scan drawn in two "
-                                                                 "contrasts (the echoes of one knee must agree); "
-                                                                 "pairs double each step's generated crops."),
-                        anchor_weight: float = typer.Option(0.0, "--anchor-weight", min=0.0, max=100.0,
-                                                            help="Weight of a loss that keeps the femur "
-                                                            "probability near that of the --init network "
-                                                            "(a frozen copy), so that a fine-tune keeps what "
-                                                            "it did well."),
-                        dark_muscle_p: float = typer.Option(0.3, "--dark-muscle-p", min=0.0, max=1.0,
-                                                            help="Share of fat-suppressed generated scans whose "
-                                                            "muscle is as dark as the marrow (0.8-1.6x), as on "
-                                                            "a DESS echo 2."),
-                        runtime_smoothing_p: float = typer.Option(0.0, "--runtime-smoothing-p", min=0.0, max=1.0,
-                                                                  help="Share of generated scans smoothed as "
-                                                                  "`detect` smooths a fine scan before the "
-                                                                  "segmenter's grid; > 0 also resamples the "
-                                                                  "phantom and validation scans as `detect` does."),
-                        fat_like_marrow_p: float = typer.Option(0.0, "--fat-like-marrow-p", min=0.0, max=1.0,
-                                                                help="Share of fat-suppressed generated scans "
-                                                                "whose fat is as dark as the suppressed marrow "
-                                                                "(0.8-1.25x): marrow is fat, and both are "
-                                                                "suppressed alike."),
+                        shell_weight: float = _loss_weight("--shell-weight", help="Extra cross-entropy weight on "
+                                                           "the ring just outside the true femur (balances "
+                                                           "--lesion-weight, which alone grows the femur)."),
+                        consistency_weight: float = _loss_weight("--consistency-weight", help="Weight of a loss "
+                                                                 "that pulls together the femur of each generated "
+                                                                 "scan drawn in two contrasts (the echoes of one "
+                                                                 "knee must agree); pairs double each step's "
+                                                                 "generated crops."),
+                        anchor_weight: float = _loss_weight("--anchor-weight", help="Weight of a loss that keeps "
+                                                            "the femur probability near that of the --init "
+                                                            "network (a frozen copy), so that a fine-tune keeps "
+                                                            "what it did well."),
+                        dark_muscle_p: float = _share(0.3, "--dark-muscle-p", help="Share of fat-suppressed "
+                                                      "generated scans whose muscle is as dark as the marrow "
+                                                      "(0.8-1.6x), as on a DESS echo 2."),
+                        runtime_smoothing_p: float = _share(0.0, "--runtime-smoothing-p", help="Share of "
+                                                            "generated scans smoothed as `detect` smooths a fine "
+                                                            "scan before the segmenter's grid; > 0 also resamples "
+                                                            "the phantom and validation scans as `detect` does."),
+                        fat_like_marrow_p: float = _share(0.0, "--fat-like-marrow-p", help="Share of "
+                                                          "fat-suppressed generated scans whose fat is as dark as "
+                                                          "the suppressed marrow (0.8-1.25x): marrow is fat, and "
+                                                          "both are suppressed alike."),
                         stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1,
                                                               help="End at this step (validated, checkpointed), "
                                                               "the learning rate still decaying over --steps.")):

@@ -19,7 +19,8 @@ labels=${LABELS:-../shared/data/train_labels}
 oai=${OAI:-../shared/data/labels/OAI_AKOA}
 # bf16 autocast only where it is native (a GPU, or a CPU with AVX512-BF16): emulated, it is
 # far slower than float32 (bmltrt.training.loop.cpu_has_native_bf16)
-if [ "$dev" != cpu ] || grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then native=bf16; else native=none; fi
+native=bf16
+if [ "$dev" = cpu ] && ! $py -c "import sys; from bmltrt.training.loop import cpu_has_native_bf16; sys.exit(cpu_has_native_bf16() is False)"; then native=none; fi
 amp=${AUTOCAST:-$native}
 resolutions=128,192,256,320,448
 mkdir -p "$work"

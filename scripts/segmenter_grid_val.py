@@ -17,15 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 
 def main(argv=None) -> int:
     from bmltrt.bench.machine import cpu_name, usable_cores
     from bmltrt.io.atomic import atomic_write
     from bmltrt.runtime.backends import make_backend
-    from bmltrt.runtime.sliding_window import sliding_window
-    from bmltrt.training.data import segmenter_volumes
+    from bmltrt.training.data import segmenter_grid_scores, segmenter_volumes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="a `bmltrt synth` dataset")
@@ -38,17 +36,11 @@ def main(argv=None) -> int:
     cfg = backend.store.entry("segmenter")["config"]
     rows = []
     for aa in (float(v) for v in a.antialias.split(",")):
-        dice, inside, total = [], 0, 0
-        for _, img, fem, _, les in segmenter_volumes(a.data, a.split, cfg["inplane_spacing_mm"], lesions=True,
-                                                    antialias=aa):
-            prob = sliding_window(img, tuple(cfg["patch"]), lambda b: backend.run("segmenter", b),
-                                  batch_size=2, overlap=cfg["overlap"])[1]
-            pred, true = prob > 0.5, fem > 0.5
-            dice.append(2 * (pred & true).sum() / max(1, pred.sum() + true.sum()))
-            inside += int((pred & les).sum())
-            total += int(les.sum())
-        rows.append({"seg_antialias": aa, "femur_dice_mean": float(np.mean(dice)),
-                     "lesion_voxels_called_femur": inside / max(1, total), "lesion_voxels": total})
+        vols = segmenter_volumes(a.data, a.split, cfg["inplane_spacing_mm"], lesions=True, antialias=aa)
+        dice, inside = segmenter_grid_scores(vols, lambda b: backend.run("segmenter", b), cfg["patch"],
+                                             cfg["overlap"])
+        rows.append({"seg_antialias": aa, "femur_dice_mean": dice, "lesion_voxels_called_femur": inside or 0.0,
+                     "lesion_voxels": int(sum(int(v[4].sum()) for v in vols))})
         print(json.dumps(rows[-1]))
     name = (a.models or Path("export")).resolve().name
     doc = {"data": str(a.data), "split": a.split, "models": str(a.models or "shipped (export/)"),

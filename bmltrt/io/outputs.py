@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from bmltrt.errors import BmlError
+from bmltrt.errors import BmlError, stop_if_terminated
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # kind -> file-name ending; the report is the completion mark and is moved in last.
@@ -289,8 +289,6 @@ def locked_staging(outs: OutputSet):
 def signals_held():
     """Hold SIGINT/SIGTERM back during the commit's renames (delivered right after). A
     SIGTERM that came earlier but whose exception was lost stops the commit before it starts."""
-    from bmltrt.errors import stop_if_terminated
-
     stop_if_terminated()
     sigs = {signal.SIGINT, signal.SIGTERM}
     try:

@@ -140,12 +140,9 @@ def paint(labels: np.ndarray, rng: np.random.Generator, means: dict[str, float],
 
 def acquire(img: np.ndarray, rng: np.random.Generator, inplane_axes=(1, 2)) -> np.ndarray:
     """In-plane blur, bias field, Rician noise on thick slices (slices on axis 0)."""
-    sig = [0.0] * img.ndim
     b = rng.uniform(0, 0.8)
-    for a in inplane_axes:
-        sig[a] = b
     if b > 0.2:
-        img = ndi.gaussian_filter(img, sig, mode="nearest", truncate=2.5)
+        img = _smooth_inplane(img, b, inplane_axes, truncate=2.5)
     shape = img.shape
     strength = rng.uniform(0, 0.5)
     field = smooth_noise(rng, shape, tuple(2 if n < 4 else 3 for n in shape))
@@ -168,11 +165,11 @@ def runtime_smoothing(img: np.ndarray, rng: np.random.Generator, px_mm: float, a
     return _smooth_inplane(img, s, inplane_axes), s
 
 
-def _smooth_inplane(img: np.ndarray, sigma: float, inplane_axes=(1, 2)) -> np.ndarray:
+def _smooth_inplane(img: np.ndarray, sigma: float, inplane_axes=(1, 2), truncate: float = 4.0) -> np.ndarray:
     if sigma <= 0:
         return img
     sig = [sigma if a in inplane_axes else 0.0 for a in range(img.ndim)]
-    return ndi.gaussian_filter(img, sig, mode="nearest").astype(np.float32)
+    return ndi.gaussian_filter(img, sig, mode="nearest", truncate=truncate)
 
 
 # -- geometry --------------------------------------------------------------------------------

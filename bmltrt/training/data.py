@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from bmltrt.io import load_scan
-from bmltrt.runtime.preprocess import (inplane_shape, normalize_intensity, slices_to_square, to_segmenter_grid,
-                                      zoom_to)
+from bmltrt.runtime.preprocess import normalize_intensity, slices_to_square, to_segmenter_grid, zoom_to
+from bmltrt.runtime.sliding_window import sliding_window
 from bmltrt.synth.dataset import case_paths
 
 MIN_FEMUR_FRACTION = 0.002  # a slice "contains femur" above this share of its pixels
@@ -23,8 +23,8 @@ def segmenter_volumes(root: Path, split: str, inplane_mm: float, limit: int | No
     for case, img_p, fem_p, les_p in case_paths(root, split)[:limit]:
         scan = load_scan(img_p)
         fem = load_scan(fem_p, is_mask=True).data
-        shape = inplane_shape(scan.data.shape, scan.spacing, inplane_mm)
         img = to_segmenter_grid(normalize_intensity(scan.data), scan.spacing, inplane_mm, antialias)
+        shape = img.shape
         voxel = (scan.spacing[0], inplane_mm, inplane_mm)
         item = (case, img.astype(np.float32), (zoom_to(fem, shape) > 0.5).astype(np.float32), voxel)
         if lesions:
@@ -32,6 +32,24 @@ def segmenter_volumes(root: Path, split: str, inplane_mm: float, limit: int | No
             item += (zoom_to(les.astype(np.float32), shape) > 0.25,)
         out.append(item)
     return out
+
+
+def segmenter_grid_scores(vols, predict, patch, overlap: float) -> tuple[float, float | None]:
+    """Mean femur Dice of `predict` (a batch of patches -> femur probabilities) over
+    segmenter_volumes items, and the share of their lesion voxels it calls femur (None without
+    lesions): lesioned marrow is femur, and a segmenter that carves lesions out hides them
+    from the inpainter."""
+    dices, les_in, les_all = [], 0, 0
+    for item in vols:
+        img, fem = item[1], item[2]
+        prob = sliding_window(img, tuple(patch), predict, batch_size=2, overlap=overlap)[1]
+        pred = prob > 0.5
+        t = fem > 0.5
+        dices.append(2 * (pred & t).sum() / max(1, pred.sum() + t.sum()))
+        if len(item) > 4 and item[4] is not None:
+            les_in += int((pred & item[4]).sum())
+            les_all += int(item[4].sum())
+    return (float(np.mean(dices)) if dices else float("nan")), (les_in / les_all if les_all else None)
 
 
 def inpainter_slices(root: Path, split: str, res: int, healthy_only: bool = True, limit: int | None = None):

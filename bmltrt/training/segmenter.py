@@ -16,7 +16,7 @@ from bmltrt.pipeline import SEG_ANTIALIAS
 from bmltrt.runtime.sliding_window import sliding_window
 from bmltrt.training import augment
 from bmltrt.training.checkpoint import load_weights, seed_everything
-from bmltrt.training.data import segmenter_volumes
+from bmltrt.training.data import segmenter_grid_scores, segmenter_volumes
 from bmltrt.training.loop import RunOptions, resolve_device, run_loop
 
 
@@ -251,19 +251,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
             return wrapped(torch.from_numpy(batch).to(device)).float().cpu().numpy()
 
     def mean_dice(vols):
-        """Mean femur Dice, and the share of lesion voxels called femur (lesioned marrow is femur:
-        a segmenter that carves lesions out hides them from the inpainter)."""
-        dices, les_in, les_all = [], 0, 0
-        for item in vols:
-            img, fem = item[1], item[2]
-            prob = sliding_window(img, cfg.patch, predict, batch_size=2, overlap=cfg.overlap)[1]
-            pred = prob > 0.5
-            t = fem > 0.5
-            dices.append(2 * (pred & t).sum() / max(1, pred.sum() + t.sum()))
-            if len(item) > 4 and item[4] is not None:
-                les_in += int((pred & item[4]).sum())
-                les_all += int(item[4].sum())
-        return (float(np.mean(dices)) if dices else float("nan")), (les_in / les_all if les_all else None)
+        return segmenter_grid_scores(vols, predict, cfg.patch, cfg.overlap)
 
     def validate():
         out = {}
