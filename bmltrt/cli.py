@@ -417,6 +417,12 @@ _RESUME = typer.Option(False, "--resume", help="Continue the run in --out from i
 _VAL = typer.Option(200, "--val-every", min=1, help="Validate (and checkpoint) every N steps.")
 _LIMIT = typer.Option(None, "--limit-cases", min=1, help="Use only the first N cases of each split.")
 _TIME = typer.Option(None, "--time-limit", min=0.0, help="Stop after this many minutes (checkpoint saved; steps reached recorded).")
+_WORKERS = typer.Option(0, "--data-workers", min=0, max=64, help="Processes that make the label-driven scans "
+                        "while the network trains (0: in the training process). On a GPU the generator is the "
+                        "bottleneck: give it the cores; a run sees the same scans with any number above 0.")
+_FRESH = typer.Option(None, "--fresh-per-step", min=1, max=256, help="Generated scans replaced in the sample pool "
+                      "per step (default 1 for the segmenter, 2 per resolution for the inpainter); more with "
+                      "--data-workers on a fast device, so that each scan serves fewer steps.")
 
 
 def _share(default: float, flag: str, help: str):
@@ -429,12 +435,22 @@ def _loss_weight(flag: str, help: str):
     return typer.Option(0.0, flag, min=0.0, max=100.0, help=help)
 
 
+def _sample_options(labels, data_workers: int, fresh_per_step) -> dict:
+    """Run options of the label-driven sample pool; both apply to --labels scans only."""
+    if labels is None:
+        for flag, given in (("--data-workers", data_workers), ("--fresh-per-step", fresh_per_step)):
+            if given:
+                print_warning(f"{flag} applies to label-driven scans (--labels): ignored")
+        return {}
+    return {"data_workers": data_workers, **({"refresh": fresh_per_step} if fresh_per_step else {})}
+
+
 @train_app.command("segmenter")
 @user_errors
 def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _LABELS, out_dir: Path = _OUT,
                         bank_cache: Optional[Path] = _BANK, phantoms: int = _PHANTOMS, bank_seed: int = _BANKSEED,
                         phantom_fraction: Optional[float] = _PFRAC, val_data: Optional[Path] = _VALDATA,
-                        config: str = typer.Option("cpu", "--config", help="Preset (cpu, cpu-fine, paper) or a JSON file."),
+                        config: str = typer.Option("cpu", "--config", help="Preset (cpu, cpu-fine, cpu-1mm, paper) or a JSON file."),
                         steps: int = _STEPS, batch_size: int = _BS, lr: float = typer.Option(2e-3, "--lr", min=0.0),
                         device: str = _DEV, seed: int = _SEED, resume: bool = _RESUME, val_every: int = _VAL,
                         limit_cases: Optional[int] = _LIMIT, time_limit: Optional[float] = _TIME,
@@ -478,7 +494,8 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                           "both are suppressed alike."),
                         stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1,
                                                               help="End at this step (validated, checkpointed), "
-                                                              "the learning rate still decaying over --steps.")):
+                                                              "the learning rate still decaying over --steps."),
+                        data_workers: int = _WORKERS, fresh_per_step: Optional[int] = _FRESH):
     """Train the 3D UNet++ femur segmenter (Dice + CE) on label-driven scans and/or phantoms."""
     if anchor_weight > 0 and not init:
         raise BmlError("--anchor-weight needs --init: the network to stay near", None,
@@ -493,6 +510,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
             **({"stop_at": stop_at} if stop_at else {}),
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             "consistency_weight": consistency_weight, "anchor_weight": anchor_weight,
+            **_sample_options(labels, data_workers, fresh_per_step),
             **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
                   limit_cases, time_limit, autocast, more=more)
@@ -512,7 +530,8 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                         autocast: str = _AMP,
                         init: Optional[Path] = typer.Option(None, "--init", help="Start from this generator's "
                                                             "weights (fine-tuning): an inpainter checkpoint or a "
-                                                            "float32 inpainter_<R>.onnx of a models folder.")):
+                                                            "float32 inpainter_<R>.onnx of a models folder."),
+                        data_workers: int = _WORKERS, fresh_per_step: Optional[int] = _FRESH):
     """Train the LaMa (FFC) generator on healthy slices, GAN-style."""
     try:
         resolutions = [int(r) for r in resolution.split(",") if r.strip()]
@@ -523,8 +542,9 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
             raise BmlError(f"--resolution {r} is not a multiple of 8 between 64 and 1024",
                            hint="use 128, 192, 256, 320 or 448")
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
+    more = {**_sample_options(labels, data_workers, fresh_per_step), **({"init": init} if init else {})}
     _train_common("inpainter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
-                  limit_cases, time_limit, autocast, resolutions, more={"init": init} if init else None)
+                  limit_cases, time_limit, autocast, resolutions, more=more)
 
 
 def _post_overrides(floor, opening_mm, closing_mm, min_area_mm2) -> dict:

@@ -134,6 +134,8 @@ def test_inpainter_init_errors_are_one_line(labels_dir, tmp_path):
     (["--phantom-fraction", "2"], "not in [0, 1]"),
     (["--autocast", "fp8"], "--autocast"),
     (["--bank-seed", "-1"], "--bank-seed"),
+    (["--data-workers", "-1"], "--data-workers"),
+    (["--fresh-per-step", "0"], "--fresh-per-step"),
 ])
 def test_bad_training_options_are_one_line(labels_dir, tmp_path, args, words):
     r = CliRunner().invoke(app, ["train", "inpainter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
@@ -311,3 +313,149 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
     assert cpu_has_native_bf16(str(info)) is True
     assert cpu_has_native_bf16(str(tmp_path / "absent")) is None
+
+
+# -- the generator in worker processes (--data-workers) -------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_bank(labels_dir, tmp_path_factory):
+    from bmltrt.training.data import bank_paths
+
+    return bank_paths(labels_dir, tmp_path_factory.mktemp("bank"), phantoms=0)
+
+
+def _coarse_scan(anatomy, rng, **kw):
+    from bmltrt.synth.labelgen import segmenter_sample
+
+    return segmenter_sample(anatomy, rng, 4.0, lesion_p=1.0, **kw)
+
+
+def _dying_worker(anatomy, rng):
+    import os
+
+    os._exit(3)  # as the kernel's out-of-memory killer would end it
+
+
+def test_data_workers_make_the_same_scans_whatever_their_number(toy_bank):
+    from bmltrt.training.data import SampleWorkers
+
+    made = {}
+    for n, seed in ((1, 3), (2, 3), (2, 4)):
+        with SampleWorkers(toy_bank, n, seed) as workers:
+            nxt = workers.stream(_coarse_scan, stream=0, prefetch=3)
+            other = workers.stream(_coarse_scan, stream=1)
+            made[n, seed] = [nxt(None) for _ in range(3)] + [other()]
+    for a, b in zip(made[1, 3], made[2, 3]):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.femur, b.femur)
+        assert np.array_equal(a.lesion, b.lesion)
+    images = [s.image for s in made[1, 3]]
+    assert not any(np.array_equal(images[0], x) for x in images[1:])  # streams and samples differ
+    assert not np.array_equal(images[0], made[2, 4][0].image)  # and runs of another seed
+
+
+def test_a_dead_data_worker_is_one_line(toy_bank):
+    from bmltrt.errors import BmlError
+    from bmltrt.training.data import SampleWorkers
+
+    with SampleWorkers(toy_bank, 1, 0) as workers:
+        nxt = workers.stream(_dying_worker)
+        with pytest.raises(BmlError, match="worker process stopped") as err:
+            nxt()
+    assert "--data-workers" in err.value.hint
+
+
+def test_both_networks_train_on_scans_made_by_data_workers(labels_dir, toy_bank, tmp_path):
+    cfg = tmp_path / "seg.json"
+    cfg.write_text(json.dumps({"features": [4, 4, 8, 16, 32, 4], "inplane_spacing_mm": 4.0,
+                               "patch": [16, 32, 32], "overlap": 0.25}))
+    bank = str(toy_bank[0].parent)
+    _run(["train", "segmenter", "--labels", str(labels_dir), "--bank-cache", bank, "--phantoms", "0",
+          "--out", str(tmp_path / "seg"), "--config", str(cfg), "--batch-size", "2", "--steps", "2",
+          "--val-every", "2", "--data-workers", "2", "--fresh-per-step", "3"])
+    ck = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and np.isfinite(ck["history"][-1]["loss"])
+    assert ck["config"]["data_workers"] == 2 and ck["config"]["fresh_per_step"] == 3
+    _run(["train", "inpainter", "--labels", str(labels_dir), "--bank-cache", bank, "--phantoms", "0",
+          "--out", str(tmp_path / "inp"), "--config", "tiny", "--resolution", "64", "--steps", "1",
+          "--batch-size", "2", "--val-every", "1", "--data-workers", "1"])
+    ck = torch.load(tmp_path / "inp" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 1 and ck["config"]["data_workers"] == 1 and ck["history"][-1]["gen_masked_l1"] > 0
+
+
+def test_data_workers_without_label_maps_are_ignored_with_a_warning(tmp_path):
+    from bmltrt.cli import _sample_options
+
+    assert _sample_options(None, 2, 4) == {}
+    assert _sample_options(tmp_path, 2, None) == {"data_workers": 2}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()  # a zombie has exited; its reaper is not ours
+    except FileNotFoundError:
+        return True
+
+
+def test_data_workers_exit_when_their_trainer_is_killed_outright(toy_bank, tmp_path):
+    """SIGKILL (or the out-of-memory killer) gives the trainer no chance to stop its workers:
+    they must notice and exit, not wait for work forever holding the anatomy bank."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\n"
+        "from bmltrt.synth.labelgen import segmenter_sample\n"
+        "from bmltrt.training.data import SampleWorkers\n"
+        "if __name__ == '__main__':\n"
+        "    w = SampleWorkers(sys.argv[1:], 2, 0)\n"
+        "    w.stream(segmenter_sample, 4.0)()\n"
+        "    print(*[p.pid for p in w._pool._processes.values()], flush=True)\n"
+        "    time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, str(script), *map(str, toy_bank)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert len(pids) == 2 and not any(_gone(x) for x in pids)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and not all(_gone(x) for x in pids):
+        time.sleep(0.2)
+    left = [x for x in pids if not _gone(x)]
+    for x in left:
+        os.kill(x, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their trainer"
+
+
+def test_gpu_train_script_runs_on_a_cpu(labels_dir, toy_bank, tmp_path):
+    """scripts/gpu_train.sh is run on a lent GPU machine in one short call: its logic is
+    checked here (a CPU, a tiny network, the toy bank), so a lease is not spent on a typo."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "device"
+    r = subprocess.run(["bash", "scripts/gpu_train.sh", str(tmp_path / "out"), "1"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "DATA": str(data)})
+    assert r.returncode == 2 and "gpu_train_prepare.sh" in r.stdout  # nothing prepared: one line
+    shutil.copytree(labels_dir, data / "train_labels")
+    shutil.copytree(toy_bank[0].parent, data / "anatomy_bank")
+    cfg = tmp_path / "seg.json"
+    cfg.write_text(json.dumps({"features": [4, 4, 8, 16, 32, 4], "inplane_spacing_mm": 4.0,
+                               "patch": [16, 32, 32], "overlap": 0.25}))
+    env = {**os.environ, "PYTHON": sys.executable, "DATA": str(data), "DEVICE": "cpu", "CONFIG": str(cfg),
+           "INIT": "", "STEPS": "2", "BATCH": "2", "WORKERS": "1", "AUTOCAST": "none", "VAL_EVERY": "2",
+           "EXTRA": "--phantoms 0"}
+    r = subprocess.run(["bash", "scripts/gpu_train.sh", str(tmp_path / "out"), "1"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("PASSED"), r.stdout + r.stderr
+    ck = torch.load(tmp_path / "out" / "seg" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["config"]["data_workers"] == 1 and ck["config"]["fresh_per_step"] == 3
+    device = json.loads((tmp_path / "out" / "device.json").read_text())
+    assert device["device"] == "cpu" and device["data_workers"] == 1 and "--data-workers 1" in device["command"]

@@ -13,6 +13,7 @@ Losses, as LaMa's, with what cannot be had here replaced:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,13 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
     (one set of weights serves all: the FFC is resolution-robust, and the DFT matrices are
     made per resolution at export), with the batch scaled to keep the step's cost.
     """
+    with contextlib.ExitStack() as stack:  # holds the data workers, stopped however the run ends
+        return _train_inpainter(opts, cfg, resolutions, progress, stack)
+
+
+def _train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progress, stack: contextlib.ExitStack) -> dict:
     from bmltrt.synth.labelgen import inpainter_sample
-    from bmltrt.training.data import LabelBank, SamplePool
+    from bmltrt.training.data import LabelBank, SamplePool, SampleWorkers
 
     resolutions = [int(r) for r in (resolutions if isinstance(resolutions, (list, tuple)) else [resolutions])]
     device = resolve_device(opts.device)
@@ -87,8 +93,15 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
         bank = LabelBank(bank_files)
         size = int(opts.extra.get("pool", min(96, max(4, opts.steps * opts.batch_size // 4))))
         refresh = int(opts.extra.get("refresh", 2))
+        n_workers = int(opts.extra.get("data_workers", 0))
+        workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed)) if n_workers else None
         for r in resolutions:
-            pools[r] = SamplePool(lambda g, r=r: inpainter_sample(bank.pick(g), g, r), size, refresh, rng)
+            if workers:  # one stream per resolution, named by it
+                make = workers.stream(inpainter_sample, r, stream=r, prefetch=max(2 * n_workers, size))
+            else:
+                def make(g, r=r):
+                    return inpainter_sample(bank.pick(g), g, r)
+            pools[r] = SamplePool(make, size, refresh, rng)
         vrng = np.random.default_rng(12345)
         vres = 256 if 256 in resolutions else resolutions[0]
         while len(gen_val) < int(opts.extra.get("gen_val", min(32, max(2, opts.steps // 10)))):
@@ -214,7 +227,8 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
     config = {"inpainter": cfg.to_dict(), "resolution": resolutions[0] if len(resolutions) == 1 else None,
               "resolutions": resolutions, "bank": [str(p) for p in bank_files], "phantom_fraction": frac,
               "data": str(opts.data) if opts.data else None, "autocast": "bf16" if amp else "none",
-              "init": str(init) if init else None, "frozen_bn": gen.frozen_bn}
+              "init": str(init) if init else None, "frozen_bn": gen.frozen_bn,
+              "data_workers": int(opts.extra.get("data_workers", 0)), "fresh_per_step": int(opts.extra.get("refresh", 2))}
     return run_loop(opts, "inpainter", config, {"gen": gen, "disc": disc}, {"opt_g": opt_g, "opt_d": opt_d},
                     step, validate, rng, progress,
                     select=("gen_masked_l1", "min"))

@@ -3,6 +3,7 @@ SynthSeg-like contrast randomisation and random bias field."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -121,9 +122,15 @@ def _bank_crops(pool, patch, batch, rng, pairs: bool = False):
 
 def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> dict:
     """Train on label-driven scans of the anatomy bank (opts.extra["bank"]) and/or a phantom
-    dataset (opts.data); `phantom_fraction` of each batch comes from the phantom dataset."""
+    dataset (opts.data); `phantom_fraction` of each batch comes from the phantom dataset.
+    opts.extra["data_workers"] > 0 makes the label-driven scans in that many processes."""
+    with contextlib.ExitStack() as stack:  # holds the data workers, stopped however the run ends
+        return _train_segmenter(opts, cfg, progress, stack)
+
+
+def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: contextlib.ExitStack) -> dict:
     from bmltrt.synth.labelgen import DARK_MUSCLE_P, segmenter_sample
-    from bmltrt.training.data import LabelBank, SamplePool
+    from bmltrt.training.data import LabelBank, SamplePool, SampleWorkers
 
     device = resolve_device(opts.device)
     rng = seed_everything(opts.seed)
@@ -170,8 +177,14 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
         bank = LabelBank(bank_files)
         px = cfg.inplane_spacing_mm
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
-        pool = SamplePool(lambda r: segmenter_sample(bank.pick(r), r, px, paired=pairs, **lesion_kw),
-                          size, int(opts.extra.get("refresh", 1)), rng)
+        n_workers = int(opts.extra.get("data_workers", 0))
+        if n_workers:
+            workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed))
+            make = workers.stream(segmenter_sample, px, paired=pairs, prefetch=max(2 * n_workers, size), **lesion_kw)
+        else:
+            def make(r):
+                return segmenter_sample(bank.pick(r), r, px, paired=pairs, **lesion_kw)
+        pool = SamplePool(make, size, int(opts.extra.get("refresh", 1)), rng)
         vrng = np.random.default_rng(12345)  # the same generated validation scans every time
         gen_val = [(f"gen{i}", smp.image, smp.femur, smp.spacing, smp.lesion)
                    for i, smp in enumerate(segmenter_sample(bank.pick(vrng), vrng, px, **lesion_kw)
@@ -272,6 +285,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
               "runtime_smoothing_p": smoothing_p, "seg_antialias": antialias, "fat_like_marrow_p": fat_p,
               "lesion_weight": lesion_weight, "shell_weight": shell_weight,
               "consistency_weight": consistency_weight, "anchor_weight": anchor_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
-              "autocast": "bf16" if amp else "none"}
+              "autocast": "bf16" if amp else "none", "data_workers": int(opts.extra.get("data_workers", 0)),
+              "fresh_per_step": int(opts.extra.get("refresh", 1))}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
                     select=("gen_dice", "max"))
