@@ -442,6 +442,9 @@ def _sample_options(labels, data_workers: int, fresh_per_step) -> dict:
             if given:
                 print_warning(f"{flag} applies to label-driven scans (--labels): ignored")
         return {}
+    cores = os.cpu_count() or 1
+    if data_workers > cores:
+        print_warning(f"--data-workers {data_workers} is more than this machine's {cores} cores: they will share them")
     return {"data_workers": data_workers, **({"refresh": fresh_per_step} if fresh_per_step else {})}
 
 

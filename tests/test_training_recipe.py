@@ -459,3 +459,20 @@ def test_gpu_train_script_runs_on_a_cpu(labels_dir, toy_bank, tmp_path):
     assert ck["step"] == 2 and ck["config"]["data_workers"] == 1 and ck["config"]["fresh_per_step"] == 3
     device = json.loads((tmp_path / "out" / "device.json").read_text())
     assert device["device"] == "cpu" and device["data_workers"] == 1 and "--data-workers 1" in device["command"]
+
+
+def test_more_data_workers_than_the_memory_holds_is_one_line(labels_dir, toy_bank, tmp_path, monkeypatch):
+    """Each worker loads the anatomy bank (about 1 GB for train_labels/): asking for more than
+    fit must stop before any starts, not let the kernel kill one mid-run."""
+    import bmltrt.training.data as data
+
+    monkeypatch.setattr(data, "available_memory", lambda: 300 * 2**20)
+    cfg = tmp_path / "seg.json"
+    cfg.write_text(json.dumps({"features": [4, 4, 8, 16, 32, 4], "inplane_spacing_mm": 4.0,
+                               "patch": [16, 32, 32], "overlap": 0.25}))
+    r = CliRunner().invoke(app, ["train", "segmenter", "--labels", str(labels_dir), "--bank-cache",
+                                 str(toy_bank[0].parent), "--phantoms", "0", "--out", str(tmp_path / "x"),
+                                 "--config", str(cfg), "--steps", "1", "--data-workers", "3"])
+    assert r.exit_code == 2 and "--data-workers 3 needs about" in r.stderr, r.output
+    assert "use --data-workers 1" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()

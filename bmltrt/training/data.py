@@ -108,6 +108,10 @@ class LabelBank:
     def pick(self, rng: np.random.Generator):
         return self.anatomies[int(rng.choice(len(self.anatomies), p=self.weights))]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.labels.nbytes for a in self.anatomies)
+
 
 class SamplePool:
     """`size` generated samples, `refresh` of them replaced per draw.
@@ -179,6 +183,34 @@ def _one_thread_each():
                 os.environ[k] = v
 
 
+WORKER_OVERHEAD_BYTES = 200 * 2**20  # an interpreter with numpy and scipy, beside its bank
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be had without swapping (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_worker_memory(workers: int, bank_bytes: int) -> None:
+    """One clear line before N workers, each loading the bank, run the machine out of memory
+    (the kernel would kill one mid-run, or the trainer)."""
+    per = bank_bytes + WORKER_OVERHEAD_BYTES
+    free = available_memory()
+    if free is not None and workers * per > 0.9 * free:
+        most = int(0.9 * free // per)
+        raise BmlError(f"--data-workers {workers} needs about {workers * per / 1e9:.1f} GB (each worker holds the "
+                       f"anatomy bank, {per / 1e9:.1f} GB) and {free / 1e9:.1f} GB is available",
+                       None, f"use --data-workers {most}" + (" or fewer" if most else " (make the scans in the "
+                                                               "training process)"))
+
+
 class SampleWorkers:
     """Label-driven samples made in `workers` processes while the network trains (one
     segmenter sample costs ~0.35 s of a core at 1.6 mm, ~1.2 s at 1.0 mm: a GPU step would
@@ -188,12 +220,14 @@ class SampleWorkers:
     in the same order whatever the number of workers. Use as a context manager: the workers
     stop with it."""
 
-    def __init__(self, bank_files, workers: int, seed: int):
+    def __init__(self, bank_files, workers: int, seed: int, bank_bytes: int | None = None):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         if workers < 1:
             raise ValueError("SampleWorkers needs at least one worker")
+        if bank_bytes is not None:
+            check_worker_memory(workers, bank_bytes)
         self.workers, self.seed = int(workers), int(seed)
         # spawn, not fork: the parent holds torch's thread pools, which a forked child inherits broken
         self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),

@@ -94,7 +94,7 @@ def _train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progre
         size = int(opts.extra.get("pool", min(96, max(4, opts.steps * opts.batch_size // 4))))
         refresh = int(opts.extra.get("refresh", 2))
         n_workers = int(opts.extra.get("data_workers", 0))
-        workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed)) if n_workers else None
+        workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed, bank.nbytes)) if n_workers else None
         for r in resolutions:
             if workers:  # one stream per resolution, named by it
                 make = workers.stream(inpainter_sample, r, stream=r, prefetch=max(2 * n_workers, size))

@@ -179,7 +179,7 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
         n_workers = int(opts.extra.get("data_workers", 0))
         if n_workers:
-            workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed))
+            workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed, bank.nbytes))
             make = workers.stream(segmenter_sample, px, paired=pairs, prefetch=max(2 * n_workers, size), **lesion_kw)
         else:
             def make(r):
