@@ -9,7 +9,7 @@
 # DEVICE cpu|cuda; MINUTES caps each training run (both run at once, one core each, on a
 # 2-core CPU; the steps reached are in the checkpoints and the model card). Env: LABELS
 # (default ../shared/data/train_labels), OAI (default ../shared/data/labels/OAI_AKOA),
-# STEPS_SEG, STEPS_INP, AUTOCAST (bf16 on a CPU with AVX512-BF16, else none).
+# STEPS_SEG, STEPS_INP, AUTOCAST (bf16 on a CPU with AVX512-BF16, else none), DATA_WORKERS.
 set -euo pipefail
 dev=${1:-cpu}
 minutes=${2:-120}
@@ -22,6 +22,9 @@ oai=${OAI:-../shared/data/labels/OAI_AKOA}
 native=bf16
 if [ "$dev" = cpu ] && ! $py -c "import sys; from bmltrt.training.loop import cpu_has_native_bf16; sys.exit(cpu_has_native_bf16() is False)"; then native=none; fi
 amp=${AUTOCAST:-$native}
+# DATA_WORKERS=N (default 0): make the generated scans in N processes (`--data-workers`), for a
+# GPU; any N > 0 draws another stream of scans than the shipped runs saw (they used 0)
+dw=(--data-workers "${DATA_WORKERS:-0}")
 resolutions=128,192,256,320,448
 mkdir -p "$work"
 [ -f "$work/phantoms/dataset.json" ] || $py -m bmltrt synth "$work/phantoms" --cases 80 --seed 1 -j 2 --force
@@ -35,11 +38,11 @@ $py -c "from bmltrt.training.data import bank_paths; bank_paths('$labels', '$wor
 OMP_NUM_THREADS=1 $py -m bmltrt train segmenter --labels "$labels" --bank-cache "$work/anatomy_bank" \
     --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter" --config cpu \
     --steps "${STEPS_SEG:-5000}" --batch-size 2 --lr 2e-3 --device "$dev" --seed 0 --val-every 500 \
-    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter.log" 2>&1 &
+    --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/segmenter.log" 2>&1 &
 OMP_NUM_THREADS=1 $py -m bmltrt train inpainter --labels "$labels" --bank-cache "$work/anatomy_bank" \
     --data "$work/phantoms" --phantom-fraction 0.2 "${val[@]}" --out "$work/inpainter" --config tiny \
     --resolution "$resolutions" --steps "${STEPS_INP:-4000}" --batch-size 8 --lr 1e-3 --device "$dev" --seed 0 \
-    --val-every 500 --autocast "$amp" --time-limit "$minutes" > "$work/inpainter.log" 2>&1 &
+    --val-every 500 --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/inpainter.log" 2>&1 &
 fail=0
 for job in $(jobs -p); do wait "$job" || fail=1; done
 tail -n 2 "$work"/segmenter.log "$work"/inpainter.log
@@ -51,7 +54,7 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
     --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_ft" \
     --init "$work/segmenter/checkpoint.pt" --lesion-p 0.9 --max-lesions 4 --lr 5e-4 \
     --steps "${STEPS_FT:-1600}" --batch-size 2 --device "$dev" --seed 0 --val-every 400 \
-    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_ft.log" 2>&1
+    --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/segmenter_ft.log" 2>&1
 # Stage 3: more lesions (1-6 per scan), 60 % of them small (1.5-6 mm) and touching the
 # bone surface under the cartilage, as most real BMLs do: the painted OAI lesions that
 # stage 2 still lost lay in the outermost millimetre of the femur. Starts from stage 2's
@@ -61,7 +64,7 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
     --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_surface" \
     --init "$work/segmenter_ft/best.pt" --lesion-p 0.9 --max-lesions 6 --lesion-surface-p 0.6 --lr 3e-4 \
     --steps "${STEPS_SURFACE:-2400}" --batch-size 2 --device "$dev" --seed 3 --bank-seed 3 --val-every 400 \
-    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_surface.log" 2>&1
+    --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/segmenter_surface.log" 2>&1
 # Stage 4 (2026-12-06): scans whose fat-suppressed contrasts now and then show muscle as
 # dark as the suppressed marrow (labelgen.DARK_MUSCLE_P), as real DESS echo 2 does; stages
 # 1-3 of the shipped segmenter never saw that, and it lost the femoral shaft on the real
@@ -71,7 +74,7 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
     --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_dark" \
     --init "$work/segmenter_surface/best.pt" --lesion-p 0.9 --max-lesions 6 --lesion-surface-p 0.6 --lr 2e-4 \
     --steps "${STEPS_DARK:-1600}" --batch-size 2 --device "$dev" --seed 0 --val-every 400 \
-    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_dark.log" 2>&1
+    --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/segmenter_dark.log" 2>&1
 # Stage 5 (2026-12-06): every generated lesion a small surface lesion that also replaces the
 # cortex under it (on the 1.6 mm grid a real subchondral plate is thinner than a pixel, so the
 # oedema touches the cartilage). Stage 4 carved such lesions out of the femur: 38 % of the
@@ -81,7 +84,7 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
     --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_breach" \
     --init "$work/segmenter_dark/best.pt" --lesion-p 1 --max-lesions 6 --lesion-surface-p 1 --lesion-breach-p 1 \
     --lr 2e-4 --steps 2500 --stop-at "${STOP_BREACH:-1000}" --batch-size 2 --device "$dev" --seed 1 --val-every 500 \
-    --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_breach.log" 2>&1
+    --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/segmenter_breach.log" 2>&1
 # Stage 6: back to a mix (90 % of scans with lesions, 70 % of them at the surface, 60 % of those
 # breaching), 500 steps of a 4000-step schedule. The shipped segmenter is this step: of the
 # checkpoints measured it kept the most painted-OAI val lesion voxels inside the femur (0.70 on
@@ -90,6 +93,6 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
     --data "$work/phantoms" --phantom-fraction 0.1 "${val[@]}" --out "$work/segmenter_mix" \
     --init "$work/segmenter_breach/checkpoint.pt" --lesion-p 0.9 --max-lesions 6 --lesion-surface-p 0.7 \
     --lesion-breach-p 0.6 --lr 1.5e-4 --steps 4000 --stop-at "${STOP_MIX:-500}" --batch-size 2 --device "$dev" \
-    --seed 2 --val-every 500 --autocast "$amp" --time-limit "$minutes" > "$work/segmenter_mix.log" 2>&1
+    --seed 2 --val-every 500 --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/segmenter_mix.log" 2>&1
 $py -m bmltrt export --segmenter "$work/segmenter_mix/checkpoint.pt" --inpainter "$work/inpainter/checkpoint.pt" \
     --resolutions "$resolutions" --default-resolution 256 --precision both --out "$work/models"
