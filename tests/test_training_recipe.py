@@ -340,7 +340,7 @@ def test_data_workers_make_the_same_scans_whatever_their_number(toy_bank):
     from bmltrt.training.data import SampleWorkers
 
     made = {}
-    for n, seed in ((1, 3), (2, 3), (2, 4)):
+    for n, seed in ((1, 3), (2, 3), (2, 4), (1, (3, 100))):
         with SampleWorkers(toy_bank, n, seed) as workers:
             nxt = workers.stream(_coarse_scan, stream=0, prefetch=3)
             other = workers.stream(_coarse_scan, stream=1)
@@ -351,6 +351,7 @@ def test_data_workers_make_the_same_scans_whatever_their_number(toy_bank):
     images = [s.image for s in made[1, 3]]
     assert not any(np.array_equal(images[0], x) for x in images[1:])  # streams and samples differ
     assert not np.array_equal(images[0], made[2, 4][0].image)  # and runs of another seed
+    assert not np.array_equal(images[0], made[1, (3, 100)][0].image)  # or resumed from step 100
 
 
 def test_a_dead_data_worker_is_one_line(toy_bank):
@@ -375,6 +376,10 @@ def test_both_networks_train_on_scans_made_by_data_workers(labels_dir, toy_bank,
     ck = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2 and np.isfinite(ck["history"][-1]["loss"])
     assert ck["config"]["data_workers"] == 2 and ck["config"]["fresh_per_step"] == 3
+    _run(["train", "segmenter", "--labels", str(labels_dir), "--bank-cache", bank, "--phantoms", "0",
+          "--out", str(tmp_path / "seg"), "--config", str(cfg), "--batch-size", "2", "--steps", "3",
+          "--val-every", "3", "--data-workers", "1", "--resume"])
+    assert torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)["step"] == 3
     _run(["train", "inpainter", "--labels", str(labels_dir), "--bank-cache", bank, "--phantoms", "0",
           "--out", str(tmp_path / "inp"), "--config", "tiny", "--resolution", "64", "--steps", "1",
           "--batch-size", "2", "--val-every", "1", "--data-workers", "1"])

@@ -216,11 +216,11 @@ class SampleWorkers:
     segmenter sample costs ~0.35 s of a core at 1.6 mm, ~1.2 s at 1.0 mm: a GPU step would
     otherwise wait on the generator).
 
-    Sample k of stream s is drawn from the seed (seed, s, k), so a run sees the same samples
-    in the same order whatever the number of workers. Use as a context manager: the workers
-    stop with it."""
+    Sample k of stream s is drawn from the seed (*seed, s, k), so a run sees the same samples
+    in the same order whatever the number of workers (`seed`: an int, or a tuple such as the
+    run's seed and the step it resumed from). Use as a context manager: the workers stop with it."""
 
-    def __init__(self, bank_files, workers: int, seed: int, bank_bytes: int | None = None):
+    def __init__(self, bank_files, workers: int, seed: int | tuple[int, ...], bank_bytes: int | None = None):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -228,7 +228,8 @@ class SampleWorkers:
             raise ValueError("SampleWorkers needs at least one worker")
         if bank_bytes is not None:
             check_worker_memory(workers, bank_bytes)
-        self.workers, self.seed = int(workers), int(seed)
+        self.workers = int(workers)
+        self.seed = tuple(int(x) for x in (seed if isinstance(seed, tuple) else (seed,)))
         # spawn, not fork: the parent holds torch's thread pools, which a forked child inherits broken
         self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
                                          initializer=_worker_start, initargs=([str(p) for p in bank_files],))
@@ -241,7 +242,7 @@ class SampleWorkers:
         count = [0]
 
         def submit():
-            seed = (self.seed, int(stream), count[0])
+            seed = (*self.seed, int(stream), count[0])
             count[0] += 1
             with _one_thread_each():  # the first submit starts the processes
                 pending.append(self._pool.submit(_worker_sample, make, args, kwargs, seed))

@@ -26,7 +26,7 @@ from bmltrt.models.lama import InpainterConfig, LamaGenerator, composite, inpain
 from bmltrt.training import augment
 from bmltrt.training.checkpoint import load_weights, seed_everything
 from bmltrt.training.data import inpainter_slices
-from bmltrt.training.loop import RunOptions, resolve_device, run_loop
+from bmltrt.training.loop import RunOptions, resolve_device, resumed_step, run_loop
 
 WEIGHTS = {"l1_mask": 10.0, "l1_known": 1.0, "pyramid": 10.0, "adv": 0.1, "fm": 10.0, "r1": 1e-3}
 MAX_DILATE_MM = 3.0
@@ -94,7 +94,7 @@ def _train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progre
         size = int(opts.extra.get("pool", min(96, max(4, opts.steps * opts.batch_size // 4))))
         refresh = int(opts.extra.get("refresh", 2))
         n_workers = int(opts.extra.get("data_workers", 0))
-        workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed, bank.nbytes)) if n_workers else None
+        workers = stack.enter_context(SampleWorkers(bank_files, n_workers, (opts.seed, resumed_step(opts)), bank.nbytes)) if n_workers else None
         for r in resolutions:
             if workers:  # one stream per resolution, named by it
                 make = workers.stream(inpainter_sample, r, stream=r, prefetch=max(2 * n_workers, size))

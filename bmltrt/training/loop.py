@@ -45,6 +45,13 @@ class RunOptions:
     extra: dict = field(default_factory=dict)
 
 
+def resumed_step(opts: RunOptions) -> int:
+    """The step a --resume run continues from (0 for a new run): the data workers' scans are
+    drawn from it too, so a resumed run does not see its first scans again."""
+    path = Path(opts.out) / "checkpoint.pt"
+    return int(ckpt.load(path)["step"]) if opts.resume and path.exists() else 0
+
+
 def resolve_device(name: str) -> torch.device:
     if name in ("cuda", "gpu"):
         if not torch.cuda.is_available():

@@ -18,7 +18,7 @@ from bmltrt.runtime.sliding_window import sliding_window
 from bmltrt.training import augment
 from bmltrt.training.checkpoint import load_weights, seed_everything
 from bmltrt.training.data import segmenter_grid_scores, segmenter_volumes
-from bmltrt.training.loop import RunOptions, resolve_device, run_loop
+from bmltrt.training.loop import RunOptions, resolve_device, resumed_step, run_loop
 
 
 def outer_shell(target):
@@ -179,7 +179,7 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
         n_workers = int(opts.extra.get("data_workers", 0))
         if n_workers:
-            workers = stack.enter_context(SampleWorkers(bank_files, n_workers, opts.seed, bank.nbytes))
+            workers = stack.enter_context(SampleWorkers(bank_files, n_workers, (opts.seed, resumed_step(opts)), bank.nbytes))
             make = workers.stream(segmenter_sample, px, paired=pairs, prefetch=max(2 * n_workers, size), **lesion_kw)
         else:
             def make(r):
