@@ -47,8 +47,9 @@ SEGMENTER_PRESETS = {
     # half the field. A run from scratch, longer, is for a GPU.
     "cpu-fine": SegmenterConfig(inplane_spacing_mm=0.8),
     # The cpu network on a 1.0 mm grid with a 160 mm patch (the field the 1.6 mm patch sees):
-    # the border in pixels of 1.0 mm, not 1.6. For a GPU (scripts/gpu_train.sh): 400 CPU steps
-    # from the 1.6 mm weights took thigh muscle for femur (benchmarks/results/segmenter_1mm_pilot/).
+    # the border in pixels of 1.0 mm, not 1.6. For a GPU (scripts/gpu_train.sh CONFIG=cpu-1mm): the
+    # 1.6 mm weights on it, and 400 CPU steps from them, took thigh muscle for femur
+    # (benchmarks/results/segmenter_1mm_pilot/).
     "cpu-1mm": SegmenterConfig(inplane_spacing_mm=1.0, patch=(16, 160, 160)),
     # The paper: native in-plane spacing (0.357 mm), random 256x256x16 crops.
     "paper": SegmenterConfig(features=(32, 32, 64, 128, 256, 32), inplane_spacing_mm=0.357,
