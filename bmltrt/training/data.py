@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,7 @@ class SampleWorkers:
             check_worker_memory(workers, bank_bytes)
         self.workers = int(workers)
         self.seed = tuple(int(x) for x in (seed if isinstance(seed, tuple) else (seed,)))
+        self._started = False  # the processes start at the first submit
         # spawn, not fork: the parent holds torch's thread pools, which a forked child inherits broken
         self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
                                          initializer=_worker_start, initargs=([str(p) for p in bank_files],))
@@ -244,8 +245,9 @@ class SampleWorkers:
         def submit():
             seed = (*self.seed, int(stream), count[0])
             count[0] += 1
-            with _one_thread_each():  # the first submit starts the processes
+            with _one_thread_each() if not self._started else nullcontext():
                 pending.append(self._pool.submit(_worker_sample, make, args, kwargs, seed))
+            self._started = True
 
         def next_sample(_rng=None):
             from concurrent.futures.process import BrokenProcessPool
@@ -271,6 +273,27 @@ class SampleWorkers:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def sample_makers(stack, opts, bank: LabelBank, pool_size: int):
+    """`maker(fn, *args, stream=0, **kw)` -> the `make(rng)` of a SamplePool, for a sample
+    function fn(anatomy, rng, *args, **kw). With opts.extra["data_workers"] = 0 fn runs in this
+    process on the pool's rng (the single-process stream that older runs replay); above 0 the
+    scans of `stream` come from that many SampleWorkers, held by `stack` (stopped with it) and
+    seeded by the run's seed and the step it resumes from."""
+    n = int(opts.extra.get("data_workers", 0))
+    if not n:
+        def in_process(fn, *args, stream: int = 0, **kw):
+            return lambda rng: fn(bank.pick(rng), rng, *args, **kw)
+        return in_process
+    from bmltrt.training.loop import resumed_step  # torch: training only
+
+    workers = stack.enter_context(SampleWorkers(opts.extra["bank"], n,
+                                                (opts.seed, resumed_step(opts)), bank.nbytes))
+
+    def from_workers(fn, *args, stream: int = 0, **kw):
+        return workers.stream(fn, *args, stream=stream, prefetch=max(2 * n, pool_size), **kw)
+    return from_workers
 
 
 def bank_paths(labels_dir, cache_dir, phantoms: int = 12, knee_variants: int = 6, swaps_per_femur: int = 2,

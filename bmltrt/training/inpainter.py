@@ -26,7 +26,7 @@ from bmltrt.models.lama import InpainterConfig, LamaGenerator, composite, inpain
 from bmltrt.training import augment
 from bmltrt.training.checkpoint import load_weights, seed_everything
 from bmltrt.training.data import inpainter_slices
-from bmltrt.training.loop import RunOptions, resolve_device, resumed_step, run_loop
+from bmltrt.training.loop import RunOptions, resolve_device, run_loop
 
 WEIGHTS = {"l1_mask": 10.0, "l1_known": 1.0, "pyramid": 10.0, "adv": 0.1, "fm": 10.0, "r1": 1e-3}
 MAX_DILATE_MM = 3.0
@@ -70,7 +70,7 @@ def train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progres
 
 def _train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progress, stack: contextlib.ExitStack) -> dict:
     from bmltrt.synth.labelgen import inpainter_sample
-    from bmltrt.training.data import LabelBank, SamplePool, SampleWorkers
+    from bmltrt.training.data import LabelBank, SamplePool, sample_makers
 
     resolutions = [int(r) for r in (resolutions if isinstance(resolutions, (list, tuple)) else [resolutions])]
     device = resolve_device(opts.device)
@@ -93,15 +93,9 @@ def _train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progre
         bank = LabelBank(bank_files)
         size = int(opts.extra.get("pool", min(96, max(4, opts.steps * opts.batch_size // 4))))
         refresh = int(opts.extra.get("refresh", 2))
-        n_workers = int(opts.extra.get("data_workers", 0))
-        workers = stack.enter_context(SampleWorkers(bank_files, n_workers, (opts.seed, resumed_step(opts)), bank.nbytes)) if n_workers else None
-        for r in resolutions:
-            if workers:  # one stream per resolution, named by it
-                make = workers.stream(inpainter_sample, r, stream=r, prefetch=max(2 * n_workers, size))
-            else:
-                def make(g, r=r):
-                    return inpainter_sample(bank.pick(g), g, r)
-            pools[r] = SamplePool(make, size, refresh, rng)
+        maker = sample_makers(stack, opts, bank, size)
+        for r in resolutions:  # one stream of scans per resolution, named by it
+            pools[r] = SamplePool(maker(inpainter_sample, r, stream=r), size, refresh, rng)
         vrng = np.random.default_rng(12345)
         vres = 256 if 256 in resolutions else resolutions[0]
         while len(gen_val) < int(opts.extra.get("gen_val", min(32, max(2, opts.steps // 10)))):

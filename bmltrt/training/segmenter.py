@@ -18,7 +18,7 @@ from bmltrt.runtime.sliding_window import sliding_window
 from bmltrt.training import augment
 from bmltrt.training.checkpoint import load_weights, seed_everything
 from bmltrt.training.data import segmenter_grid_scores, segmenter_volumes
-from bmltrt.training.loop import RunOptions, resolve_device, resumed_step, run_loop
+from bmltrt.training.loop import RunOptions, resolve_device, run_loop
 
 
 def outer_shell(target):
@@ -130,7 +130,7 @@ def train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress=None) -> di
 
 def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: contextlib.ExitStack) -> dict:
     from bmltrt.synth.labelgen import DARK_MUSCLE_P, segmenter_sample
-    from bmltrt.training.data import LabelBank, SamplePool, SampleWorkers
+    from bmltrt.training.data import LabelBank, SamplePool, sample_makers
 
     device = resolve_device(opts.device)
     rng = seed_everything(opts.seed)
@@ -177,13 +177,7 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
         bank = LabelBank(bank_files)
         px = cfg.inplane_spacing_mm
         size = int(opts.extra.get("pool", min(24, max(2, opts.steps * opts.batch_size // 8))))
-        n_workers = int(opts.extra.get("data_workers", 0))
-        if n_workers:
-            workers = stack.enter_context(SampleWorkers(bank_files, n_workers, (opts.seed, resumed_step(opts)), bank.nbytes))
-            make = workers.stream(segmenter_sample, px, paired=pairs, prefetch=max(2 * n_workers, size), **lesion_kw)
-        else:
-            def make(r):
-                return segmenter_sample(bank.pick(r), r, px, paired=pairs, **lesion_kw)
+        make = sample_makers(stack, opts, bank, size)(segmenter_sample, px, paired=pairs, **lesion_kw)
         pool = SamplePool(make, size, int(opts.extra.get("refresh", 1)), rng)
         vrng = np.random.default_rng(12345)  # the same generated validation scans every time
         gen_val = [(f"gen{i}", smp.image, smp.femur, smp.spacing, smp.lesion)
