@@ -524,7 +524,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
 def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _LABELS, out_dir: Path = _OUT,
                         bank_cache: Optional[Path] = _BANK, phantoms: int = _PHANTOMS, bank_seed: int = _BANKSEED,
                         phantom_fraction: Optional[float] = _PFRAC, val_data: Optional[Path] = _VALDATA,
-                        config: str = typer.Option("tiny", "--config", help="Preset (tiny, fourier, big) or a JSON file."),
+                        config: str = typer.Option("tiny", "--config", help="Preset (tiny, small, fourier, big) or a JSON file."),
                         resolution: str = typer.Option("256", "--resolution", help="Slice size (128, 192, 256, 320, "
                                                        "448), or several separated by commas: one generator for all."),
                         steps: int = _STEPS, batch_size: int = _BS, lr: float = typer.Option(1e-3, "--lr", min=0.0),

@@ -55,6 +55,8 @@ def test_preset_sizes_match_lama():
 
     assert 50e6 < count_parameters(LamaGenerator(INPAINTER_PRESETS["big"])) < 52e6
     assert 26e6 < count_parameters(LamaGenerator(INPAINTER_PRESETS["fourier"])) < 28e6
+    n_small = count_parameters(LamaGenerator(INPAINTER_PRESETS["small"]))
+    assert 3e6 < n_small and 4 * n_small < 16 * 2**20  # float32 weights in one file a device call brings back
 
 
 def test_segmenter_steps_lower_the_loss():

@@ -465,6 +465,28 @@ def test_gpu_train_script_runs_on_a_cpu(labels_dir, toy_bank, tmp_path):
     device = json.loads((tmp_path / "out" / "device.json").read_text())
     assert device["device"] == "cpu" and device["data_workers"] == 1 and "--data-workers 1" in device["command"]
 
+    # NET=inpainter: the generator's weights alone come back (the full checkpoint, with the
+    # discriminator and both optimisers, is over a device call's 16 MiB a file for "small")
+    # and `bmltrt export` makes a graph of them.
+    from bmltrt.export.onnx_export import inpainter_graph
+    from bmltrt.training.checkpoint import load
+
+    env.update(NET="inpainter", CONFIG="tiny", RESOLUTIONS="64", KEEP=str(tmp_path / "keep"))
+    r = subprocess.run(["bash", "scripts/gpu_train.sh", str(tmp_path / "out"), "1"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("PASSED"), r.stdout + r.stderr
+    inp = tmp_path / "out" / "inp"
+    assert sorted(p.name for p in inp.iterdir()) == ["gen_best.pt", "gen_last.pt", "history.json"]
+    slim = load(inp / "gen_last.pt")
+    assert slim["step"] == 2 and list(slim["modules"]) == ["gen"] and "optimizers" not in slim
+    assert (tmp_path / "keep" / "checkpoint.pt").stat().st_size > 2 * (inp / "gen_last.pt").stat().st_size
+    _, entry = inpainter_graph(slim)
+    assert entry["resolution"] == 64 and entry["max_abs_err_vs_torch"] < 1e-4
+    env["NET"] = "both"
+    r = subprocess.run(["bash", "scripts/gpu_train.sh", str(tmp_path / "out2"), "1"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "NET=both" in r.stdout
+
 
 def test_more_data_workers_than_the_memory_holds_is_one_line(labels_dir, toy_bank, tmp_path, monkeypatch):
     """Each worker loads the anatomy bank (about 1 GB for train_labels/): asking for more than
