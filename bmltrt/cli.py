@@ -259,7 +259,7 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
     try:
         import torch
     except ImportError:
-        raise BmlError("training needs torch", hint="pip install 'bmltrt\\[train]'") from None
+        raise BmlError("training needs torch", hint="pip install 'bmltrt[train]'") from None
     from bmltrt.training.loop import RunOptions
 
     _positive(lr, "--lr")
@@ -752,16 +752,18 @@ def demo(
     from bmltrt.io import load_scan
     from bmltrt.evaluation.metrics import confusion, lesion_detection, scores
     from bmltrt.report import write_outputs
-    from bmltrt.io.outputs import OutputSet
+    from bmltrt.io.outputs import SYNTH_DESCRIP, OutputSet, is_our_mask
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
 
     det = _detector(resolution, backend, device, models, None, None, None, None)
     # A rerun replaces the demo's own files, never a user's: input/ may hold only the phantom's
-    # three files (as every demo, older ones too, wrote them), and outputs must be ones bmltrt wrote.
+    # three files, marked in their header as generated (a demo older than that mark is refused
+    # too), and outputs must be ones bmltrt wrote.
     inp = out_dir / "input"
     own = {inp / kind / "demo_knee.nii.gz" for kind in ("images", "femur", "lesion")}
-    stray = [f for f in inp.rglob("*") if not f.is_dir() and f not in own] if inp.is_dir() else []
+    stray = [f for f in inp.rglob("*") if not f.is_dir() and (f not in own or not is_our_mask(f, SYNTH_DESCRIP))] \
+        if inp.is_dir() else []
     if stray:
         raise BmlError("the demo's input/ folder holds a file that the demo did not write", stray[0],
                        "choose another --out folder")

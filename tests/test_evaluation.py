@@ -292,7 +292,31 @@ def test_evaluate_bad_input_one_line_exit_2(tiny_dataset, tmp_path):
     assert "--tune" in _one_line_exit_2(run(app, ["evaluate", str(tiny_dataset), "--split", "val", "--tune",
                                                   "-o", str(tmp_path / "o")]))
     assert "not found" in _one_line_exit_2(run(app, ["evaluate", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")]))
-    assert not (tmp_path / "o").exists()
+    # a baseline checkpoint that is not there; a binary file given as an evaluation
+    line = _one_line_exit_2(run(app, ["evaluate", str(tiny_dataset), "-o", str(tmp_path / "o"),
+                                      "--autoencoder", str(tmp_path / "none.pt")]))
+    assert "--autoencoder: no such checkpoint" in line
+    binary = tmp_path / "scan.nii.gz"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert "cannot read an evaluation" in _one_line_exit_2(run(app, ["evaluate", "table", str(binary),
+                                                                     "-o", str(tmp_path / "t")]))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_baseline_without_torch_is_one_line(tmp_path, monkeypatch):
+    """The runtime has no torch; the autoencoder and MKD baselines run in it."""
+    import importlib.util
+
+    from bmltrt.errors import BmlError
+    from bmltrt.evaluation.evaluate import baseline_needs_torch
+
+    ck = tmp_path / "checkpoint.pt"
+    ck.write_bytes(b"x")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(BmlError, match="not installed") as e:
+        baseline_needs_torch("--mkd", ck)
+    assert "leave out --mkd" in str(e.value)
 
 
 def test_evaluate_tune_then_test(tiny_dataset, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -450,6 +451,19 @@ def _zero_pixdim(p):
     return p
 
 
+def _one_zero_pixdim_gz(p):
+    """Only the slice spacing zero, gzipped: nibabel's loader quietly reads it as 1 mm."""
+    import gzip
+
+    raw = bytearray(nib.Nifti1Image(smooth_volume((20, 200, 200)), np.diag([3.0, 0.8, 0.8, 1.0])).to_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])))  # as written (vox_offset set)
+    hdr["qform_code"], hdr["sform_code"] = 1, 0
+    hdr["pixdim"][1] = 0
+    raw[:348] = hdr.binaryblock
+    p.write_bytes(gzip.compress(bytes(raw)))
+    return p
+
+
 def _label_map(p):
     v = np.zeros((30, 200, 200), np.uint8)
     v[5:25, 40:160, 40:160] = 1
@@ -487,7 +501,8 @@ def _thick_slices(p):
 
 KNEE_RULES = {
     "no_orientation": (_no_orientation, "no orientation"),
-    "zero_pixdim": (_zero_pixdim, "pixdim"),
+    "zero_pixdim": (_zero_pixdim, "voxel size (pixdim"),  # not "pixdim": the file's name has it
+    "one_zero_pixdim_gz": (_one_zero_pixdim_gz, "voxel size (pixdim"),
     "label_map": (_label_map, "label map"),
     "blank": (_blank, "blank"),
     "near_constant": (_near_constant, "blank"),
@@ -530,6 +545,22 @@ def test_a_single_dicom_file_points_to_its_folder(tmp_path):
 def test_dicom_echo_out_of_range(tmp_path):
     res = run(["detect", DICOM_DIR, "-o", tmp_path / "o", "--echo", "9"])
     assert "8 echoes" in error_line(res)
+
+
+@pytest.mark.skipif(not DICOM_DIR.exists(), reason="../shared/data not present")
+def test_dicom_echo_a_single_echo_series_lacks(tmp_path):
+    """--echo 2 on a one-echo series is refused, not quietly read as echo 1."""
+    from bmltrt.io.dicom import find_series
+
+    d = tmp_path / "one_echo"
+    d.mkdir()
+    for i, f in enumerate(sorted(DICOM_DIR.glob("*.dcm"))):
+        if i % 8 == 0:  # the files come slice by slice, 8 echoes each: keep one echo
+            shutil.copy2(f, d / f.name)
+    assert len(find_series(d)[0].echo_times) == 1
+    res = run(["detect", d, "-o", tmp_path / "o", "--echo", "2"], inputs=[d])
+    assert "has one echo" in error_line(res) and "leave out --echo" in error_line(res)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(not DICOM_DIR.exists(), reason="../shared/data not present")

@@ -133,6 +133,13 @@ def _make_bad(kind, d):
         p = d / "scl.nii.gz"
         nib.save(img, str(p))
         return p
+    if kind == "float64_huge":  # stored values beyond float32, no scaling in the header
+        v = vol.astype(np.float64)
+        v[0, 0, 0] = 1e300
+        img = nib.Nifti1Image(v, np.diag([3.0, 0.5, 0.5, 1.0]))
+        p = d / "huge.nii.gz"
+        nib.save(img, str(p))
+        return p
     if kind == "2d":
         return save_nifti(d / "flat.nii.gz", vol[:, :, 0])
     if kind == "4d_many":
@@ -166,7 +173,7 @@ def _make_bad(kind, d):
     raise ValueError(kind)
 
 
-BAD = ["missing", "not_nifti", "wrong_extension", "truncated_gzip", "bad_crc", "damaged_tail", "scl_overflow", "2d", "4d_many", "nan_inf", "constant",
+BAD = ["missing", "not_nifti", "wrong_extension", "truncated_gzip", "bad_crc", "damaged_tail", "scl_overflow", "float64_huge", "2d", "4d_many", "nan_inf", "constant",
        "zero_length", "singular_affine", "absurd_spacing", "oversize_dims", "complex", "rgb"]
 
 
@@ -188,6 +195,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, kind):
         assert "corrupt" in lines[0], lines[0]
     if kind == "scl_overflow":
         assert "scale factor" in lines[0], lines[0]
+    if kind == "float64_huge":
+        assert "1 voxels are beyond the float32 range" in lines[0], lines[0]
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 

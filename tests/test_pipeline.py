@@ -144,11 +144,15 @@ def test_demo_never_replaces_a_users_files(tmp_path):
     (tmp_path / "d" / "demo_knee_bml.nii.gz").write_text("precious")
     (tmp_path / "e" / "input").mkdir(parents=True)
     (tmp_path / "e" / "input" / "mine.txt").write_text("precious")
-    for d in ("d", "e"):
+    # at the very name of the demo's phantom: not the demo's (no "bmltrt synth" in its header)
+    (tmp_path / "f" / "input" / "images").mkdir(parents=True)
+    (tmp_path / "f" / "input" / "images" / "demo_knee.nii.gz").write_text("precious")
+    for d in ("d", "e", "f"):
         res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / d)])
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert (tmp_path / "d" / "demo_knee_bml.nii.gz").read_text() == "precious"
     assert sorted(p.name for p in (tmp_path / "e").rglob("*")) == ["input", "mine.txt"]
+    assert (tmp_path / "f" / "input" / "images" / "demo_knee.nii.gz").read_text() == "precious"
 
 
 @needs_shared

@@ -27,7 +27,7 @@ def load_results(path: Path) -> dict:
         path = path / "bench.json"
     try:
         res = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise BmlError(f"cannot read a bench result ({type(exc).__name__})", path, "pass a `bmltrt bench` -o folder")
     if res.get("format") != "bmltrt-bench-1":
         raise BmlError("not a bmltrt bench result", path)

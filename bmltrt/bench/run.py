@@ -125,6 +125,10 @@ class Bench:
         os.environ["BMLTRT_THREADS"] = str(self.threads)  # ONNX Runtime's intra-op threads, same as torch's
         self.resolutions = self._resolutions()
         self.targets = self._targets()
+        if self.opts.backends and not self.targets:  # asked for, none can run: not a "passed" bench of MACs alone
+            which = "it cannot" if len(self.opts.backends) == 1 else "none of them can"
+            raise BmlError(f"--backends {','.join(self.opts.backends)}: {which} run here",
+                           hint="; ".join(self.notes) or "see `bmltrt doctor`")
         self._backends: dict = {}
         self._scans: dict = {}
         self.models_record = {n: {"sha256": e.get("sha256"), "precisions": self.store.precisions(n)}

@@ -127,6 +127,9 @@ class Plan:
                              for det in ms.detectors.values()]
         if self.intensity:
             self.methods.append(IntensityMethod(ref))
+        for option, path in (("--autoencoder", self.autoencoder), ("--mkd", self.mkd)):
+            if path is not None:
+                baseline_needs_torch(option, path)
         if self.autoencoder is not None:
             from bmltrt.evaluation.autoencoder import AutoencoderMethod, AutoencoderScorer
 
@@ -144,6 +147,18 @@ class Plan:
                            "note": "needs VGG16 ImageNet weights, not available"} for r in (320, 448)]
             self.missing += from_paper
         return self
+
+
+def baseline_needs_torch(option: str, path: Path) -> None:
+    """A baseline network's checkpoint must exist, and torch (not in the runtime) must be there
+    to run it: one line each, not an internal error."""
+    import importlib.util
+
+    if not Path(path).is_file():
+        raise BmlError(f"{option}: no such checkpoint", path, f"give a checkpoint.pt, or leave out {option}")
+    if importlib.util.find_spec("torch") is None:
+        raise BmlError(f"{option}: the baseline network runs in torch, which is not installed", path,
+                       f"pip install 'bmltrt[train]', or leave out {option}")
 
 
 def check_inputs(data: Path, split: str, out_dir: Path | None, tune: bool, allowed=SPLITS) -> None:
@@ -300,7 +315,7 @@ def _short(cfg: PostConfig) -> dict:
 def _dataset_settings(data: Path) -> dict:
     try:
         return json.loads((Path(data) / "dataset.json").read_text())["settings"]
-    except (OSError, KeyError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
         return {"mode": "unknown"}
 
 

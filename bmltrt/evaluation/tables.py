@@ -331,7 +331,7 @@ def read_documents(paths: list[Path]) -> list[dict]:
             p = p / "evaluation.json"
         try:
             d = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise BmlError(f"cannot read an evaluation ({type(exc).__name__})", p,
                            "give evaluation.json files (or their folders) written by `bmltrt evaluate`") from None
         if d.get("format") != "bmltrt-evaluation-2":

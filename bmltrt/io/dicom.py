@@ -114,6 +114,9 @@ def find_series(folder: Path, echo: int | None = None) -> list[DicomSeries]:
         if len(tes) > 1 and not 1 <= want <= len(tes):
             raise BmlError(f"--echo {want}: this series has {len(tes)} echoes (TE {', '.join(f'{t:g}' for t in tes)} ms)",
                            folder, f"choose --echo 1 to {len(tes)}")
+        if len(tes) <= 1 and want != 1:  # not a silent echo 1 in place of the one asked for
+            te = f" (TE {tes[0]:g} ms)" if tes else ""
+            raise BmlError(f"--echo {want}: this series has one echo{te}", folder, "leave out --echo")
         series.append(DicomSeries(folder, uid, g["number"], g["description"], g["files"], tes,
                                   want if len(tes) > 1 else 1))
     many = len(series) > 1

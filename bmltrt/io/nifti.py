@@ -95,7 +95,7 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BmlError(f"not a NIfTI image ({type(img).__name__})", path,
                        "convert the scan to NIfTI")
-    check_header(img, path)  # before inflating: a header with absurd dimensions is refused first
+    check_header(img, path, raw_pixdim(path, img))  # before inflating: absurd dimensions are refused first
     if path.name.lower().endswith(".gz"):
         # nibabel reads only the bytes it needs and never reaches the gzip trailer, so a file
         # damaged in a copy would load with wrong voxels: the file is inflated once, here, with
@@ -149,8 +149,21 @@ def read_label_map(path: str | os.PathLike, img: nib.spatialimages.SpatialImage 
     return lab
 
 
-def check_header(img: nib.spatialimages.SpatialImage, path) -> None:
-    """Everything a NIfTI header can tell that makes the image unusable. Raises BmlError."""
+def raw_pixdim(path: Path, img) -> np.ndarray | None:
+    """pixdim[1:4] as the file holds it. nibabel's loader sets a zero pixdim to 1 (with a
+    warning), so a qform-only header with a zero voxel size would be read as 1 mm voxels."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            return np.asarray(type(img.header).from_fileobj(f, check=False)["pixdim"][1:4], dtype=float)
+    except Exception:  # noqa: BLE001 - nib.load read it a moment ago; the checked header stands
+        return None
+
+
+def check_header(img: nib.spatialimages.SpatialImage, path, pixdim_in_file=None) -> None:
+    """Everything a NIfTI header can tell that makes the image unusable. Raises BmlError.
+    `pixdim_in_file`: pixdim[1:4] read without nibabel's fixes (raw_pixdim)."""
     hdr = img.header
     shape = tuple(int(s) for s in img.shape)
     dtype = hdr.get_data_dtype()
@@ -180,7 +193,7 @@ def check_header(img: nib.spatialimages.SpatialImage, path) -> None:
     if int(hdr["qform_code"]) <= 0 and int(hdr["sform_code"]) <= 0:
         raise BmlError("the header has no orientation (qform_code and sform_code are both 0)", path,
                        "convert from the DICOM again (e.g. dcm2niix) or give bmltrt the DICOM folder")
-    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=float)
+    pixdim = np.asarray(hdr["pixdim"][1:4] if pixdim_in_file is None else pixdim_in_file, dtype=float)
     if int(hdr["sform_code"]) <= 0 and (not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0)):
         raise BmlError(f"the header's voxel size (pixdim {tuple(float(v) for v in pixdim)}) has zero, "
                        "negative or NaN entries", path, "fix the header (pixdim) or convert the scan again")
@@ -247,6 +260,11 @@ def scan_from_image(img: nib.spatialimages.SpatialImage, source, force_orientati
     if not finite.all():
         if raw.dtype.kind == "f" and np.isfinite(raw[~finite]).any():  # finite, but beyond float32
             slope, inter = (float(getattr(img.dataobj, a, np.nan)) for a in ("slope", "inter"))
+            big = int((~finite).sum())
+            unscaled = (not np.isfinite(slope) or slope == 1.0) and (not np.isfinite(inter) or inter == 0.0)
+            if unscaled:  # the stored values themselves are too large, not the header's scaling
+                raise BmlError(f"{big} voxels are beyond the float32 range (|value| > 3.4e38)", path,
+                               "fix the reconstruction, or rescale the image before saving it")
             raise BmlError(f"the header's scale factor (scl_slope {slope:g}, scl_inter {inter:g}) takes the voxels "
                            "beyond float32", path, "fix scl_slope/scl_inter in the header (e.g. with nibabel)")
         raise BmlError(f"{int((~finite).sum())} voxels are NaN or Inf", path,

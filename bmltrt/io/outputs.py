@@ -38,6 +38,7 @@ OUTPUT_ENDINGS = {"bml": "_bml.nii.gz", "femur": "_femur.nii.gz", "overlay": "_o
                   "report": "_report.json"}
 COMMIT_ORDER = ("bml", "femur", "overlay", "report")
 MASK_DESCRIP = b"bmltrt mask"  # written into our masks' header: how we know our own files
+SYNTH_DESCRIP = b"bmltrt synth"  # written into generated scans and their label volumes
 PARTIAL_PREFIX = ".bmltrt-partial-"
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 PART_SUFFIX = ".part"
@@ -106,13 +107,14 @@ def is_output_name(name: str) -> bool:
     return any(low.endswith(e) for e in OUTPUT_ENDINGS.values()) or low.startswith(PARTIAL_PREFIX)
 
 
-def is_our_mask(path: Path) -> bool:
-    """True for a NIfTI file whose header says bmltrt wrote it (reads the header only)."""
+def is_our_mask(path: Path, mark: bytes = MASK_DESCRIP) -> bool:
+    """True for a NIfTI file whose header says bmltrt wrote it (reads the header only);
+    `mark`: SYNTH_DESCRIP for a generated scan or label volume."""
     try:
         import nibabel as nib
 
         img = nib.load(str(path))
-        return bytes(img.header["descrip"]).startswith(MASK_DESCRIP)
+        return bytes(img.header["descrip"]).startswith(mark)
     except Exception:
         return False
 

@@ -24,6 +24,7 @@ import numpy as np
 from bmltrt.errors import BmlError
 from bmltrt.io import write_nifti_atomic
 from bmltrt.io.nifti import read_label_map
+from bmltrt.io.outputs import SYNTH_DESCRIP
 from bmltrt.io.atomic import atomic_write
 from bmltrt.synth.phantom import Phantom, PhantomConfig, make_phantom
 
@@ -66,6 +67,7 @@ def write_case(root: Path, split: str, case: str, ph: Phantom) -> dict:
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
         img.header.set_xyzt_units("mm", "sec")
+        img.header["descrip"] = SYNTH_DESCRIP  # so that a rerun (bmltrt demo) knows its own files
         path = root / split / kind / f"{case}.nii.gz"
         write_nifti_atomic(img, path)
         out[kind] = str(path.relative_to(root))
