@@ -52,7 +52,15 @@ NOTCH_FILL_MM, NOTCH_FILL_GATE = 6.0, 0.3
 # condyle (qDESS echo 1 slices 2, 5, 32; echo 2 slices 5, 31); on painted OAI_AKOA val they
 # cost 0.0005 of femur Dice, and they were never searched (EDGE_SLICE_FRACTION).
 FEMUR_MIN_SLICE_FRACTION = 0.1
+# The inpainter repaints the femur grown by this margin (see DetectConfig.mask_dilate_mm):
+# 2 mm where the inpainter's pixels are coarse (resolution <= 256; a 160 mm field at 256 has
+# 0.63 mm pixels), 1 mm at 320 and 448, where 2 mm did not gain on painted-OAI val.
 MASK_DILATE_MM = 1.0
+MASK_DILATE_MM_COARSE, COARSE_MAX_RESOLUTION = 2.0, 256
+
+
+def default_mask_dilate_mm(resolution: int) -> float:
+    return MASK_DILATE_MM_COARSE if resolution <= COARSE_MAX_RESOLUTION else MASK_DILATE_MM
 # The upsampled 1.6 mm femur probability is pulled onto the scan's own edges by a guided
 # filter (bmltrt.postprocess.guided) of this window radius and regulariser, applied this many
 # times. Painted OAI_AKOA val (scripts/femur_refine.py, 256, benchmarks/results/femur_refine/):
@@ -82,13 +90,18 @@ FULL_3D = np.ones((3, 3, 3), bool)
 class DetectConfig:
     resolution: int | None = None  # None: the models' default
     # The inpainter repaints the femur grown by this margin: a lesion whose edge pokes out of
-    # the repainted region is context that the inpainter continues into it (the difference,
-    # and the lesion, vanish). Painted OAI_AKOA val (scripts/inpaint_margin.py): 1 mm 0.295,
-    # 2 mm 0.312, 3 mm 0.312 pooled Dice; with 2 mm the test split 0.107 -> 0.101 at 256,
-    # the phantom test 0.680 -> 0.684. Kept at 1 mm: with 2 mm, joint fluid beside the real qDESS echo 2 femur is repainted as
-    # bone and the mask's border beside it called a lesion (slices 18, 30; the one in 30
-    # lies in fluid where the mask curls around it).
-    mask_dilate_mm: float = MASK_DILATE_MM
+    # the repainted region is context that the inpainter continues into it, and bright
+    # cartilage left just outside it is carried a millimetre or two into the repainted marrow
+    # over subchondral lesions (the difference, and the lesion, vanish;
+    # benchmarks/results/lesion_map_variants/). Painted OAI_AKOA val, 256, stage-6 segmenter
+    # (2026-12-07, benchmarks/results/inpaint_margin/): 0 / 1 / 1.5 / 2 / 2.5 mm gave pooled
+    # lesion Dice 0.268 / 0.321 / 0.337 / 0.369 / 0.370; 1 -> 2 mm at 128 / 192 / 320 / 448:
+    # 0.144 -> 0.254, 0.247 -> 0.318, 0.401 -> 0.404, 0.432 -> 0.378, so 2 mm up to 256 and
+    # 1 mm above (a change must beat what one val knee moves, +-0.03). With the stage-3
+    # segmenter 2 mm had taken joint fluid beside the real qDESS echo 2 femur for bone and
+    # called it a lesion (slice 30); with stage 6 it does not. None: by resolution
+    # (default_mask_dilate_mm); a number: that margin at every resolution.
+    mask_dilate_mm: float | None = None
     batch_size: int = 8  # slices per inpainter call
     seg_batch_size: int | None = None  # patches per segmenter call; None: 2 on the CPU, 4 on the GPU
     femur_threshold: float = 0.5
@@ -260,6 +273,8 @@ class Detector:
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)
         self.config, self.post_warnings = resolve_post(self.config, store, res)
+        if self.config.mask_dilate_mm is None:
+            self.config = dataclasses.replace(self.config, mask_dilate_mm=default_mask_dilate_mm(res))
         self.xp = getattr(backend, "xp", np)
         self.stream = getattr(backend, "stream", None)
         self._run_takes_out = _takes_out(backend.run)

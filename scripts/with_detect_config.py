@@ -27,6 +27,7 @@ def detect_config_overrides(items) -> dict:
             raise ValueError(f"{item!r}: give FIELD=VALUE with a DetectConfig field")
         kind = type(getattr(defaults, key))
         try:
+            kind = float if kind is type(None) else kind  # a None default (by resolution) takes a number
             over[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
         except ValueError:
             raise ValueError(f"{item!r}: {key} takes a {kind.__name__}") from None

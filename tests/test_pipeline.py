@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -337,3 +338,21 @@ def test_sharp_pass_adds_only_bright_femur_to_the_smoothed_pass(phantom_case, de
     assert norm[raised].min() > np.percentile(marrow, 75)  # only bright voxels are raised
     added = (both > 0.5) & (smooth <= 0.5)  # femur that only the sharp pass saw
     assert added.sum() < 0.1 * (smooth > 0.5).sum()
+
+
+def test_repainting_margin_follows_the_inpainters_resolution(detector):
+    """2 mm where the inpainter's pixels are coarse (<= 256), 1 mm at 320 and 448 (painted-OAI
+    val, benchmarks/results/inpaint_margin/); a number given is kept at every resolution."""
+    import dataclasses
+    import sys
+
+    from bmltrt.pipeline import DetectConfig, Detector
+
+    margins = {r: Detector(detector.backend, DetectConfig(resolution=r)).config.mask_dilate_mm for r in (128, 256, 448)}
+    assert margins == {128: 2.0, 256: 2.0, 448: 1.0}
+    assert Detector(detector.backend, DetectConfig(resolution=448, mask_dilate_mm=3.0)).config.mask_dilate_mm == 3.0
+    assert dataclasses.asdict(DetectConfig())["mask_dilate_mm"] is None  # "by resolution" until a Detector resolves it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from with_detect_config import detect_config_overrides
+
+    assert detect_config_overrides(["mask_dilate_mm=1.5"]) == {"mask_dilate_mm": 1.5}
