@@ -61,6 +61,8 @@ MASK_DILATE_MM_COARSE, COARSE_MAX_RESOLUTION = 2.0, 256
 
 def default_mask_dilate_mm(resolution: int) -> float:
     return MASK_DILATE_MM_COARSE if resolution <= COARSE_MAX_RESOLUTION else MASK_DILATE_MM
+
+
 # The upsampled 1.6 mm femur probability is pulled onto the scan's own edges by a guided
 # filter (bmltrt.postprocess.guided) of this window radius and regulariser, applied this many
 # times. Painted OAI_AKOA val (scripts/femur_refine.py, 256, benchmarks/results/femur_refine/):

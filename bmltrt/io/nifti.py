@@ -95,7 +95,9 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BmlError(f"not a NIfTI image ({type(img).__name__})", path,
                        "convert the scan to NIfTI")
-    check_header(img, path, raw_pixdim(path, img))  # before inflating: absurd dimensions are refused first
+    # before inflating: absurd dimensions are refused first; pixdim decides the voxel size only
+    # without an sform, and only then is the file's own pixdim read
+    check_header(img, path, raw_pixdim(path, img) if int(img.header["sform_code"]) <= 0 else None)
     if path.name.lower().endswith(".gz"):
         # nibabel reads only the bytes it needs and never reaches the gzip trailer, so a file
         # damaged in a copy would load with wrong voxels: the file is inflated once, here, with
@@ -260,10 +262,9 @@ def scan_from_image(img: nib.spatialimages.SpatialImage, source, force_orientati
     if not finite.all():
         if raw.dtype.kind == "f" and np.isfinite(raw[~finite]).any():  # finite, but beyond float32
             slope, inter = (float(getattr(img.dataobj, a, np.nan)) for a in ("slope", "inter"))
-            big = int((~finite).sum())
             unscaled = (not np.isfinite(slope) or slope == 1.0) and (not np.isfinite(inter) or inter == 0.0)
             if unscaled:  # the stored values themselves are too large, not the header's scaling
-                raise BmlError(f"{big} voxels are beyond the float32 range (|value| > 3.4e38)", path,
+                raise BmlError(f"{int((~finite).sum())} voxels are beyond the float32 range (|value| > 3.4e38)", path,
                                "fix the reconstruction, or rescale the image before saving it")
             raise BmlError(f"the header's scale factor (scl_slope {slope:g}, scl_inter {inter:g}) takes the voxels "
                            "beyond float32", path, "fix scl_slope/scl_inter in the header (e.g. with nibabel)")
