@@ -150,11 +150,12 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
-def _worker_start(paths) -> None:
+def _worker_start(paths, trainer: int) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the workers, which must not
     # each print a KeyboardInterrupt of their own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    # the trainer's pid, given at spawn: one killed before this line ran is seen as gone
+    threading.Thread(target=_exit_with, args=(trainer,), daemon=True).start()
     global _WORKER_BANK
     _WORKER_BANK = LabelBank(paths)
 
@@ -233,7 +234,7 @@ class SampleWorkers:
         self._started = False  # the processes start at the first submit
         # spawn, not fork: the parent holds torch's thread pools, which a forked child inherits broken
         self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_worker_start, initargs=([str(p) for p in bank_files],))
+                                         initializer=_worker_start, initargs=([str(p) for p in bank_files], os.getpid()))
 
     def stream(self, make, *args, stream: int = 0, prefetch: int | None = None, **kwargs):
         """A callable giving the stream's next sample (it takes and ignores an rng, so it can
