@@ -52,15 +52,23 @@ NOTCH_FILL_MM, NOTCH_FILL_GATE = 6.0, 0.3
 # condyle (qDESS echo 1 slices 2, 5, 32; echo 2 slices 5, 31); on painted OAI_AKOA val they
 # cost 0.0005 of femur Dice, and they were never searched (EDGE_SLICE_FRACTION).
 FEMUR_MIN_SLICE_FRACTION = 0.1
-# The inpainter repaints the femur grown by this margin (see DetectConfig.mask_dilate_mm):
-# 2 mm where the inpainter's pixels are coarse (resolution <= 256; a 160 mm field at 256 has
-# 0.63 mm pixels), 1 mm at 320 and 448, where 2 mm did not gain on painted-OAI val.
-MASK_DILATE_MM = 1.0
-MASK_DILATE_MM_COARSE, COARSE_MAX_RESOLUTION = 2.0, 256
+# The inpainter repaints the femur grown by this many of its own pixels (see
+# DetectConfig.mask_dilate_mm): the bright cartilage it must not carry into the marrow is
+# blurred over a pixel or two of the inpainter's grid, so the margin scales with that grid's
+# pixel (the scan's square field / the resolution: 0.63 mm for a 160 mm field at 256, where
+# 3.2 pixels are 2 mm). Painted OAI_AKOA val, benchmarks/results/inpaint_margin/.
+MASK_DILATE_INPAINTER_PX = 3.2
 
 
-def default_mask_dilate_mm(resolution: int) -> float:
-    return MASK_DILATE_MM_COARSE if resolution <= COARSE_MAX_RESOLUTION else MASK_DILATE_MM
+def inpainter_pixel_mm(shape, spacing, resolution: int) -> float:
+    """Side of one inpainter pixel in mm: the slice's square-padded field over the resolution
+    (runtime.preprocess.slices_to_square), the mean of the two in-plane axes."""
+    side = max(shape[-2], shape[-1])
+    return side * 0.5 * (float(spacing[-2]) + float(spacing[-1])) / resolution
+
+
+def default_mask_dilate_mm(shape, spacing, resolution: int) -> float:
+    return MASK_DILATE_INPAINTER_PX * inpainter_pixel_mm(shape, spacing, resolution)
 
 
 # The upsampled 1.6 mm femur probability is pulled onto the scan's own edges by a guided
@@ -93,16 +101,14 @@ class DetectConfig:
     resolution: int | None = None  # None: the models' default
     # The inpainter repaints the femur grown by this margin: a lesion whose edge pokes out of
     # the repainted region is context that the inpainter continues into it, and bright
-    # cartilage left just outside it is carried a millimetre or two into the repainted marrow
-    # over subchondral lesions (the difference, and the lesion, vanish;
-    # benchmarks/results/lesion_map_variants/). Painted OAI_AKOA val, 256, stage-6 segmenter
-    # (2026-12-07, benchmarks/results/inpaint_margin/): 0 / 1 / 1.5 / 2 / 2.5 mm gave pooled
-    # lesion Dice 0.268 / 0.321 / 0.337 / 0.369 / 0.370; 1 -> 2 mm at 128 / 192 / 320 / 448:
-    # 0.144 -> 0.254, 0.247 -> 0.318, 0.401 -> 0.404, 0.432 -> 0.378, so 2 mm up to 256 and
-    # 1 mm above (a change must beat what one val knee moves, +-0.03). With the stage-3
-    # segmenter 2 mm had taken joint fluid beside the real qDESS echo 2 femur for bone and
-    # called it a lesion (slice 30); with stage 6 it does not. None: by resolution
-    # (default_mask_dilate_mm); a number: that margin at every resolution.
+    # cartilage left just outside it is carried a pixel or two of the inpainter's grid into
+    # the repainted marrow over subchondral lesions (the difference, and the lesion, vanish;
+    # benchmarks/results/lesion_map_variants/). Painted OAI_AKOA val (160 mm fields),
+    # stage-6 segmenter (benchmarks/results/inpaint_margin/), pooled lesion Dice at 256 for
+    # 0 / 1 / 1.5 / 1.875 / 2 / 2.5 mm: 0.268 / 0.321 / 0.337 / 0.355 / 0.369 / 0.370; at
+    # 128 / 192 / 320 / 448 the best was about as many inpainter pixels (3.75-4 / 2.5 / 1.5 /
+    # 1 mm), where 2 mm everywhere lost at 448 (0.432 -> 0.378). None: MASK_DILATE_INPAINTER_PX
+    # pixels of this scan's inpainter grid (default_mask_dilate_mm); a number: that margin in mm.
     mask_dilate_mm: float | None = None
     batch_size: int = 8  # slices per inpainter call
     seg_batch_size: int | None = None  # patches per segmenter call; None: 2 on the CPU, 4 on the GPU
@@ -275,8 +281,6 @@ class Detector:
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)
         self.config, self.post_warnings = resolve_post(self.config, store, res)
-        if self.config.mask_dilate_mm is None:
-            self.config = dataclasses.replace(self.config, mask_dilate_mm=default_mask_dilate_mm(res))
         self.xp = getattr(backend, "xp", np)
         self.stream = getattr(backend, "stream", None)
         self._run_takes_out = _takes_out(backend.run)
@@ -377,8 +381,13 @@ class Detector:
         """Per slice: is there enough femur to inpaint it? (S,) bool, on the device."""
         return femur_slice_plan(femur, spacing, self.config.edge_slice_fraction)
 
-    def _dilation_footprint(self, spacing):
+    def repainting_margin_mm(self, shape, spacing) -> float:
+        """The margin the femur is grown by before inpainting (DetectConfig.mask_dilate_mm)."""
         r = self.config.mask_dilate_mm
+        return default_mask_dilate_mm(shape, spacing, self.resolution) if r is None else float(r)
+
+    def _dilation_footprint(self, shape, spacing):
+        r = self.repainting_margin_mm(shape, spacing)
         if r <= 0:
             return None
         ry, rx = max(1, int(round(r / spacing[1]))), max(1, int(round(r / spacing[2])))
@@ -399,7 +408,7 @@ class Detector:
             if idx.size == 0:
                 return norm.copy(), keep
             x, mask = norm[idx], femur[idx]
-        fp = self._dilation_footprint(spacing)
+        fp = self._dilation_footprint(norm.shape, spacing)
         if fp is not None:
             mask = binary_dilation(mask, fp)
         res, n, bs = self.resolution, x.shape[0], self.config.batch_size
@@ -595,6 +604,7 @@ class Detector:
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "backend": self.backend.name, "device": self.backend.device, "precision": self.backend.precision,
             "resolution": self.resolution,
+            "repainting_margin_mm": round(self.repainting_margin_mm(scan.data.shape, scan.spacing), 3),
             "models": {name: {"file": e["file"], "sha256": e["sha256"]}
                        for name, e in (("segmenter", self.seg_entry), (self.inp_name, self.inp_entry))},
             "models_dir": str(store.root),

@@ -46,6 +46,9 @@ def test_phantom_detection_is_accurate(canonical_result, phantom_case):
     r = d.report
     assert r["lesion_count"] >= 1 and r["backend"] == "onnxruntime" and r["precision"] == "fp32"
     assert len(r["models"]["segmenter"]["sha256"]) == 64
+    scan = d.scan
+    field_mm = max(scan.data.shape[1] * scan.spacing[1], scan.data.shape[2] * scan.spacing[2])
+    assert r["repainting_margin_mm"] == pytest.approx(3.2 * field_mm / r["resolution"], abs=1e-3)
 
 
 def test_flipped_permuted_scan_gives_the_same_mask(phantom_case, canonical_result, detector, tmp_path):
@@ -340,19 +343,35 @@ def test_sharp_pass_adds_only_bright_femur_to_the_smoothed_pass(phantom_case, de
     assert added.sum() < 0.1 * (smooth > 0.5).sum()
 
 
-def test_repainting_margin_follows_the_inpainters_resolution(detector):
-    """2 mm where the inpainter's pixels are coarse (<= 256), 1 mm at 320 and 448 (painted-OAI
-    val, benchmarks/results/inpaint_margin/); a number given is kept at every resolution."""
+def test_repainting_margin_is_counted_in_inpainter_pixels(detector):
+    """By default the femur is grown by MASK_DILATE_INPAINTER_PX pixels of the inpainter's
+    grid, so by a wider margin at a coarser resolution or a larger field (painted-OAI val,
+    benchmarks/results/inpaint_margin/); a number given is that margin in mm everywhere."""
     import dataclasses
     import sys
 
-    from bmltrt.pipeline import DetectConfig, Detector
+    from bmltrt.pipeline import MASK_DILATE_INPAINTER_PX, DetectConfig, Detector
 
-    margins = {r: Detector(detector.backend, DetectConfig(resolution=r)).config.mask_dilate_mm for r in (128, 256, 448)}
-    assert margins == {128: 2.0, 256: 2.0, 448: 1.0}
-    assert Detector(detector.backend, DetectConfig(resolution=448, mask_dilate_mm=3.0)).config.mask_dilate_mm == 3.0
-    assert dataclasses.asdict(DetectConfig())["mask_dilate_mm"] is None  # "by resolution" until a Detector resolves it
+    oai = ((37, 448, 448), (3.0, 160 / 448, 160 / 448))  # a 160 mm field, as OAI's sagittal IW
+    margins = {r: Detector(detector.backend, DetectConfig(resolution=r)).repainting_margin_mm(*oai)
+               for r in (128, 256, 448)}
+    assert margins == pytest.approx({128: 4.0, 256: 2.0, 448: 2 * 256 / 448})
+    # a 120 mm field (320 pixels of 0.375 mm) padded to a square: pixels of 120 / 256 mm
+    small_field = Detector(detector.backend, DetectConfig(resolution=256)).repainting_margin_mm(
+        (30, 320, 280), (3.0, 0.375, 0.375))
+    assert small_field == pytest.approx(MASK_DILATE_INPAINTER_PX * 120 / 256)
+    assert Detector(detector.backend, DetectConfig(resolution=448, mask_dilate_mm=3.0)).repainting_margin_mm(*oai) == 3.0
+    assert dataclasses.asdict(DetectConfig())["mask_dilate_mm"] is None  # "by the scan's grid"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from with_detect_config import detect_config_overrides
 
     assert detect_config_overrides(["mask_dilate_mm=1.5"]) == {"mask_dilate_mm": 1.5}
+    # the evaluation cache keys a map by the margin the scan's grid resolves: the rule and the
+    # number it gives share maps, another field of view does not
+    from bmltrt.evaluation.maps import OursMethod
+
+    def key(config, grid):
+        return OursMethod(Detector(detector.backend, config), "a").identity_for(*grid)
+
+    assert key(DetectConfig(resolution=128), oai) == key(DetectConfig(resolution=128, mask_dilate_mm=4.0), oai)
+    assert key(DetectConfig(resolution=128), oai) != key(DetectConfig(resolution=128), ((37, 384, 384), oai[1]))

@@ -261,6 +261,11 @@ class Method:
         """Everything that changes the map (the cache key, with the scan and the femur)."""
         raise NotImplementedError
 
+    def identity_for(self, shape, spacing) -> dict:
+        """identity() for a scan of this working shape and spacing (for settings that a
+        scan's grid resolves)."""
+        return self.identity()
+
     def compute(self, ctx: ScanContext) -> np.ndarray:
         """Full-size float32 anomaly map (only the scored femur slices matter)."""
         raise NotImplementedError
@@ -287,6 +292,11 @@ class OursMethod(Method):
         c = self.det.config
         return {"method": "ours", "inpainter": self.det.inp_entry["sha256"], "resolution": self.resolution,
                 "mask_dilate_mm": c.mask_dilate_mm, "nbins": PostConfig().nbins, "engine": engine_of(self.det)}
+
+    def identity_for(self, shape, spacing) -> dict:
+        # the margin as this scan's grid resolves it: a rule and a number giving the same
+        # margin make the same map
+        return {**self.identity(), "mask_dilate_mm": round(self.det.repainting_margin_mm(shape, spacing), 4)}
 
     def compute(self, ctx: ScanContext) -> np.ndarray:
         comp, sl = self.det.inpaint(ctx.norm, ctx.femur, ctx.spacing)
@@ -413,7 +423,8 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
             crop = out.crops[(m.femur_label, case)]
             desc = {"kind": "map", "scan": scan_id, "segmenter": seg_of[m.femur_label].seg_entry["sha256"],
                     "engine": engine_of(seg_of[m.femur_label]),
-                    "margin_mm": MAX_CLOSING_MM, **femur_cleanup_of(seg_of[m.femur_label]), "method": m.identity()}
+                    "margin_mm": MAX_CLOSING_MM, **femur_cleanup_of(seg_of[m.femur_label]),
+                    "method": m.identity_for(truth_scan.data.shape, truth_scan.spacing)}
             out.map_keys[(m.key, case)] = desc
             if cache.has(desc):
                 continue
