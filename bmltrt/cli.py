@@ -225,7 +225,7 @@ def synth(
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     n = {k: len(v) for k, v in man["splits"].items()}
-    out.print(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})")
+    out.print(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})", markup=False)
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the femur segmenter or the inpainter (needs bmltrt\\[train]).")
@@ -845,7 +845,7 @@ def export(
                 if "activation_ranges" in v:
                     extra += f"  max|act| {v['activation_ranges']['max_abs']:.4g}"
             out.print(f"{k:15s} {prec}  {v['file']:26s} sha256 {v['sha256'][:12]}{extra}", highlight=False)
-    out.print(f"models folder {out_dir} (manifest.json); checks PASSED")
+    out.print(f"models folder {out_dir} (manifest.json); checks PASSED", markup=False)
 
 
 @app.command("export-check")

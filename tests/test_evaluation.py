@@ -2,6 +2,7 @@
 and `bmltrt evaluate`'s command line (errors: one line, exit 2)."""
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -348,6 +349,31 @@ def test_evaluate_tune_then_test(tiny_dataset, tmp_path):
     r = CliRunner().invoke(app, ["evaluate", "table", str(out), str(out / "again"), "-o", str(tmp_path / "t")])
     assert r.exit_code == 0, r.output + r.stderr
     assert "0.39" in (tmp_path / "t" / "report.md").read_text()
+
+
+def test_evaluate_tune_save_writes_the_models_postprocessing(tiny_dataset, tmp_path):
+    """`evaluate tune --save` (README: "How well it works") puts the choice into the models
+    folder's postprocess.json, which detect then reads; the line says which folder."""
+    from bmltrt.pipeline import DetectConfig, Detector
+    from bmltrt.runtime.backends import make_backend
+
+    shipped = Path(__file__).resolve().parents[1] / "export"
+    models = tmp_path / "my[models]"  # a folder name rich would take for markup
+    models.mkdir()
+    for f in shipped.iterdir():
+        if f.suffix == ".onnx" or f.name == "manifest.json":
+            (models / f.name).symlink_to(f)
+    r = CliRunner().invoke(app, ["evaluate", "tune", str(tiny_dataset), "--search", "quick", "--resolutions", "128",
+                                 "--models", str(models), "--no-baselines", "--save", "-o", str(tmp_path / "t")])
+    assert r.exit_code == 0, r.output + r.stderr
+    text = " ".join(r.output.split())
+    assert "[my[models]] saved" in text and "ours/my[models]/128 val pooled Dice" in text
+    saved = json.loads((models / "postprocess.json").read_text())
+    chosen = json.loads((tmp_path / "t" / "postprocess.json").read_text())
+    assert saved["by_resolution"] == chosen["by_resolution"] and set(saved["by_resolution"]) == {"128"}
+    det = Detector(make_backend("onnxruntime", "cpu", models_dir=models)[0], DetectConfig(resolution=128))
+    assert "postprocess.json" in det.config.post_source
+    assert det.config.post.floor == saved["by_resolution"]["128"]["floor"]
 
 
 # -- baselines (b) and (c): mechanics at toy size ----------------------------------------------

@@ -173,7 +173,7 @@ def run_cmd(
     if tune:
         for label, pp in doc["tuning"]["postprocess"].items():
             _write_postprocess(plan, label, pp, out_dir, save)
-    base.out.print(f"outputs in {out_dir}: {', '.join(sorted(p.name for p in paths.values()))}")
+    base.out.print(f"outputs in {out_dir}: {', '.join(sorted(p.name for p in paths.values()))}", markup=False)
 
 
 def _write_postprocess(plan, label, doc, out_dir, save):
@@ -184,7 +184,7 @@ def _write_postprocess(plan, label, doc, out_dir, save):
     atomic_write(Path(out_dir) / name, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1) + "\n"))
     if save:
         root = next(ms.root for ms in plan.model_sets if ms.label == label)
-        base.out.print(f"post-processing for [{label}] saved: {write_tuned(root, doc)}")
+        base.out.print(f"post-processing for [{label}] saved: {write_tuned(root, doc)}", markup=False)
 
 
 @evaluate_app.command("tune")
@@ -216,10 +216,10 @@ def tune_cmd(
         b = r["best"]
         base.out.print(f"{k:28s} val pooled Dice {r['dice']:.3f} (defaults {r['default_dice'] or float('nan'):.3f}): "
                        f"floor {b['floor']:.3g}, otsu {b['otsu_scope']}, opening {b['opening_mm']:g} mm, "
-                       f"closing {b['closing_mm']:g} mm, min area {b['min_area_mm2']:g} mm2")
+                       f"closing {b['closing_mm']:g} mm, min area {b['min_area_mm2']:g} mm2", markup=False)
     for label, pp in tuning["postprocess"].items():
         _write_postprocess(plan, label, pp, out_dir, save)
-    base.out.print(f"outputs in {out_dir}")
+    base.out.print(f"outputs in {out_dir}", markup=False)
 
 
 @evaluate_app.command("table")
@@ -290,10 +290,10 @@ def table_cmd(
             removed += remove_stale_results(out_dir, stale_names, written + [out_dir / "report.md"], keep=inputs)
         for name in removed:
             base.out.print(f"removed {name} of the earlier run")
-        base.out.print(f"outputs in {out_dir}")
+        base.out.print(f"outputs in {out_dir}", markup=False)
     if readme is not None:
         paste_readme(readme, report_markdown(docs, short=True, figure=rel(readme.resolve().parent)))
-        base.out.print(f"results pasted into {readme}")
+        base.out.print(f"results pasted into {readme}", markup=False)
 
 
 @evaluate_app.command("model-card")
