@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from bmltrt.errors import BmlError
 from bmltrt.models.unetpp import SegmenterConfig, SegmenterLogits, build_segmenter
 from bmltrt.pipeline import SEG_ANTIALIAS
-from bmltrt.runtime.sliding_window import sliding_window
 from bmltrt.training import augment
 from bmltrt.training.checkpoint import load_weights, seed_everything
 from bmltrt.training.data import segmenter_grid_scores, segmenter_volumes
