@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -168,7 +169,7 @@ def user_errors(fn):
             print_error("out of memory | use a smaller --batch-size, or a machine with more memory")
             raise typer.Exit(2)
         except OSError as exc:  # full disk, read-only folder, permissions: the user can fix these
-            print_error(os_error(exc, getattr(exc, "filename", None), "read or write a file").line())
+            print_error(os_error(exc, getattr(exc, "filename", None), "read or write a file", output=False).line())
             raise typer.Exit(2)
         finally:
             if old_term is not None:
@@ -609,6 +610,12 @@ def _check_out_dir(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(exc, out_dir, "make the output folder") from None
+    # an existing folder this user cannot write into is found now, not after the first scan
+    try:
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".bmltrt-probe-"):
+            pass
+    except OSError as exc:
+        raise os_error(exc, out_dir, "write into the output folder") from None
 
 
 @app.command()
@@ -786,13 +793,14 @@ def demo(
     dt = lesion_detection(result.lesion, truth)
     r = result.report
     out.print(f"phantom knee with {dt['n_true']} lesion(s) (3D components, {sum(ph.info['lesion_volumes_mm3']):.0f} mm3): "
-              f"{scan_path}")
+              f"{scan_path}", markup=False)
     out.print(f"found {r['lesion_count']} lesion(s), {r['lesion_volume_mm3']:.0f} mm3 in "
-              f"{r['timings_s']['total_s']:.1f} s ({r['backend']}, {r['device']}, {r['precision']}, res {r['resolution']})")
+              f"{r['timings_s']['total_s']:.1f} s ({r['backend']}, {r['device']}, {r['precision']}, res {r['resolution']})",
+              markup=False)
     out.print(f"lesion Dice {les['dice']:.3f}  IoU {les['iou']:.3f}  sensitivity {les['sensitivity']:.3f}  "
               f"lesions detected {dt['detected']}/{dt['n_true']}  femur Dice {fem['dice']:.3f}")
     for k, v in paths.items():
-        out.print(f"  {k:8s} {v}")
+        out.print(f"  {k:8s} {v}", markup=False)
 
 
 @app.command()
@@ -880,10 +888,10 @@ def export_check(
     except ValueError:
         raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of numbers") from None
     rep = parity_report(models, data, split, out_dir, res, limit,
-                        progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
-    out.print((out_dir / "parity.md").read_text())
+                        progress=lambda what: console.print(f"[dim]{escape(what)}[/]", highlight=False))
+    out.print((out_dir / "parity.md").read_text(), markup=False)
     if rep["failed"]:
-        out.print(f"FAILED: {'; '.join(rep['failed'])}")
+        out.print(f"FAILED: {'; '.join(rep['failed'])}", markup=False)
         raise typer.Exit(1)
     out.print("PASSED")
 
@@ -927,7 +935,7 @@ def build_engines_cmd(
     jobs = plan_jobs(store, res, opts)
     dest = out_dir or eng.default_engines_dir()
     out.print(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
-              f"{len(jobs)} engine(s) into {dest}", highlight=False)
+              f"{len(jobs)} engine(s) into {dest}", highlight=False, markup=False)
     with _progress() as prog:
         total = prog.add_task("engines", total=len(jobs), status="")
         phase = prog.add_task("phase", total=None, status="", visible=False)

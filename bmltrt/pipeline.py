@@ -60,15 +60,17 @@ FEMUR_MIN_SLICE_FRACTION = 0.1
 MASK_DILATE_INPAINTER_PX = 3.2
 
 
-def inpainter_pixel_mm(shape, spacing, resolution: int) -> float:
-    """Side of one inpainter pixel in mm: the slice's square-padded field over the resolution
-    (runtime.preprocess.slices_to_square), the mean of the two in-plane axes."""
+def inpainter_pixel_mm(shape, spacing, resolution: int) -> tuple[float, float]:
+    """One inpainter pixel in mm along the rows and the columns: the slice is zero-padded to a
+    square of scan pixels and resized to the resolution (runtime.preprocess.slices_to_square),
+    so with non-square scan pixels the inpainter's pixels are not square either."""
     side = max(shape[-2], shape[-1])
-    return side * 0.5 * (float(spacing[-2]) + float(spacing[-1])) / resolution
+    return side * float(spacing[-2]) / resolution, side * float(spacing[-1]) / resolution
 
 
-def default_mask_dilate_mm(shape, spacing, resolution: int) -> float:
-    return MASK_DILATE_INPAINTER_PX * inpainter_pixel_mm(shape, spacing, resolution)
+def default_mask_dilate_mm(shape, spacing, resolution: int) -> tuple[float, float]:
+    py, px = inpainter_pixel_mm(shape, spacing, resolution)
+    return MASK_DILATE_INPAINTER_PX * py, MASK_DILATE_INPAINTER_PX * px
 
 
 # The upsampled 1.6 mm femur probability is pulled onto the scan's own edges by a guided
@@ -381,16 +383,17 @@ class Detector:
         """Per slice: is there enough femur to inpaint it? (S,) bool, on the device."""
         return femur_slice_plan(femur, spacing, self.config.edge_slice_fraction)
 
-    def repainting_margin_mm(self, shape, spacing) -> float:
-        """The margin the femur is grown by before inpainting (DetectConfig.mask_dilate_mm)."""
+    def repainting_margin_mm(self, shape, spacing) -> tuple[float, float]:
+        """The margin (rows, columns) the femur is grown by before inpainting
+        (DetectConfig.mask_dilate_mm)."""
         r = self.config.mask_dilate_mm
-        return default_mask_dilate_mm(shape, spacing, self.resolution) if r is None else float(r)
+        return default_mask_dilate_mm(shape, spacing, self.resolution) if r is None else (float(r), float(r))
 
     def _dilation_footprint(self, shape, spacing):
-        r = self.repainting_margin_mm(shape, spacing)
-        if r <= 0:
+        my, mx = self.repainting_margin_mm(shape, spacing)
+        if max(my, mx) <= 0:
             return None
-        ry, rx = max(1, int(round(r / spacing[1]))), max(1, int(round(r / spacing[2])))
+        ry, rx = max(1, int(round(my / spacing[1]))), max(1, int(round(mx / spacing[2])))
         yy, xx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
         return ((yy / ry) ** 2 + (xx / rx) ** 2 <= 1)[None]  # host footprint: no device sync
 
@@ -604,7 +607,7 @@ class Detector:
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "backend": self.backend.name, "device": self.backend.device, "precision": self.backend.precision,
             "resolution": self.resolution,
-            "repainting_margin_mm": round(self.repainting_margin_mm(scan.data.shape, scan.spacing), 3),
+            "repainting_margin_mm": [round(m, 3) for m in self.repainting_margin_mm(scan.data.shape, scan.spacing)],
             "models": {name: {"file": e["file"], "sha256": e["sha256"]}
                        for name, e in (("segmenter", self.seg_entry), (self.inp_name, self.inp_entry))},
             "models_dir": str(store.root),

@@ -584,6 +584,34 @@ def test_rich_markup_does_not_eat_brackets(capsys):
     assert "bmltrt[train]" in res.stdout
 
 
+def test_evaluate_table_prints_bracketed_names_intact(tmp_path):
+    """A data path like `q[/]s` crashed rich (MarkupError, exit 1) after the outputs were
+    written, and `syn[x]` printed as `syn`."""
+    src = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "oai_painted_test"
+    res_dir = tmp_path / "r[x]"
+    res_dir.mkdir()
+    doc = json.loads((src / "evaluation.json").read_text())
+    doc["data"]["path"] = "/data/q[/]s"
+    (res_dir / "evaluation.json").write_text(json.dumps(doc))
+    r = CliRunner().invoke(app, ["evaluate", "table", str(res_dir), "-o", str(tmp_path / "t[y]")])
+    assert r.exit_code == 0, r.output
+    assert "q[/]s" in " ".join(r.output.split()) and (tmp_path / "t[y]" / "report.md").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Found by writing a probe file, not after the first scan (a non-root user's folder of
+    mode 755 owned by root; the suite may run as root, so the refusal is simulated)."""
+    import bmltrt.cli as cli
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "o"))
+    monkeypatch.setattr(cli.tempfile, "NamedTemporaryFile", refuse)
+    res = run(["detect", tmp_path / "missing.nii.gz", "-o", tmp_path / "o"])
+    assert res.exit_code == 2
+    line = error_line(res)
+    assert "cannot write into the output folder (Permission denied)" in line and "--out" in line
+
+
 # ---- synthetic DICOM series (no shared data needed) ---------------------------------------------
 
 def write_dicom_series(folder: Path, uid: str, number: int, n: int = 6, pixel_spacing=(0.5, 0.5),

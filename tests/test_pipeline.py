@@ -46,9 +46,9 @@ def test_phantom_detection_is_accurate(canonical_result, phantom_case):
     r = d.report
     assert r["lesion_count"] >= 1 and r["backend"] == "onnxruntime" and r["precision"] == "fp32"
     assert len(r["models"]["segmenter"]["sha256"]) == 64
-    scan = d.scan
-    field_mm = max(scan.data.shape[1] * scan.spacing[1], scan.data.shape[2] * scan.spacing[2])
-    assert r["repainting_margin_mm"] == pytest.approx(3.2 * field_mm / r["resolution"], abs=1e-3)
+    side = max(d.scan.data.shape[1:])  # square pixels: 3.2 inpainter pixels along rows and columns
+    assert r["repainting_margin_mm"] == pytest.approx([3.2 * side * s / r["resolution"] for s in d.scan.spacing[1:]],
+                                                      abs=1e-3)
 
 
 def test_flipped_permuted_scan_gives_the_same_mask(phantom_case, canonical_result, detector, tmp_path):
@@ -353,14 +353,20 @@ def test_repainting_margin_is_counted_in_inpainter_pixels(detector):
     from bmltrt.pipeline import MASK_DILATE_INPAINTER_PX, DetectConfig, Detector
 
     oai = ((37, 448, 448), (3.0, 160 / 448, 160 / 448))  # a 160 mm field, as OAI's sagittal IW
-    margins = {r: Detector(detector.backend, DetectConfig(resolution=r)).repainting_margin_mm(*oai)
+    margins = {r: Detector(detector.backend, DetectConfig(resolution=r)).repainting_margin_mm(*oai)[0]
                for r in (128, 256, 448)}
     assert margins == pytest.approx({128: 4.0, 256: 2.0, 448: 2 * 256 / 448})
+    # non-square scan pixels (0.357 x 0.714 mm, 448 x 224): the square pad is in scan pixels, so the
+    # margin is 3.2 inpainter pixels along each axis, i.e. the same 5.6 scan pixels along both
+    det256 = Detector(detector.backend, DetectConfig(resolution=256))
+    wide = ((37, 448, 224), (3.0, 160 / 448, 320 / 448))
+    assert det256.repainting_margin_mm(*wide) == pytest.approx((2.0, 4.0))
+    assert det256._dilation_footprint(*wide).shape == (1, 13, 13)
     # a 120 mm field (320 pixels of 0.375 mm) padded to a square: pixels of 120 / 256 mm
-    small_field = Detector(detector.backend, DetectConfig(resolution=256)).repainting_margin_mm(
-        (30, 320, 280), (3.0, 0.375, 0.375))
-    assert small_field == pytest.approx(MASK_DILATE_INPAINTER_PX * 120 / 256)
-    assert Detector(detector.backend, DetectConfig(resolution=448, mask_dilate_mm=3.0)).repainting_margin_mm(*oai) == 3.0
+    small_field = det256.repainting_margin_mm((30, 320, 280), (3.0, 0.375, 0.375))
+    assert small_field == pytest.approx((MASK_DILATE_INPAINTER_PX * 120 / 256,) * 2)
+    given = Detector(detector.backend, DetectConfig(resolution=448, mask_dilate_mm=3.0))
+    assert given.repainting_margin_mm(*oai) == (3.0, 3.0)
     assert dataclasses.asdict(DetectConfig())["mask_dilate_mm"] is None  # "by the scan's grid"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from with_detect_config import detect_config_overrides

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from bmltrt import cli as base
@@ -106,7 +107,7 @@ def _progress_cb(prog):
     def cb(stage, done, total, label):
         if stage not in tasks:
             tasks[stage] = prog.add_task(stage, total=total, status="")
-        prog.update(tasks[stage], completed=done, total=total, status=str(label))
+        prog.update(tasks[stage], completed=done, total=total, status=escape(str(label)))
     return cb
 
 
@@ -317,7 +318,7 @@ def model_card_cmd(
     text = json.dumps(clean(res), indent=1)
     if out_file is not None:
         atomic_write(out_file, lambda tmp: Path(tmp).write_text(text + "\n"))
-    base.out.print(text)
+    base.out.print(text, markup=False)
 
 
 # -- the baselines' networks ---------------------------------------------------------------

@@ -356,13 +356,13 @@ def print_table(doc: dict, console) -> None:
     from rich.table import Table
 
     several = len(doc.get("model_sets", [])) > 1
-    t = Table(title=caption(doc))
+    t = Table(title=escape(caption(doc)))
     for c in ("method", "size", "Dice", "IoU", "Sens·F", "Spec·F", "Acc·F", "Dice mean", "les. F1", "paper Dice"):
         t.add_column(c)
     for r in _sorted_rows(doc):
         p = paper_row(r["method"], r.get("resolution"))
         if r["status"] != "ok":
-            t.add_row(escape(_label(r, several)), str(r.get("resolution") or ""), r.get("note", ""), "", "", "", "", "", "",
+            t.add_row(escape(_label(r, several)), str(r.get("resolution") or ""), escape(r.get("note", "")), "", "", "", "", "", "",
                       _f(p and p["dice"], 2))
             continue
         s = r["summary"]

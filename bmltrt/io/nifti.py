@@ -87,6 +87,12 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
                        "convert the scan to NIfTI, e.g. with dcm2niix")
     if path.stat().st_size == 0:
         raise BmlError("file is empty", path, "re-export the scan")
+    try:  # a permission problem is not a format problem
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise BmlError(f"cannot read this file ({os.strerror(exc.errno) if exc.errno else exc})", path,
+                       "check the file's permissions (and its folder's)") from None
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for garbage

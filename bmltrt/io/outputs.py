@@ -145,8 +145,16 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def os_error(exc: OSError, path, doing: str) -> BmlError:
-    """A user-facing line for an OSError: what failed, where, what to do."""
+def os_error(exc: OSError, path, doing: str, output: bool = True) -> BmlError:
+    """A user-facing line for an OSError: what failed, where, what to do. `output`: the
+    failure may be on an input or the models folder too, so the hint names no --out."""
+    if not output:
+        hint = {errno.EACCES: "check the permissions of that file and its folder",
+                errno.EPERM: "check the permissions of that file and its folder",
+                errno.ENOSPC: "free some space or choose another --out folder"}
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        return BmlError(f"cannot {doing} ({why})", getattr(exc, "filename", None) or path,
+                        hint.get(exc.errno, "check the paths of the inputs, the models and --out"))
     hints = {
         errno.ENOSPC: "free some space or choose another --out folder",
         errno.EDQUOT: "free some space or choose another --out folder",
