@@ -60,17 +60,14 @@ FEMUR_MIN_SLICE_FRACTION = 0.1
 MASK_DILATE_INPAINTER_PX = 3.2
 
 
-def inpainter_pixel_mm(shape, spacing, resolution: int) -> tuple[float, float]:
-    """One inpainter pixel in mm along the rows and the columns: the slice is zero-padded to a
-    square of scan pixels and resized to the resolution (runtime.preprocess.slices_to_square),
-    so with non-square scan pixels the inpainter's pixels are not square either."""
-    side = max(shape[-2], shape[-1])
-    return side * float(spacing[-2]) / resolution, side * float(spacing[-1]) / resolution
+def inpainter_pixel_mm(shape, spacing, resolution: int) -> float:
+    """Side of one inpainter pixel in mm: the slice's field, padded to a square in mm
+    (runtime.preprocess.slices_to_square with the scan's pixel size), over the resolution."""
+    return max(shape[-2] * float(spacing[-2]), shape[-1] * float(spacing[-1])) / resolution
 
 
-def default_mask_dilate_mm(shape, spacing, resolution: int) -> tuple[float, float]:
-    py, px = inpainter_pixel_mm(shape, spacing, resolution)
-    return MASK_DILATE_INPAINTER_PX * py, MASK_DILATE_INPAINTER_PX * px
+def default_mask_dilate_mm(shape, spacing, resolution: int) -> float:
+    return MASK_DILATE_INPAINTER_PX * inpainter_pixel_mm(shape, spacing, resolution)
 
 
 # The upsampled 1.6 mm femur probability is pulled onto the scan's own edges by a guided
@@ -383,17 +380,16 @@ class Detector:
         """Per slice: is there enough femur to inpaint it? (S,) bool, on the device."""
         return femur_slice_plan(femur, spacing, self.config.edge_slice_fraction)
 
-    def repainting_margin_mm(self, shape, spacing) -> tuple[float, float]:
-        """The margin (rows, columns) the femur is grown by before inpainting
-        (DetectConfig.mask_dilate_mm)."""
+    def repainting_margin_mm(self, shape, spacing) -> float:
+        """The margin the femur is grown by before inpainting (DetectConfig.mask_dilate_mm)."""
         r = self.config.mask_dilate_mm
-        return default_mask_dilate_mm(shape, spacing, self.resolution) if r is None else (float(r), float(r))
+        return default_mask_dilate_mm(shape, spacing, self.resolution) if r is None else float(r)
 
     def _dilation_footprint(self, shape, spacing):
-        my, mx = self.repainting_margin_mm(shape, spacing)
-        if max(my, mx) <= 0:
+        r = self.repainting_margin_mm(shape, spacing)
+        if r <= 0:
             return None
-        ry, rx = max(1, int(round(my / spacing[1]))), max(1, int(round(mx / spacing[2])))
+        ry, rx = max(1, int(round(r / spacing[1]))), max(1, int(round(r / spacing[2])))
         yy, xx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
         return ((yy / ry) ** 2 + (xx / rx) ** 2 <= 1)[None]  # host footprint: no device sync
 
@@ -415,15 +411,16 @@ class Detector:
         if fp is not None:
             mask = binary_dilation(mask, fp)
         res, n, bs = self.resolution, x.shape[0], self.config.batch_size
-        x_sq = slices_to_square(x, res)
-        m_sq = (slices_to_square(mask.astype(xp.float32), res) > 0.5).astype(xp.float32)
+        px = (spacing[1], spacing[2])  # square pixels for the inpainter, whatever the scan's
+        x_sq = slices_to_square(x, res, pixel_mm=px)
+        m_sq = (slices_to_square(mask.astype(xp.float32), res, pixel_mm=px) > 0.5).astype(xp.float32)
         gen = xp.empty((n, 1, res, res), xp.float32)
         for i in range(0, n, bs):
             xb, mb = x_sq[i:i + bs], m_sq[i:i + bs]
             self._infer(self.inp_name, xp.stack([xb * (1 - mb), mb], axis=1), out=gen[i:i + bs])
             if on_batch:
                 on_batch(min(i + bs, n), n)
-        composite = xp.where(mask, square_to_slices(gen[:, 0], h, w), x)
+        composite = xp.where(mask, square_to_slices(gen[:, 0], h, w, pixel_mm=px), x)
         if idx is None:
             return composite, keep
         out = norm.copy()
@@ -607,7 +604,7 @@ class Detector:
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "backend": self.backend.name, "device": self.backend.device, "precision": self.backend.precision,
             "resolution": self.resolution,
-            "repainting_margin_mm": [round(m, 3) for m in self.repainting_margin_mm(scan.data.shape, scan.spacing)],
+            "repainting_margin_mm": round(self.repainting_margin_mm(scan.data.shape, scan.spacing), 3),
             "models": {name: {"file": e["file"], "sha256": e["sha256"]}
                        for name, e in (("segmenter", self.seg_entry), (self.inp_name, self.inp_entry))},
             "models_dir": str(store.root),

@@ -46,9 +46,8 @@ def test_phantom_detection_is_accurate(canonical_result, phantom_case):
     r = d.report
     assert r["lesion_count"] >= 1 and r["backend"] == "onnxruntime" and r["precision"] == "fp32"
     assert len(r["models"]["segmenter"]["sha256"]) == 64
-    side = max(d.scan.data.shape[1:])  # square pixels: 3.2 inpainter pixels along rows and columns
-    assert r["repainting_margin_mm"] == pytest.approx([3.2 * side * s / r["resolution"] for s in d.scan.spacing[1:]],
-                                                      abs=1e-3)
+    field_mm = max(n * s for n, s in zip(d.scan.data.shape[1:], d.scan.spacing[1:]))
+    assert r["repainting_margin_mm"] == pytest.approx(3.2 * field_mm / r["resolution"], abs=1e-3)
 
 
 def test_flipped_permuted_scan_gives_the_same_mask(phantom_case, canonical_result, detector, tmp_path):
@@ -353,20 +352,21 @@ def test_repainting_margin_is_counted_in_inpainter_pixels(detector):
     from bmltrt.pipeline import MASK_DILATE_INPAINTER_PX, DetectConfig, Detector
 
     oai = ((37, 448, 448), (3.0, 160 / 448, 160 / 448))  # a 160 mm field, as OAI's sagittal IW
-    margins = {r: Detector(detector.backend, DetectConfig(resolution=r)).repainting_margin_mm(*oai)[0]
+    margins = {r: Detector(detector.backend, DetectConfig(resolution=r)).repainting_margin_mm(*oai)
                for r in (128, 256, 448)}
     assert margins == pytest.approx({128: 4.0, 256: 2.0, 448: 2 * 256 / 448})
-    # non-square scan pixels (0.357 x 0.714 mm, 448 x 224): the square pad is in scan pixels, so the
-    # margin is 3.2 inpainter pixels along each axis, i.e. the same 5.6 scan pixels along both
+    # non-square scan pixels (0.357 x 0.714 mm, 448 x 224: a 160 mm field): the inpainter still
+    # gets square pixels of 160 / 256 mm (slices_to_square pads to a square in mm), so 2 mm,
+    # 6 scan pixels along the rows and 3 along the columns
     det256 = Detector(detector.backend, DetectConfig(resolution=256))
     wide = ((37, 448, 224), (3.0, 160 / 448, 320 / 448))
-    assert det256.repainting_margin_mm(*wide) == pytest.approx((2.0, 4.0))
-    assert det256._dilation_footprint(*wide).shape == (1, 13, 13)
+    assert det256.repainting_margin_mm(*wide) == pytest.approx(2.0)
+    assert det256._dilation_footprint(*wide).shape == (1, 13, 7)
     # a 120 mm field (320 pixels of 0.375 mm) padded to a square: pixels of 120 / 256 mm
     small_field = det256.repainting_margin_mm((30, 320, 280), (3.0, 0.375, 0.375))
-    assert small_field == pytest.approx((MASK_DILATE_INPAINTER_PX * 120 / 256,) * 2)
+    assert small_field == pytest.approx(MASK_DILATE_INPAINTER_PX * 120 / 256)
     given = Detector(detector.backend, DetectConfig(resolution=448, mask_dilate_mm=3.0))
-    assert given.repainting_margin_mm(*oai) == (3.0, 3.0)
+    assert given.repainting_margin_mm(*oai) == 3.0
     assert dataclasses.asdict(DetectConfig())["mask_dilate_mm"] is None  # "by the scan's grid"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from with_detect_config import detect_config_overrides
@@ -381,3 +381,22 @@ def test_repainting_margin_is_counted_in_inpainter_pixels(detector):
 
     assert key(DetectConfig(resolution=128), oai) == key(DetectConfig(resolution=128, mask_dilate_mm=4.0), oai)
     assert key(DetectConfig(resolution=128), oai) != key(DetectConfig(resolution=128), ((37, 384, 384), oai[1]))
+
+
+def test_the_inpainter_gets_square_pixels_from_non_square_scan_pixels():
+    """A disc of 40 mm on a 0.357 x 0.714 mm grid (448 x 224 pixels, a 160 mm field) is a
+    disc on the inpainter's square grid, centred, and comes back to the scan's pixels."""
+    from bmltrt.runtime.preprocess import slices_to_square, square_to_slices
+
+    sy, sx = 160 / 448, 160 / 224
+    yy, xx = np.mgrid[:448, :224]
+    disc = ((((yy + 0.5) * sy - 80) ** 2 + ((xx + 0.5) * sx - 80) ** 2) <= 20 ** 2).astype(np.float32)[None]
+    sq = slices_to_square(disc, 256, pixel_mm=(sy, sx))[0] > 0.5
+    rows, cols = np.flatnonzero(sq.any(1)), np.flatnonzero(sq.any(0))
+    assert abs(len(rows) - len(cols)) <= 1 and abs(len(rows) - 64) <= 2  # 40 mm at 160 / 256 mm a pixel
+    assert abs(rows.mean() - 127.5) < 1 and abs(cols.mean() - 127.5) < 1
+    back = square_to_slices(sq[None].astype(np.float32), 448, 224, pixel_mm=(sy, sx))[0] > 0.5
+    assert back.shape == (448, 224) and (back ^ (disc[0] > 0.5)).sum() < 0.03 * disc.sum()
+    # square pixels: the same as without pixel sizes (a square of pixels)
+    img = np.random.default_rng(0).random((2, 300, 200)).astype(np.float32)
+    assert np.array_equal(slices_to_square(img, 128, pixel_mm=(0.4, 0.4)), slices_to_square(img, 128))

@@ -296,8 +296,7 @@ class OursMethod(Method):
     def identity_for(self, shape, spacing) -> dict:
         # the margin as this scan's grid resolves it: a rule and a number giving the same
         # margin make the same map
-        my, mx = (round(m, 4) for m in self.det.repainting_margin_mm(shape, spacing))
-        return {**self.identity(), "mask_dilate_mm": my if my == mx else [my, mx]}
+        return {**self.identity(), "mask_dilate_mm": round(self.det.repainting_margin_mm(shape, spacing), 4)}
 
     def compute(self, ctx: ScanContext) -> np.ndarray:
         comp, sl = self.det.inpaint(ctx.norm, ctx.femur, ctx.spacing)

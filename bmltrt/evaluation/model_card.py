@@ -69,7 +69,7 @@ def model_card(det, data, split: str = "test", limit: int | None = None, progres
             continue
         # The generator's composite, exactly as detect makes it (true femur as the mask).
         comp, done = det.inpaint(norm, fem_true, sp)
-        ry = max(1, int(round(det.repainting_margin_mm(norm.shape, sp)[0] / sp[1])))
+        ry = max(1, int(round(det.repainting_margin_mm(norm.shape, sp) / sp[1])))
         mask_full = ndi.binary_dilation(fem_true[healthy], structure=np.ones((1, 2 * ry + 1, 2 * ry + 1)))
         x = slices_to_square(norm[healthy], res)
         m = slices_to_square(mask_full.astype(np.float32), res) > 0.5

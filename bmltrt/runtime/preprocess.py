@@ -62,25 +62,33 @@ def to_segmenter_grid(vol, spacing, target_mm: float, antialias: float = 0.0):
     return zoom_to(vol, shape)
 
 
-def square_pad_box(h: int, w: int) -> tuple[int, tuple[int, int]]:
-    """Side of the square that holds an h x w slice, and the slice's offset in it."""
-    side = max(h, w)
-    return side, ((side - h) // 2, (side - w) // 2)
+def square_pad_box(h: int, w: int, pixel_mm=None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The padded (rows, columns) that hold an h x w slice in a square field, and the slice's
+    offset in it. With `pixel_mm` (row, column sizes) the field is square in mm, so that the
+    resized slice has square pixels whatever the scan's; without it, square in pixels."""
+    if pixel_mm is None or float(pixel_mm[0]) == float(pixel_mm[1]):
+        hp = wp = max(h, w)
+    else:
+        sy, sx = float(pixel_mm[0]), float(pixel_mm[1])
+        side_mm = max(h * sy, w * sx)
+        hp, wp = max(h, int(round(side_mm / sy))), max(w, int(round(side_mm / sx)))
+    return (hp, wp), ((hp - h) // 2, (wp - w) // 2)
 
 
-def slices_to_square(slices, res: int, order: int = 1):
-    """(N, H, W) -> (N, res, res): centred zero-pad to a square, then resize (keeps aspect)."""
+def slices_to_square(slices, res: int, order: int = 1, pixel_mm=None):
+    """(N, H, W) -> (N, res, res): centred zero-pad to a square field (in mm with `pixel_mm`,
+    else in pixels), then resize (keeps the aspect)."""
     xp = array_module(slices)
     n, h, w = slices.shape
-    side, (oy, ox) = square_pad_box(h, w)
-    sq = xp.zeros((n, side, side), xp.float32)
+    (hp, wp), (oy, ox) = square_pad_box(h, w, pixel_mm)
+    sq = xp.zeros((n, hp, wp), xp.float32)
     sq[:, oy:oy + h, ox:ox + w] = slices
     return zoom_to(sq, (n, res, res), order=order)
 
 
-def square_to_slices(sq, h: int, w: int, order: int = 1):
+def square_to_slices(sq, h: int, w: int, order: int = 1, pixel_mm=None):
     """Inverse of slices_to_square."""
     n = sq.shape[0]
-    side, (oy, ox) = square_pad_box(h, w)
-    full = zoom_to(sq, (n, side, side), order=order)
+    (hp, wp), (oy, ox) = square_pad_box(h, w, pixel_mm)
+    full = zoom_to(sq, (n, hp, wp), order=order)
     return full[:, oy:oy + h, ox:ox + w]
