@@ -77,8 +77,9 @@ def inpainter_slices(root: Path, split: str, res: int, healthy_only: bool = True
         idx = np.flatnonzero(keep)
         if idx.size == 0:
             continue
-        imgs.append(slices_to_square(norm[idx], res))
-        masks.append(slices_to_square(fem[idx].astype(np.float32), res) > 0.5)
+        px = scan.spacing[1:]  # square pixels for the inpainter, as detect gives it
+        imgs.append(slices_to_square(norm[idx], res, pixel_mm=px))
+        masks.append(slices_to_square(fem[idx].astype(np.float32), res, pixel_mm=px) > 0.5)
         names += [f"{case}:{i}" for i in idx]
     if not imgs:
         return np.zeros((0, res, res), np.float32), np.zeros((0, res, res), bool), []
