@@ -145,29 +145,33 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+# What the user can do about an OSError while writing outputs (--out) ...
+_OUTPUT_HINTS = {
+    errno.ENOSPC: "free some space or choose another --out folder",
+    errno.EDQUOT: "free some space or choose another --out folder",
+    errno.EACCES: "check the folder's permissions or choose another --out folder",
+    errno.EPERM: "check the folder's permissions or choose another --out folder",
+    errno.EROFS: "the file system is read-only: choose another --out folder",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another --out folder",
+    errno.EEXIST: "a file is in the way: choose another --out folder",
+    errno.ENAMETOOLONG: "the file name is too long: rename the scan or use a shorter --out path",
+}
+# ... and where it may as well be an input or the models folder.
+_ANY_PATH_HINTS = {
+    errno.EACCES: "check the permissions of that file and its folder",
+    errno.EPERM: "check the permissions of that file and its folder",
+    errno.ENOSPC: "free some space or choose another --out folder",
+}
+
+
 def os_error(exc: OSError, path, doing: str, output: bool = True) -> BmlError:
-    """A user-facing line for an OSError: what failed, where, what to do. `output`: the
-    failure may be on an input or the models folder too, so the hint names no --out."""
-    if not output:
-        hint = {errno.EACCES: "check the permissions of that file and its folder",
-                errno.EPERM: "check the permissions of that file and its folder",
-                errno.ENOSPC: "free some space or choose another --out folder"}
-        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-        return BmlError(f"cannot {doing} ({why})", getattr(exc, "filename", None) or path,
-                        hint.get(exc.errno, "check the paths of the inputs, the models and --out"))
-    hints = {
-        errno.ENOSPC: "free some space or choose another --out folder",
-        errno.EDQUOT: "free some space or choose another --out folder",
-        errno.EACCES: "check the folder's permissions or choose another --out folder",
-        errno.EPERM: "check the folder's permissions or choose another --out folder",
-        errno.EROFS: "the file system is read-only: choose another --out folder",
-        errno.ENOTDIR: "a path component is a file, not a folder: choose another --out folder",
-        errno.EEXIST: "a file is in the way: choose another --out folder",
-        errno.ENAMETOOLONG: "the file name is too long: rename the scan or use a shorter --out path",
-    }
+    """A user-facing line for an OSError: what failed, where, what to do. `output`: False
+    where the failure may be on an input or the models folder too (the hint names no --out)."""
+    hints, fallback = ((_OUTPUT_HINTS, "check the output folder") if output
+                       else (_ANY_PATH_HINTS, "check the paths of the inputs, the models and --out"))
     why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
     return BmlError(f"cannot {doing} ({why})", getattr(exc, "filename", None) or path,
-                    hints.get(exc.errno, "check the output folder"))
+                    hints.get(exc.errno, fallback))
 
 
 @dataclass
