@@ -34,6 +34,12 @@ logging.getLogger("nibabel").setLevel(logging.ERROR)
 out = Console()
 
 
+def say(text: str) -> None:
+    """One line to stdout as written: paths and labels may hold [brackets] that rich markup
+    would eat ("my[models]" printed as "my")."""
+    out.print(text, markup=False, highlight=False)
+
+
 def print_error(line: str) -> None:
     # escape: rich markup would eat "[train]" and other bracketed text of the message
     console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
@@ -226,7 +232,7 @@ def synth(
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     n = {k: len(v) for k, v in man["splits"].items()}
-    out.print(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})", markup=False)
+    say(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})")
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the femur segmenter or the inpainter (needs bmltrt\\[train]).")
@@ -740,7 +746,7 @@ def detect(
     if made_out_dir and not any(out_dir.iterdir()):  # every scan failed: no empty folder left behind
         out_dir.rmdir()
     else:
-        out.print(f"outputs in {escape(str(out_dir))}")
+        say(f"outputs in {out_dir}")
     det.backend.close()
     if failed:
         raise typer.Exit(2)
@@ -779,7 +785,7 @@ def demo(
         raise BmlError("a file that bmltrt did not write is where a demo output goes", foreign[0],
                        "move it away or choose another --out folder")
     _check_out_dir(out_dir)
-    out.print(f"writing the phantom and the outputs to {escape(str(out_dir.resolve()))}")
+    say(f"writing the phantom and the outputs to {out_dir.resolve()}")
     ph = make_phantom([seed, 0], PhantomConfig(n_lesions=(2, 2)))
     write_case(out_dir, "input", "demo_knee", ph)
     scan_path = out_dir / "input" / "images" / "demo_knee.nii.gz"
@@ -792,15 +798,14 @@ def demo(
     fem = scores(confusion(result.femur, femur))
     dt = lesion_detection(result.lesion, truth)
     r = result.report
-    out.print(f"phantom knee with {dt['n_true']} lesion(s) (3D components, {sum(ph.info['lesion_volumes_mm3']):.0f} mm3): "
-              f"{scan_path}", markup=False)
-    out.print(f"found {r['lesion_count']} lesion(s), {r['lesion_volume_mm3']:.0f} mm3 in "
-              f"{r['timings_s']['total_s']:.1f} s ({r['backend']}, {r['device']}, {r['precision']}, res {r['resolution']})",
-              markup=False)
+    say(f"phantom knee with {dt['n_true']} lesion(s) (3D components, {sum(ph.info['lesion_volumes_mm3']):.0f} mm3): "
+        f"{scan_path}")
+    say(f"found {r['lesion_count']} lesion(s), {r['lesion_volume_mm3']:.0f} mm3 in "
+        f"{r['timings_s']['total_s']:.1f} s ({r['backend']}, {r['device']}, {r['precision']}, res {r['resolution']})")
     out.print(f"lesion Dice {les['dice']:.3f}  IoU {les['iou']:.3f}  sensitivity {les['sensitivity']:.3f}  "
               f"lesions detected {dt['detected']}/{dt['n_true']}  femur Dice {fem['dice']:.3f}")
     for k, v in paths.items():
-        out.print(f"  {k:8s} {v}", markup=False)
+        say(f"  {k:8s} {v}")
 
 
 @app.command()
@@ -853,7 +858,7 @@ def export(
                 if "activation_ranges" in v:
                     extra += f"  max|act| {v['activation_ranges']['max_abs']:.4g}"
             out.print(f"{k:15s} {prec}  {v['file']:26s} sha256 {v['sha256'][:12]}{extra}", highlight=False)
-    out.print(f"models folder {out_dir} (manifest.json); checks PASSED", markup=False)
+    say(f"models folder {out_dir} (manifest.json); checks PASSED")
 
 
 @app.command("export-check")
@@ -889,9 +894,9 @@ def export_check(
         raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of numbers") from None
     rep = parity_report(models, data, split, out_dir, res, limit,
                         progress=lambda what: console.print(f"[dim]{escape(what)}[/]", highlight=False))
-    out.print((out_dir / "parity.md").read_text(), markup=False)
+    say((out_dir / "parity.md").read_text())
     if rep["failed"]:
-        out.print(f"FAILED: {'; '.join(rep['failed'])}", markup=False)
+        say(f"FAILED: {'; '.join(rep['failed'])}")
         raise typer.Exit(1)
     out.print("PASSED")
 
@@ -934,8 +939,8 @@ def build_engines_cmd(
     gpu = eng.current_gpu()
     jobs = plan_jobs(store, res, opts)
     dest = out_dir or eng.default_engines_dir()
-    out.print(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
-              f"{len(jobs)} engine(s) into {dest}", highlight=False, markup=False)
+    say(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
+        f"{len(jobs)} engine(s) into {dest}")
     with _progress() as prog:
         total = prog.add_task("engines", total=len(jobs), status="")
         phase = prog.add_task("phase", total=None, status="", visible=False)

@@ -32,8 +32,8 @@ from bmltrt.postprocess import PostConfig, lesion_mask
 from bmltrt.postprocess.femur_check import check_femur
 from bmltrt.postprocess.guided import guided_filter_near
 from bmltrt.runtime.backends import Backend
-from bmltrt.runtime.preprocess import (normalize_intensity, slices_to_square, square_to_slices, to_segmenter_grid,
-                                       zoom_to)
+from bmltrt.runtime.preprocess import (normalize_intensity, slices_to_square, square_grid_pixel_mm, square_to_slices,
+                                       to_segmenter_grid, zoom_to)
 from bmltrt.runtime.sliding_window import sliding_window
 
 MIN_FEMUR_SLICE_MM2 = 20.0  # slices with less femur than this are not inpainted
@@ -63,7 +63,7 @@ MASK_DILATE_INPAINTER_PX = 3.2
 def inpainter_pixel_mm(shape, spacing, resolution: int) -> float:
     """Side of one inpainter pixel in mm: the slice's field, padded to a square in mm
     (runtime.preprocess.slices_to_square with the scan's pixel size), over the resolution."""
-    return max(shape[-2] * float(spacing[-2]), shape[-1] * float(spacing[-1])) / resolution
+    return square_grid_pixel_mm(shape[-2], shape[-1], resolution, (spacing[-2], spacing[-1]))
 
 
 def default_mask_dilate_mm(shape, spacing, resolution: int) -> float:
@@ -79,6 +79,14 @@ FEMUR_REFINE_MM, FEMUR_REFINE_EPS, FEMUR_REFINE_PASSES = 4.0, 0.001, 2
 # Real qDESS echo 1 / echo 2 femur Dice (the same knee), stage-6 segmenter: 0.902 -> 0.915
 # (top 80 rows, the shaft: 0.75 -> 0.84). benchmarks/results/mirror_tta/.
 MIRROR_TTA = True
+# The inpainter was trained with random in-plane flips, and its repaintings of a slice and of
+# the slice mirrored differ by the generator's guesswork: averaging k of them (1: one pass;
+# 2: the columns mirrored too; 4: rows, columns and both) costs k inpainter passes. Painted
+# OAI_AKOA val at 256 (pooled lesion Dice, tuned): 1 / 2 / 4: 0.369 / 0.369 / 0.376; phantom
+# val 0.728 (1) / 0.731 (4): about what one knee moves, for 4x the inpainter's time, so off.
+# benchmarks/results/inpaint_mirrors/.
+INPAINT_MIRRORS = 1
+INPAINT_FLIPS = {1: [()], 2: [(), (-1,)], 4: [(), (-1,), (-2,), (-2, -1)]}
 # The segmenter was trained on scans drawn on its 1.6 mm grid, where a pixel averages its
 # whole area; linear resampling of a 0.36 mm scan keeps the fine pixels' noise and aliasing.
 # Smoothing first (2.5 x scikit-image's anti-aliasing sigma, about 1.5 mm) makes the real
@@ -115,6 +123,7 @@ class DetectConfig:
     # The femur probability is averaged with that of the mirrored knee (left <-> right, as
     # in training): twice the segmenter's time. MIRROR_TTA says what it bought.
     mirror_tta: bool = MIRROR_TTA
+    inpaint_mirrors: int = INPAINT_MIRRORS  # repaintings averaged per slice: 1, 2 or 4 (INPAINT_MIRRORS)
     # Gaussian smoothing before the scan is resampled to the segmenter's grid, in multiples
     # of scikit-image's anti-aliasing sigma (runtime.preprocess.to_segmenter_grid; 0: off),
     # and the femur-intensity percentile above which a second, unsmoothed pass may add
@@ -290,6 +299,8 @@ class Detector:
         if c.femur_refine_mm < 0 or (c.femur_refine_mm > 0 and (c.femur_refine_eps <= 0 or c.femur_refine_passes < 1)):
             raise BmlError(f"femur refinement needs a radius >= 0, eps > 0 and at least one pass (got "
                            f"{c.femur_refine_mm} mm, eps {c.femur_refine_eps}, {c.femur_refine_passes} passes)")
+        if c.inpaint_mirrors not in INPAINT_FLIPS:
+            raise BmlError(f"inpaint_mirrors must be one of {sorted(INPAINT_FLIPS)} (got {c.inpaint_mirrors})")
         for what, n in (("--batch-size", self.config.batch_size), ("segmentation batch size", self.seg_batch)):
             if int(n) < 1:
                 raise BmlError(f"{what} must be at least 1 (got {n})")
@@ -385,7 +396,8 @@ class Detector:
         r = self.config.mask_dilate_mm
         return default_mask_dilate_mm(shape, spacing, self.resolution) if r is None else float(r)
 
-    def _dilation_footprint(self, shape, spacing):
+    def repainting_footprint(self, shape, spacing):
+        """The in-plane (1, ry, rx) ellipse the femur is dilated by before repainting, or None."""
         r = self.repainting_margin_mm(shape, spacing)
         if r <= 0:
             return None
@@ -407,7 +419,7 @@ class Detector:
             if idx.size == 0:
                 return norm.copy(), keep
             x, mask = norm[idx], femur[idx]
-        fp = self._dilation_footprint(norm.shape, spacing)
+        fp = self.repainting_footprint(norm.shape, spacing)
         if fp is not None:
             mask = binary_dilation(mask, fp)
         res, n, bs = self.resolution, x.shape[0], self.config.batch_size
@@ -415,9 +427,16 @@ class Detector:
         x_sq = slices_to_square(x, res, pixel_mm=px)
         m_sq = (slices_to_square(mask.astype(xp.float32), res, pixel_mm=px) > 0.5).astype(xp.float32)
         gen = xp.empty((n, 1, res, res), xp.float32)
+        flips = INPAINT_FLIPS[self.config.inpaint_mirrors]
         for i in range(0, n, bs):
             xb, mb = x_sq[i:i + bs], m_sq[i:i + bs]
-            self._infer(self.inp_name, xp.stack([xb * (1 - mb), mb], axis=1), out=gen[i:i + bs])
+            batch = xp.stack([xb * (1 - mb), mb], axis=1)
+            self._infer(self.inp_name, batch, out=gen[i:i + bs])
+            for axes in flips[1:]:  # the mirrored slice's repainting, mirrored back
+                flipped = self._infer(self.inp_name, xp.ascontiguousarray(xp.flip(batch, axes)))
+                gen[i:i + bs] += xp.flip(xp.asarray(flipped), axes)
+            if len(flips) > 1:
+                gen[i:i + bs] /= len(flips)
             if on_batch:
                 on_batch(min(i + bs, n), n)
         composite = xp.where(mask, square_to_slices(gen[:, 0], h, w, pixel_mm=px), x)

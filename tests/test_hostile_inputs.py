@@ -529,6 +529,30 @@ def test_empty_folder(tmp_path):
     assert "no NIfTI files" in error_line(res) and not (tmp_path / "o").exists()
 
 
+def test_links_and_pipes_with_scan_names_are_named_not_skipped(tmp_path):
+    """A folder entry with a NIfTI name that is no file (a broken link, a looping link, a
+    pipe) gets its own line instead of vanishing from the batch; named directly, the same."""
+    from bmltrt.io.inputs import expand_inputs
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    (d / "gone.nii.gz").symlink_to(tmp_path / "moved_away.nii.gz")
+    (d / "loop.nii.gz").symlink_to(d / "loop2.nii.gz")
+    (d / "loop2.nii.gz").symlink_to(d / "loop.nii.gz")
+    os.mkfifo(d / "pipe.nii")
+    small_scan(d / "knee.nii.gz")
+    found = expand_inputs([str(d)])
+    assert [s.path.name for s in found.sources] == ["knee.nii.gz"]
+    said = {Path(err.path).name: err.line() for err in found.problems}
+    assert sorted(said) == ["gone.nii.gz", "loop.nii.gz", "loop2.nii.gz", "pipe.nii"], said
+    assert "broken symbolic link" in said["gone.nii.gz"] and "moved_away.nii.gz" in said["gone.nii.gz"]
+    assert "loops" in said["loop.nii.gz"] and "named pipe (FIFO)" in said["pipe.nii"]
+    res = run(["detect", d / "loop.nii.gz", "-o", tmp_path / "o"])
+    assert "a symbolic link that loops" in error_line(res) and not (tmp_path / "o").exists()
+    res = run(["detect", d / "pipe.nii", "-o", tmp_path / "o"])
+    assert "named pipe (FIFO), not a regular file" in error_line(res)
+
+
 def test_glob_that_matches_nothing(tmp_path):
     res = run(["detect", str(tmp_path / "*.nii.gz"), "-o", tmp_path / "o"])
     assert "no file matches" in error_line(res)

@@ -290,6 +290,36 @@ def test_mirror_averaging_makes_the_femur_of_a_mirrored_knee_its_mirror(phantom_
     assert np.allclose(both.femur_probability(norm, scan.spacing), 0.5 * (q + q_mirrored), atol=1e-6)
 
 
+def test_averaged_repaintings_make_the_repainting_of_a_mirrored_slice_its_mirror(phantom_case, detector):
+    """inpaint_mirrors=4 averages the repaintings of a slice and of its three in-plane mirrors,
+    so a mirrored slice is repainted as the mirror of the slice's repainting (on a grid that
+    needs no padding or resizing); one pass is not mirror-symmetric; a bad count is refused."""
+    import dataclasses
+
+    from bmltrt.errors import BmlError
+    from bmltrt.pipeline import Detector
+    from bmltrt.runtime.preprocess import normalize_intensity
+
+    scan = load_scan(phantom_case[0])
+    norm, femur_truth = normalize_intensity(scan.data), load_scan(
+        str(phantom_case[0]).replace("images", "femur"), is_mask=True).data > 0
+    s = int(np.argmax(femur_truth.sum((1, 2))))
+    h, w = norm.shape[1:]
+    top, left = (h - 256) // 2, (w - 256) // 2
+    x = np.ascontiguousarray(norm[s - 1:s + 2, top:top + 256, left:left + 256])
+    fem = np.ascontiguousarray(femur_truth[s - 1:s + 2, top:top + 256, left:left + 256])
+    spacing = (scan.spacing[0], 0.5, 0.5)
+    for k, symmetric in ((1, False), (4, True)):
+        det = Detector(detector.backend, dataclasses.replace(detector.config, resolution=256, inpaint_mirrors=k,
+                                                             edge_slice_fraction=0.0))
+        comp, keep = det.inpaint(x, fem, spacing)
+        comp_m, _ = det.inpaint(np.ascontiguousarray(x[:, ::-1]), np.ascontiguousarray(fem[:, ::-1]), spacing)
+        assert keep.all() and (comp != x).any()
+        assert np.allclose(comp_m[:, ::-1], comp, atol=1e-5) == symmetric
+    with pytest.raises(BmlError, match="inpaint_mirrors"):
+        Detector(detector.backend, dataclasses.replace(detector.config, inpaint_mirrors=3))
+
+
 def test_segmenter_grid_antialiasing_cuts_fine_pixel_noise_and_keeps_edges():
     """to_segmenter_grid: antialias 0 is plain linear resampling; > 0 smooths each in-plane
     axis that shrinks before resampling, so the noise of 0.36 mm pixels does not reach the
@@ -361,7 +391,7 @@ def test_repainting_margin_is_counted_in_inpainter_pixels(detector):
     det256 = Detector(detector.backend, DetectConfig(resolution=256))
     wide = ((37, 448, 224), (3.0, 160 / 448, 320 / 448))
     assert det256.repainting_margin_mm(*wide) == pytest.approx(2.0)
-    assert det256._dilation_footprint(*wide).shape == (1, 13, 7)
+    assert det256.repainting_footprint(*wide).shape == (1, 13, 7)
     # a 120 mm field (320 pixels of 0.375 mm) padded to a square: pixels of 120 / 256 mm
     small_field = det256.repainting_margin_mm((30, 320, 280), (3.0, 0.375, 0.375))
     assert small_field == pytest.approx(MASK_DILATE_INPAINTER_PX * 120 / 256)

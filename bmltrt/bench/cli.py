@@ -105,10 +105,10 @@ def bench_cmd(
     paths = write_results(res, out_dir)
     for n in res["notes"]:
         base.print_warning(n)
-    base.out.print(f"{len(res['rows'])} figures on {res['machine_label']} (commit {res['machine']['commit']})", markup=False)
+    base.say(f"{len(res['rows'])} figures on {res['machine_label']} (commit {res['machine']['commit']})")
     for k, p in paths.items():
-        base.out.print(f"  {k:10s} {p}", markup=False)
-    base.out.print(f"README section: python -m bmltrt.bench.readme {out_dir} --readme README.md", markup=False)
+        base.say(f"  {k:10s} {p}")
+    base.say(f"README section: python -m bmltrt.bench.readme {out_dir} --readme README.md")
 
 
 def register(app: typer.Typer) -> None:

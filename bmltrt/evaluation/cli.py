@@ -174,7 +174,7 @@ def run_cmd(
     if tune:
         for label, pp in doc["tuning"]["postprocess"].items():
             _write_postprocess(plan, label, pp, out_dir, save)
-    base.out.print(f"outputs in {out_dir}: {', '.join(sorted(p.name for p in paths.values()))}", markup=False)
+    base.say(f"outputs in {out_dir}: {', '.join(sorted(p.name for p in paths.values()))}")
 
 
 def _write_postprocess(plan, label, doc, out_dir, save):
@@ -185,7 +185,7 @@ def _write_postprocess(plan, label, doc, out_dir, save):
     atomic_write(Path(out_dir) / name, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1) + "\n"))
     if save:
         root = next(ms.root for ms in plan.model_sets if ms.label == label)
-        base.out.print(f"post-processing for [{label}] saved: {write_tuned(root, doc)}", markup=False)
+        base.say(f"post-processing for [{label}] saved: {write_tuned(root, doc)}")
 
 
 @evaluate_app.command("tune")
@@ -215,12 +215,12 @@ def tune_cmd(
     atomic_write(Path(out_dir) / "tuning.json", lambda tmp: Path(tmp).write_text(json.dumps(clean(tuning), indent=1)))
     for k, r in tuning["methods"].items():
         b = r["best"]
-        base.out.print(f"{k:28s} val pooled Dice {r['dice']:.3f} (defaults {r['default_dice'] or float('nan'):.3f}): "
-                       f"floor {b['floor']:.3g}, otsu {b['otsu_scope']}, opening {b['opening_mm']:g} mm, "
-                       f"closing {b['closing_mm']:g} mm, min area {b['min_area_mm2']:g} mm2", markup=False)
+        base.say(f"{k:28s} val pooled Dice {r['dice']:.3f} (defaults {r['default_dice'] or float('nan'):.3f}): "
+                 f"floor {b['floor']:.3g}, otsu {b['otsu_scope']}, opening {b['opening_mm']:g} mm, "
+                 f"closing {b['closing_mm']:g} mm, min area {b['min_area_mm2']:g} mm2")
     for label, pp in tuning["postprocess"].items():
         _write_postprocess(plan, label, pp, out_dir, save)
-    base.out.print(f"outputs in {out_dir}", markup=False)
+    base.say(f"outputs in {out_dir}")
 
 
 @evaluate_app.command("table")
@@ -291,10 +291,10 @@ def table_cmd(
             removed += remove_stale_results(out_dir, stale_names, written + [out_dir / "report.md"], keep=inputs)
         for name in removed:
             base.out.print(f"removed {name} of the earlier run")
-        base.out.print(f"outputs in {out_dir}", markup=False)
+        base.say(f"outputs in {out_dir}")
     if readme is not None:
         paste_readme(readme, report_markdown(docs, short=True, figure=rel(readme.resolve().parent)))
-        base.out.print(f"results pasted into {readme}", markup=False)
+        base.say(f"results pasted into {readme}")
 
 
 @evaluate_app.command("model-card")
@@ -318,7 +318,7 @@ def model_card_cmd(
     text = json.dumps(clean(res), indent=1)
     if out_file is not None:
         atomic_write(out_file, lambda tmp: Path(tmp).write_text(text + "\n"))
-    base.out.print(text, markup=False)
+    base.say(text)
 
 
 # -- the baselines' networks ---------------------------------------------------------------

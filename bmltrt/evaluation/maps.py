@@ -290,8 +290,11 @@ class OursMethod(Method):
 
     def identity(self) -> dict:
         c = self.det.config
-        return {"method": "ours", "inpainter": self.det.inp_entry["sha256"], "resolution": self.resolution,
-                "mask_dilate_mm": c.mask_dilate_mm, "nbins": PostConfig().nbins, "engine": engine_of(self.det)}
+        ident = {"method": "ours", "inpainter": self.det.inp_entry["sha256"], "resolution": self.resolution,
+                 "mask_dilate_mm": c.mask_dilate_mm, "nbins": PostConfig().nbins, "engine": engine_of(self.det)}
+        if c.inpaint_mirrors != 1:  # keyed only when on: the maps cached without it stand
+            ident["inpaint_mirrors"] = c.inpaint_mirrors
+        return ident
 
     def identity_for(self, shape, spacing) -> dict:
         # the margin as this scan's grid resolves it: a rule and a number giving the same

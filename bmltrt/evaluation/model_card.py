@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 from bmltrt.errors import BmlError
 from bmltrt.evaluation.metrics import confusion, scores
 from bmltrt.io import load_scan
-from bmltrt.pipeline import MIN_FEMUR_SLICE_MM2
+from bmltrt.pipeline import MIN_FEMUR_SLICE_MM2, inpainter_pixel_mm
 from bmltrt.runtime.preprocess import inplane_shape, normalize_intensity, slices_to_square, zoom_to
 from bmltrt.synth.dataset import case_paths
 
@@ -69,12 +69,13 @@ def model_card(det, data, split: str = "test", limit: int | None = None, progres
             continue
         # The generator's composite, exactly as detect makes it (true femur as the mask).
         comp, done = det.inpaint(norm, fem_true, sp)
-        ry = max(1, int(round(det.repainting_margin_mm(norm.shape, sp) / sp[1])))
-        mask_full = ndi.binary_dilation(fem_true[healthy], structure=np.ones((1, 2 * ry + 1, 2 * ry + 1)))
-        x = slices_to_square(norm[healthy], res)
-        m = slices_to_square(mask_full.astype(np.float32), res) > 0.5
-        lama = slices_to_square(comp[healthy], res)
-        px_mm = max(scan.data.shape[1] * sp[1], scan.data.shape[2] * sp[2]) / res
+        fp = det.repainting_footprint(norm.shape, sp)
+        mask_full = fem_true[healthy] if fp is None else ndi.binary_dilation(fem_true[healthy], structure=fp)
+        px = (sp[1], sp[2])  # the inpainter's square pixels, as detect pads
+        x = slices_to_square(norm[healthy], res, pixel_mm=px)
+        m = slices_to_square(mask_full.astype(np.float32), res, pixel_mm=px) > 0.5
+        lama = slices_to_square(comp[healthy], res, pixel_mm=px)
+        px_mm = inpainter_pixel_mm(norm.shape, sp, res)
         l1["lama"].append(masked_l1(lama, x, m) * len(healthy))
         l1["ring_mean"].append(masked_l1(ring_mean_fill(x, m, max(1, int(round(3 / px_mm)))), x, m) * len(healthy))
         l1["blurred_fill"].append(masked_l1(blurred_fill(x, m, 5 / px_mm), x, m) * len(healthy))

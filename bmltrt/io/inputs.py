@@ -9,8 +9,10 @@ note. Anything else that cannot be a scan becomes a one-line error for that item
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,14 +56,42 @@ class Expanded:
     notes: list[str]  # what was skipped, and why
 
 
+def file_problem(path: Path) -> BmlError | None:
+    """Why `path` cannot be opened as a scan file (missing, a broken or looping link, a
+    folder, a pipe or a device), or None for a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return BmlError("a symbolic link that loops (it never reaches a file)", path, "fix or remove the link")
+        if path.is_symlink():
+            return BmlError(f"a broken symbolic link (its target {os.readlink(path)} does not exist)", path,
+                            "fix or remove the link")
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return BmlError("file not found", path, "check the path")
+        return BmlError(f"cannot read this file ({os.strerror(exc.errno) if exc.errno else exc})", path,
+                        "check the file's permissions (and its folder's)")
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return BmlError("not a file", path, "give a .nii or .nii.gz file")
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+    return BmlError(f"{kind}, not a regular file", path, "give the scan file itself")
+
+
 def _folder(folder: Path, echo: int | None, out: Expanded) -> None:
     from bmltrt.io.dicom import dicom_files_in, find_series
 
     try:
-        entries = sorted(p for p in folder.iterdir() if p.is_file())
+        listing = sorted(folder.iterdir())
+        entries = [p for p in listing if p.is_file()]
     except OSError as exc:
         out.problems.append(BmlError(f"cannot list the folder ({os.strerror(exc.errno or 0)})", folder))
         return
+    # a NIfTI name that is no file (a broken or looping link, a pipe) is said, not skipped
+    odd = [err for p in listing if not p.name.startswith(".") and is_nifti_name(p.name)
+           and not p.is_file() and not p.is_dir() and (err := file_problem(p)) is not None]
+    out.problems += odd
     visible = [p for p in entries if not p.name.startswith(".")]
     nifti = [p for p in visible if is_nifti_name(p.name)]
     ours = [p for p in nifti if is_our_mask(p)]
@@ -73,7 +103,7 @@ def _folder(folder: Path, echo: int | None, out: Expanded) -> None:
             out.sources += [ScanSource(folder, s) for s in find_series(folder, echo)]
         except BmlError as err:
             out.problems.append(err)
-    elif not nifti:
+    elif not nifti and not odd:
         # A folder's hidden files are skipped (as ls skips them); a file given by name is read.
         hidden = [p.name for p in entries if p.name.startswith(".") and is_nifti_name(p.name)]
         skipped = f" (skipped hidden: {', '.join(hidden[:3])}{', ...' if len(hidden) > 3 else ''})" if hidden else ""

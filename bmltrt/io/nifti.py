@@ -25,6 +25,7 @@ from nibabel.orientations import (
 
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
+from bmltrt.io.inputs import file_problem
 from bmltrt.io.outputs import MASK_DESCRIP, is_nifti_name, nifti_stem
 
 WORKING_AXCODES = ("R", "I", "P")
@@ -78,10 +79,9 @@ class Scan:
 def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
     """Open a NIfTI file lazily and check everything the header can tell."""
     path = Path(path)
-    if not path.exists():
-        raise BmlError("file not found", path, "check the path")
-    if not path.is_file():
-        raise BmlError("not a file", path, "give a .nii or .nii.gz file")
+    problem = file_problem(path)
+    if problem is not None:
+        raise problem
     if not _is_nifti_name(path):
         raise BmlError("not a NIfTI file name (.nii or .nii.gz expected)", path,
                        "convert the scan to NIfTI, e.g. with dcm2niix")

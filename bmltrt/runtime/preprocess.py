@@ -75,6 +75,13 @@ def square_pad_box(h: int, w: int, pixel_mm=None) -> tuple[tuple[int, int], tupl
     return (hp, wp), ((hp - h) // 2, (wp - w) // 2)
 
 
+def square_grid_pixel_mm(h: int, w: int, res: int, pixel_mm) -> float:
+    """Side in mm of one pixel of the res x res grid that slices_to_square(..., pixel_mm=)
+    makes of an h x w slice (the larger side where the padding rounds to whole pixels)."""
+    (hp, wp), _ = square_pad_box(h, w, pixel_mm)
+    return max(hp * float(pixel_mm[0]), wp * float(pixel_mm[1])) / res
+
+
 def slices_to_square(slices, res: int, order: int = 1, pixel_mm=None):
     """(N, H, W) -> (N, res, res): centred zero-pad to a square field (in mm with `pixel_mm`,
     else in pixels), then resize (keeps the aspect)."""
