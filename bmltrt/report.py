@@ -82,7 +82,7 @@ def overlay_image(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, spaci
         rgb[_outline(f, 2)] = (255, 210, 0)
         rgb[_outline(le, 2)] = (255, 40, 40)
         im = Image.fromarray(rgb)
-        label = f"slice {s}" + (f"  lesion {int(les_area[s])} px" if les_area[s] else "")
+        label = f"slice {s}" + (f"  lesion {les_area[s] * spacing[1] * spacing[2]:.0f} mm2" if les_area[s] else "")
         ImageDraw.Draw(im).text((6, 4), label, fill=(0, 255, 255))
         tiles.append(im)
     cols = min(4, len(tiles))

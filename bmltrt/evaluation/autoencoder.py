@@ -179,14 +179,15 @@ class AutoencoderScorer:
         self.steps = int(ckpt.get("step", 0))
 
     @torch.no_grad()
-    def reconstruct(self, slices: np.ndarray, batch: int = 16) -> np.ndarray:
-        """(N, H, W) normalised slices -> their reconstructions, same grid."""
+    def reconstruct(self, slices: np.ndarray, batch: int = 16, pixel_mm=None) -> np.ndarray:
+        """(N, H, W) normalised slices -> their reconstructions, same grid (padded to a square
+        field in mm with `pixel_mm`, as the inpainter's slices are)."""
         n, h, w = slices.shape
-        sq = slices_to_square(slices.astype(np.float32), self.resolution)
+        sq = slices_to_square(slices.astype(np.float32), self.resolution, pixel_mm=pixel_mm)
         out = np.empty_like(sq)
         for i in range(0, n, batch):
             out[i:i + batch] = self.model(torch.from_numpy(sq[i:i + batch][:, None])).numpy()[:, 0]
-        return square_to_slices(out, h, w)
+        return square_to_slices(out, h, w, pixel_mm=pixel_mm)
 
 
 class AutoencoderMethod(Method):
@@ -205,7 +206,7 @@ class AutoencoderMethod(Method):
         full = np.zeros(ctx.norm.shape, np.float32)
         sl = ctx.crop.slices
         if sl:
-            recon = self.scorer.reconstruct(ctx.norm[sl])
+            recon = self.scorer.reconstruct(ctx.norm[sl], pixel_mm=ctx.spacing[1:])
             diff, _ = anomaly_map(ctx.norm[sl], recon, ctx.femur[sl])
             full[sl] = diff
         return full

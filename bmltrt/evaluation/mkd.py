@@ -179,13 +179,13 @@ class MkdScorer:
         self.model.eval()
         self.sigma_px = 4.0 * self.resolution / 128  # Salehi et al.: sigma 4 at 128 px
 
-    def score(self, slices: np.ndarray, batch: int = 8) -> np.ndarray:
+    def score(self, slices: np.ndarray, batch: int = 8, pixel_mm=None) -> np.ndarray:
         n, h, w = slices.shape
-        sq = slices_to_square(slices.astype(np.float32), self.resolution)
+        sq = slices_to_square(slices.astype(np.float32), self.resolution, pixel_mm=pixel_mm)
         out = np.empty_like(sq)
         for i in range(0, n, batch):
             out[i:i + batch] = self.model.saliency(torch.from_numpy(sq[i:i + batch][:, None]), self.lam, self.sigma_px)
-        return square_to_slices(out, h, w)
+        return square_to_slices(out, h, w, pixel_mm=pixel_mm)
 
 
 class MkdMethod(Method):
@@ -204,7 +204,7 @@ class MkdMethod(Method):
         full = np.zeros(ctx.norm.shape, np.float32)
         sl = ctx.crop.slices
         if sl:
-            full[sl] = self.scorer.score(ctx.norm[sl]) * ctx.femur[sl]
+            full[sl] = self.scorer.score(ctx.norm[sl], pixel_mm=ctx.spacing[1:]) * ctx.femur[sl]
         return full
 
     def default_params(self):
