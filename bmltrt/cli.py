@@ -652,7 +652,7 @@ def detect(
     """Find bone marrow lesions: <name>_bml.nii.gz, _femur.nii.gz, _report.json, _overlay.png per scan."""
     from rich.table import Table
 
-    from bmltrt.io.inputs import expand_inputs
+    from bmltrt.io.inputs import expand_inputs, is_regular_file
     from bmltrt.io.outputs import OutputSet
     from bmltrt.report import write_outputs
 
@@ -675,7 +675,7 @@ def detect(
             raise BmlError(f"two inputs would write the same outputs ({src.stem}_*)", src.label,
                            f"rename one of {stems[key]} and {src.label}, or run them into different --out folders")
         stems[key] = src.label
-    inputs = [f for src in sources for f in src.files if f.exists()]
+    inputs = [f for src in sources for f in src.files if is_regular_file(f)]  # never raises (EACCES)
     det = _detector(resolution, backend, device, models, floor, opening_mm, closing_mm, min_area_mm2, batch_size,
                     precision, engines, seg_batch_size, cuda_graphs, torch_compile, mirror)
     made_out_dir = not out_dir.exists()

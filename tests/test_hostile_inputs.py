@@ -553,6 +553,30 @@ def test_links_and_pipes_with_scan_names_are_named_not_skipped(tmp_path):
     assert "named pipe (FIFO), not a regular file" in error_line(res)
 
 
+def test_a_scan_in_a_folder_that_cannot_be_searched_is_one_line(tmp_path, monkeypatch):
+    """A scan whose folder this user may not search (EACCES on every stat of it; simulated:
+    the suite runs as root) is named in one line, beside the other inputs: Path.is_dir and
+    Path.exists raise there instead of answering."""
+    from bmltrt.io.inputs import expand_inputs
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    small_scan(locked / "x.nii.gz")
+    small_scan(tmp_path / "k.nii.gz")
+    real_stat = os.stat
+
+    def stat(path, *a, **k):
+        if str(locked) in os.fsdecode(path) and os.fsdecode(path) != str(locked):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    found = expand_inputs([str(locked / "x.nii.gz"), str(tmp_path / "k.nii.gz")])
+    assert [s.path.name for s in found.sources] == ["x.nii.gz", "k.nii.gz"] and not found.problems
+    res = run(["detect", locked / "x.nii.gz", "-o", tmp_path / "o"])
+    assert "cannot read this file (Permission denied)" in error_line(res) and not (tmp_path / "o").exists()
+
+
 def test_glob_that_matches_nothing(tmp_path):
     res = run(["detect", str(tmp_path / "*.nii.gz"), "-o", tmp_path / "o"])
     assert "no file matches" in error_line(res)

@@ -56,6 +56,27 @@ class Expanded:
     notes: list[str]  # what was skipped, and why
 
 
+def _mode(path: Path, follow: bool = True) -> int:
+    """st_mode, or 0 where the path cannot be reached (Path.is_file and friends raise on a
+    folder that cannot be searched, EACCES; the read that follows says why)."""
+    try:
+        return (os.stat if follow else os.lstat)(path).st_mode
+    except (OSError, ValueError):
+        return 0
+
+
+def is_regular_file(path: Path) -> bool:
+    return stat.S_ISREG(_mode(path))
+
+
+def _is_dir(path: Path) -> bool:
+    return stat.S_ISDIR(_mode(path))
+
+
+def _is_link(path: Path) -> bool:
+    return stat.S_ISLNK(_mode(path, follow=False))
+
+
 def file_problem(path: Path) -> BmlError | None:
     """Why `path` cannot be opened as a scan file (missing, a broken or looping link, a
     folder, a pipe or a device), or None for a regular file."""
@@ -64,7 +85,7 @@ def file_problem(path: Path) -> BmlError | None:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return BmlError("a symbolic link that loops (it never reaches a file)", path, "fix or remove the link")
-        if path.is_symlink():
+        if _is_link(path):
             return BmlError(f"a broken symbolic link (its target {os.readlink(path)} does not exist)", path,
                             "fix or remove the link")
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -84,13 +105,13 @@ def _folder(folder: Path, echo: int | None, out: Expanded) -> None:
 
     try:
         listing = sorted(folder.iterdir())
-        entries = [p for p in listing if p.is_file()]
+        entries = [p for p in listing if is_regular_file(p)]
     except OSError as exc:
         out.problems.append(BmlError(f"cannot list the folder ({os.strerror(exc.errno or 0)})", folder))
         return
     # a NIfTI name that is no file (a broken or looping link, a pipe) is said, not skipped
     odd = [err for p in listing if not p.name.startswith(".") and is_nifti_name(p.name)
-           and not p.is_file() and not p.is_dir() and (err := file_problem(p)) is not None]
+           and not is_regular_file(p) and not _is_dir(p) and (err := file_problem(p)) is not None]
     out.problems += odd
     visible = [p for p in entries if not p.name.startswith(".")]
     nifti = [p for p in visible if is_nifti_name(p.name)]
@@ -119,30 +140,30 @@ def expand_inputs(items: list[str], echo: int | None = None) -> Expanded:
         if not item.strip():  # Path("") is the current folder: never what an empty argument meant
             out.problems.append(BmlError("an empty input path", repr(item), "give a NIfTI file, a folder or a glob"))
             continue
-        if any(c in item for c in "*?[") and not p.exists():
+        if any(c in item for c in "*?[") and not _mode(p):
             hits = sorted(glob.glob(item))
             if not hits:
                 out.problems.append(BmlError("no file matches this pattern", item, "check the path"))
             for h in hits:
                 hp = Path(h)
-                if hp.is_dir():
+                if _is_dir(hp):
                     _folder(hp, echo, out)
                 elif not hp.name.startswith(".") or is_nifti_name(hp.name):
                     # glob matches a hidden file only where the pattern names one (".k*"): asked for
                     out.sources.append(ScanSource(hp))
-        elif p.is_dir():
+        elif _is_dir(p):
             _folder(p, echo, out)
         else:
             from bmltrt.io.dicom import is_dicom_file
 
-            if p.is_file() and not is_nifti_name(p.name) and is_dicom_file(p):
+            if is_regular_file(p) and not is_nifti_name(p.name) and is_dicom_file(p):
                 out.problems.append(BmlError("a single DICOM file: bmltrt reads whole series", p,
                                              f"give its folder: bmltrt detect {p.parent}"))
             else:
                 out.sources.append(ScanSource(p))  # a missing or bad file fails with its own line
     seen, unique = set(), []
     for s in out.sources:
-        key = (str(s.path.resolve()) if s.path.exists() else str(s.path),
+        key = (str(s.path.resolve()) if _mode(s.path) else str(s.path),
                getattr(s.series, "uid", None), getattr(s.series, "echo", None))
         if key not in seen:
             seen.add(key)
