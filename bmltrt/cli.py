@@ -169,7 +169,8 @@ def user_errors(fn):
             raise typer.Exit(2)
         except KeyboardInterrupt as exc:
             term = isinstance(exc, Interrupted)
-            print_error(f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | run the command again")
+            hint = getattr(exc, "rerun_hint", "run the command again")
+            print_error(f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | {hint}")
             raise typer.Exit(143 if term else 130)
         except MemoryError:
             print_error("out of memory | use a smaller --batch-size, or a machine with more memory")
@@ -273,6 +274,9 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
     _positive(time_limit, "--time-limit")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise BmlError("the run folder (--out) is a file", out_dir, "choose a folder")
+    if not resume and (Path(out_dir) / "checkpoint.pt").exists():  # a run's weights are never replaced unasked
+        raise BmlError("the run folder already holds a checkpoint", out_dir,
+                       "add --resume to go on from it, or choose another --out (or remove the folder)")
     _check_dataset(d.data, "--data")
     _check_dataset(d.val_data, "--val-data")
     if d.data is None and d.labels is None:
@@ -319,16 +323,20 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
             prog.update(task, completed=done,
                         status="  ".join(f"{k} {v:.4g}" for k, v in logs.items() if isinstance(v, float)))
 
-        if trainer is not None:
-            res = trainer(opts, progress)
-        elif kind == "segmenter":
-            from bmltrt.training.segmenter import train_segmenter
+        try:
+            if trainer is not None:
+                res = trainer(opts, progress)
+            elif kind == "segmenter":
+                from bmltrt.training.segmenter import train_segmenter
 
-            res = train_segmenter(opts, cfg, progress)
-        else:
-            from bmltrt.training.inpainter import train_inpainter
+                res = train_segmenter(opts, cfg, progress)
+            else:
+                from bmltrt.training.inpainter import train_inpainter
 
-            res = train_inpainter(opts, cfg, resolutions, progress)
+                res = train_inpainter(opts, cfg, resolutions, progress)
+        except KeyboardInterrupt as exc:  # the checkpoint is kept: a plain rerun would be refused
+            exc.rerun_hint = "add --resume to the same command to go on from the last checkpoint"
+            raise
     out.print(f"{kind}: step {res['steps']} of {steps} in {res['seconds']:.0f} s; {json.dumps(res['metrics'])}; "
               f"checkpoint {Path(out_dir) / 'checkpoint.pt'}")
 
@@ -817,9 +825,11 @@ def export(
     from_onnx: Optional[Path] = typer.Option(None, "--from-onnx", help="Start from the float32 graphs of this models folder; --segmenter/--inpainter checkpoints given too replace its graphs of that name."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder to write (its manifest.json is replaced)."),
     precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both (fp16 keeps the float32 graphs as reference)."),
-    default_resolution: int = typer.Option(256, "--default-resolution", min=64, max=2048),
+    default_resolution: Optional[int] = typer.Option(None, "--default-resolution", min=64, max=2048,
+                                                     help="The inpainting size detect uses by default (one that is "
+                                                          "exported; default: 256, or the nearest exported)."),
     calibration_cases: int = typer.Option(2, "--calibration-cases", help="Phantom knees for FP16 calibration (0: islands by rule only)."),
-    calibration_seed: int = typer.Option(11, "--calibration-seed"),
+    calibration_seed: int = typer.Option(11, "--calibration-seed", min=0, max=2**31 - 1),
     bound: float = typer.Option(1e4, "--fp16-bound", help="Nodes whose calibrated |activation| exceeds this stay float32."),
     fp16_io: bool = typer.Option(False, "--fp16-io", help="FP16 graphs take and give float16 (default: float32 I/O)."),
     no_lint: bool = typer.Option(False, "--no-lint", help="Skip `polygraphy check lint`."),
@@ -831,9 +841,17 @@ def export(
         raise BmlError("export needs torch", hint="pip install 'bmltrt[export]'") from None
     from bmltrt.export.build import make_models
 
-    for p in [segmenter, *inpainter]:
-        if p is not None and not p.is_file():
+    from bmltrt.training.checkpoint import load_weights
+
+    for p, kind, module in [(segmenter, "segmenter", "net")] + [(p, "inpainter", "gen") for p in inpainter]:
+        if p is None:
+            continue
+        if not p.is_file():
             raise BmlError("checkpoint not found", p)
+        if p.suffix.lower() == ".onnx":
+            raise BmlError(f"--{kind} takes a training checkpoint (.pt), not a graph", p,
+                           "give the graph's models folder as --from-onnx")
+        load_weights(p, kind, module)  # a checkpoint of this kind, readable: before minutes of work
     if from_onnx is not None and not (from_onnx / "manifest.json").exists():
         raise BmlError("not a models folder (no manifest.json)", from_onnx)
     if out_dir.exists() and not out_dir.is_dir():

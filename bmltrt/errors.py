@@ -56,3 +56,8 @@ def stop_if_terminated() -> None:
     """Raise Interrupted if a SIGTERM arrived whose exception went missing."""
     if TERMINATION_REQUESTS:
         raise Interrupted(TERMINATION_REQUESTS[-1])
+
+
+def with_article(word) -> str:
+    """'a segmenter', 'an inpainter': for lines that name a kind of checkpoint."""
+    return ("an " if str(word)[:1].lower() in "aeiou" else "a ") + str(word)

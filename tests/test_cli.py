@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from bmltrt.cli import app
@@ -52,11 +53,35 @@ def test_model_card_figures_on_a_phantom(tiny_dataset, tmp_path):
                                  "-o", str(tmp_path / "card.json")])
     assert r.exit_code == 0, r.output + r.stderr
     card = json.loads((tmp_path / "card.json").read_text())
+    # -o never replaces a file unasked, never writes into the dataset, and is checked first
+    again = CliRunner().invoke(app, ["evaluate", "model-card", str(tiny_dataset), "-o", str(tmp_path / "card.json")])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    manifest = (tiny_dataset / "dataset.json").read_bytes()
+    onto = CliRunner().invoke(app, ["evaluate", "model-card", str(tiny_dataset), "-o", str(tiny_dataset / "dataset.json"),
+                                    "--overwrite"])
+    assert onto.exit_code == 2 and "inside the dataset" in onto.stderr
+    assert (tiny_dataset / "dataset.json").read_bytes() == manifest
+    folder = CliRunner().invoke(app, ["evaluate", "model-card", str(tiny_dataset), "-o", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder" in folder.stderr
     assert card["cases"] == 1 and card["femur_dice_mean"] > 0.95
     assert card["femur_dice_mean"] <= card["femur_dice_ceiling_of_working_grid"] + 0.02
     assert card["healthy_slices"] > 5
     l1 = card["masked_l1"]
     assert 0 < l1["lama"] < l1["blurred_fill"] and l1["lama"] < l1["ring_mean"]
+
+
+def test_an_interrupted_training_run_says_how_to_go_on(tiny_dataset, tmp_path, monkeypatch):
+    """Ctrl-C in `train` keeps the checkpoint, and the hint says --resume (a plain rerun
+    is refused over an existing checkpoint)."""
+    pytest.importorskip("torch")
+    import bmltrt.training.segmenter as seg
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seg, "train_segmenter", interrupted)
+    r = CliRunner().invoke(app, ["train", "segmenter", "--data", str(tiny_dataset), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 130 and "add --resume" in r.stderr, r.stderr
 
 
 def test_post_options_reach_the_detector(phantom_case, tmp_path):

@@ -16,7 +16,7 @@ from bmltrt.evaluation.metrics import confusion
 from bmltrt.evaluation.tune import SearchSpace, grid_counts, pooled_dice, tune_method
 from bmltrt.postprocess import PostConfig
 
-from conftest import dataset_of, needs_torch
+from conftest import REPO, dataset_of, needs_torch, save_nifti
 
 SPACING = (3.0, 0.5, 0.5)
 
@@ -302,6 +302,51 @@ def test_evaluate_bad_input_one_line_exit_2(tiny_dataset, tmp_path):
     assert "cannot read an evaluation" in _one_line_exit_2(run(app, ["evaluate", "table", str(binary),
                                                                      "-o", str(tmp_path / "t")]))
     assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
+
+
+def test_damaged_datasets_and_masks_off_their_scans_grid_are_one_line(tmp_path):
+    """A dataset.json that is not JSON, not an object, or whose split is not a list of names
+    (or lists a case twice), and a truth mask of another shape, another affine or not binary:
+    one line naming the file, exit 2, never scores against it."""
+    run = CliRunner().invoke
+    root = tmp_path / "ds"
+    for kind in ("images", "femur", "lesion"):
+        (root / "test" / kind).mkdir(parents=True)
+    affine = np.diag([3.0, 0.5, 0.5, 1.0])
+    save_nifti(root / "test" / "images" / "c.nii.gz", np.random.default_rng(0).random((12, 64, 64)), affine)
+    save_nifti(root / "test" / "femur" / "c.nii.gz", np.zeros((12, 64, 64)), affine, np.uint8)
+    man = root / "dataset.json"
+    for text, said in (("{oops", "damaged (JSONDecodeError)"), ("[1, 2]", 'no "splits"'),
+                       (json.dumps({"splits": {"test": "c"}}), 'split "test" is not a list'),
+                       (json.dumps({"splits": {"test": ["c", "c"]}}), "lists case c twice")):
+        man.write_text(text)
+        line = _one_line_exit_2(run(app, ["evaluate", str(root), "-o", str(tmp_path / "o"), "--no-baselines"]))
+        assert said in line and "dataset.json" in line, line
+    man.write_text(json.dumps({"splits": {"train": [], "val": [], "test": ["c"]}}))
+    lesion = root / "test" / "lesion" / "c.nii.gz"
+    flipped = affine.copy()
+    flipped[:3, :3] *= -1
+    for data, aff, said in ((np.zeros((12, 64, 40)), affine, "grid (12, 64, 40) is not its scan's (12, 64, 64)"),
+                            (np.zeros((12, 64, 64)), flipped, "affine differs"),
+                            (np.where(np.arange(64) > 40, 3.7, 0.0)[None, None].repeat(12, 0).repeat(64, 1), affine,
+                             "not a binary mask (values 0, 3.7)")):
+        save_nifti(lesion, data, aff, np.uint8 if said.startswith(("grid", "affine")) else np.float32)
+        line = _one_line_exit_2(run(app, ["evaluate", str(root), "-o", str(tmp_path / "o"), "--no-baselines"]))
+        assert said in line and "c.nii.gz" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_evaluation_json_is_one_line(tmp_path):
+    """`evaluate table` on an evaluation.json with a field deleted or of the wrong type."""
+    src = json.loads((REPO / "benchmarks" / "results" / "oai_painted_test" / "evaluation.json").read_text())
+    for name, doc in (("nodate", {k: v for k, v in src.items() if k != "date"}), ("rows", dict(src, rows=None)),
+                      ("backend", dict(src, backend="x")), ("list", [])):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(doc))
+        line = _one_line_exit_2(CliRunner().invoke(app, ["evaluate", "table", str(p)]))
+        assert ("damaged or hand-edited" in line or "not an evaluation" in line) and p.name in line, line
+    p.write_text(json.dumps(src))
+    assert CliRunner().invoke(app, ["evaluate", "table", str(p)]).exit_code == 0
 
 
 def test_a_baseline_without_torch_is_one_line(tmp_path, monkeypatch):

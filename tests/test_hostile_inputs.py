@@ -411,6 +411,7 @@ OPTION_CASES = [
     ["evaluate", "{out}", "-o", "{out}", "--limit", "0"],
     ["evaluate", "{out}", "-o", "{out}", "--split", "nope"],
     ["export", "--out", "{out}", "--default-resolution", "0"],
+    ["export", "--out", "{out}", "--from-onnx", "export", "--calibration-seed", "-1"],
     ["demo", "-o", "{out}", "--seed", "-1"],
 ]
 
@@ -422,6 +423,22 @@ def test_option_out_of_range(tmp_path, args):
     res = run([a.format(scan=scan, out=out) for a in args], inputs=[scan])
     assert listing(out) == []
     assert len(error_line(res)) < 400
+
+
+def test_export_checks_its_checkpoints_before_any_work(tmp_path):
+    """A checkpoint of the other network, a file that is not a checkpoint, or a graph given
+    where a checkpoint goes: one line before any graph is made (it was a traceback after
+    minutes of cleaning graphs); the models folder is not made."""
+    torch = pytest.importorskip("torch")
+    inp = tmp_path / "inpainter.pt"
+    torch.save({"kind": "inpainter", "step": 1, "modules": {"gen": {}}, "config": {}}, inp)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    for args, said in ((["--segmenter", inp], "checkpoint is an inpainter, not a segmenter"),
+                       (["--from-onnx", REPO / "export", "--inpainter", text], "not a bmltrt checkpoint"),
+                       (["--segmenter", REPO / "export" / "segmenter.onnx"], "takes a training checkpoint (.pt)")):
+        res = run(["export", "--out", tmp_path / "models", *args])
+        assert said in error_line(res) and not (tmp_path / "models").exists()
 
 
 # ---- inputs that are not knee MRI ---------------------------------------------------------

@@ -44,9 +44,25 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     best = torch.load(tmp_path / "seg" / "best.pt", weights_only=False)  # the best on generated scans
     assert best["metrics"]["gen_dice"] == ck["history"][-1]["best"]
     assert json.loads((tmp_path / "seg" / "history.json").read_text())[-1]["step"] == 3
+    # the same command without --resume would start again over the run's weights: refused
+    before = (tmp_path / "seg" / "checkpoint.pt").read_bytes()
+    r = CliRunner().invoke(app, common + ["--steps", "4"])
+    assert r.exit_code == 2 and "already holds a checkpoint" in r.stderr and "--resume" in r.stderr, r.stderr
+    assert (tmp_path / "seg" / "checkpoint.pt").read_bytes() == before
     _run(common + ["--steps", "4", "--resume"])
     last = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
     assert last["step"] == 4
+    # resuming with another network config, or from a checkpoint cut short: one line each
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"features": [4, 4, 8, 16, 32, 4], "inplane_spacing_mm": 3.0,
+                                 "patch": [16, 32, 32], "overlap": 0.25}))
+    r = CliRunner().invoke(app, [str(other) if a == str(cfg) else a for a in common] + ["--steps", "5", "--resume"])
+    assert r.exit_code == 2 and "another segmenter config (inplane_spacing_mm 4.0 -> 3.0)" in r.stderr, r.stderr
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "checkpoint.pt").write_bytes((tmp_path / "seg" / "checkpoint.pt").read_bytes()[:5000])
+    r = CliRunner().invoke(app, [str(tmp_path / "cut") if a == str(tmp_path / "seg") else a for a in common]
+                           + ["--steps", "5", "--resume"])
+    assert r.exit_code == 2 and "the checkpoint cannot be read" in r.stderr, r.stderr
     # fine-tuning starts from those weights, with every generated scan carrying lesions
     # (another --seed reuses the anatomy bank: it is keyed by --bank-seed, not rebuilt)
     bank = sorted(p.name for p in (tmp_path / "bank").iterdir())

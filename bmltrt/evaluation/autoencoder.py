@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmltrt.errors import BmlError
+from bmltrt.errors import BmlError, with_article
 from bmltrt.evaluation.maps import Method, ScanContext
 from bmltrt.io.checksum import file_sha256
 from bmltrt.postprocess.lesion import anomaly_map
@@ -163,7 +163,7 @@ def load_checkpoint(path: Path, kind: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise BmlError(f"cannot read the {kind} checkpoint ({type(exc).__name__})", path) from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        raise BmlError(f"not a {kind} checkpoint", path, f"train one with `bmltrt train {kind}`")
+        raise BmlError(f"not {with_article(kind)} checkpoint", path, f"train one with `bmltrt train {kind}`")
     return ckpt
 
 

@@ -302,9 +302,10 @@ def table_cmd(
 def model_card_cmd(
     data: Path = typer.Argument(..., help="Dataset folder (`bmltrt synth`)."),
     split: str = typer.Option("test", "--split"),
-    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the JSON here too."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the JSON to this file too."),
     resolution: Optional[int] = base._RES, models: Optional[Path] = base._MODELS,
     backend: str = base._BACKEND, device: str = base._DEVICE, limit: Optional[int] = _LIMIT,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing -o file."),
 ):
     """The model card's figures: femur Dice of the segmenter; masked L1 of the inpainter against simple fills."""
     from bmltrt.evaluation.evaluate import check_inputs, clean
@@ -312,6 +313,8 @@ def model_card_cmd(
     from bmltrt.io.atomic import atomic_write
 
     check_inputs(data, split, None, False, allowed=("train", "val", "test"))
+    if out_file is not None:  # before minutes of work; never onto the dataset, never over a file unasked
+        _check_out_file(out_file, data, overwrite)
     det = base._detector(resolution, backend, device, models, None, None, None, None)
     with base._progress() as prog:
         res = model_card(det, data, split, limit, lambda d, n, c: _progress_cb(prog)("model card", d, n, c))
@@ -319,6 +322,16 @@ def model_card_cmd(
     if out_file is not None:
         atomic_write(out_file, lambda tmp: Path(tmp).write_text(text + "\n"))
     base.say(text)
+
+
+def _check_out_file(out_file: Path, data: Path, overwrite: bool) -> None:
+    if out_file.is_dir():
+        raise BmlError("-o is a folder; give a file name", out_file, "e.g. -o card.json")
+    if Path(data).resolve() in out_file.resolve().parents:
+        raise BmlError("-o is inside the dataset folder, which is only read", out_file, "write it elsewhere")
+    if out_file.exists() and not overwrite:
+        raise BmlError("the file exists", out_file, "add --overwrite to replace it, or choose another -o")
+    base._check_out_dir(out_file.parent)
 
 
 # -- the baselines' networks ---------------------------------------------------------------

@@ -163,7 +163,7 @@ def baseline_needs_torch(option: str, path: Path) -> None:
 
 def check_inputs(data: Path, split: str, out_dir: Path | None, tune: bool, allowed=SPLITS) -> None:
     """Everything that can be wrong with the command line, before any model is loaded."""
-    from bmltrt.synth.dataset import case_paths
+    from bmltrt.synth.dataset import case_paths, read_manifest
 
     if split not in allowed:
         raise BmlError(f"--split {split!r} is not a split with lesions to score" if allowed == SPLITS
@@ -172,9 +172,9 @@ def check_inputs(data: Path, split: str, out_dir: Path | None, tune: bool, allow
         raise BmlError("the output path is a file, not a folder", out_dir, "give a folder with -o")
     if not Path(data).is_dir():
         raise BmlError("dataset folder not found", data, "make one with `bmltrt synth`")
+    man = read_manifest(data)
     for s in (["val"] if tune else []) + [split]:
-        man = json.loads((Path(data) / "dataset.json").read_text()) if (Path(data) / "dataset.json").exists() else None
-        if man is not None and s not in man.get("splits", {}):
+        if s not in man["splits"]:
             raise BmlError(f"the dataset has no {s} split", Path(data) / "dataset.json")
         if not case_paths(data, s):
             raise BmlError(f"the {s} split of the dataset is empty", data,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
 from bmltrt.postprocess import PostConfig, equalize_hist, otsu_thresholds
 from bmltrt.postprocess.lesion import anomaly_map, mask_from_anomaly
@@ -278,6 +279,36 @@ class Method:
                 "resolution": self.resolution, "femur_from": self.femur_label}
 
 
+def load_truth_mask(path: Path, image_path: Path):
+    """A dataset's mask (a Scan), refused in one line where it is not a binary mask on its
+    scan's voxel grid (same shape and affine): scores against it would be silently wrong."""
+    import nibabel as nib
+
+    from bmltrt.io import load_scan
+
+    scan = load_scan(path, is_mask=True)
+    try:
+        ref = nib.load(str(image_path))  # the header only; the scan itself is read (and checked) later
+    except Exception:
+        ref = None
+    if ref is not None:
+        if tuple(scan.input_shape[:3]) != tuple(ref.shape[:3]):
+            raise BmlError(f"the mask's grid {tuple(scan.input_shape[:3])} is not its scan's {tuple(ref.shape[:3])}",
+                           path, f"a mask must be on the voxel grid of {Path(image_path).name}")
+        if not np.allclose(scan.image.affine, ref.affine, atol=1e-3):
+            raise BmlError("the mask's affine differs from its scan's (another orientation, position or voxel size)",
+                           path, f"a mask must be on the voxel grid of {Path(image_path).name}")
+    data = scan.data
+    if np.issubdtype(data.dtype, np.integer) and data.min() >= 0:
+        values = np.flatnonzero(np.bincount(data.ravel().astype(np.int64, copy=False)))
+    else:
+        values = np.unique(data)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0) or not np.all(values == np.round(values)):
+        shown = ", ".join(f"{v:g}" for v in values[:4]) + (", ..." if len(values) > 4 else "")
+        raise BmlError(f"not a binary mask (values {shown})", path, "a mask holds 0 and one label value")
+    return scan
+
+
 class OursMethod(Method):
     name = "ours"
     title = "LaMa inpainting (ours)"
@@ -382,8 +413,8 @@ def compute_split(data: Path, split: str, model_sets, methods: list[Method], cac
     for k, (case, img_p, fem_p, les_p) in enumerate(cases):
         if progress:
             progress(k, len(cases), case)
-        truth_scan = load_scan(les_p, is_mask=True)
-        femur_true = load_scan(fem_p, is_mask=True).data > 0
+        truth_scan = load_truth_mask(les_p, img_p)
+        femur_true = load_truth_mask(fem_p, img_p).data > 0
         truth = Truth(case, truth_scan.data > 0, femur_true, truth_scan.spacing, truth_scan.voxel_volume_mm3)
         out.cases.append(case)
         out.truths[case] = truth

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from bmltrt.errors import BmlError
+from bmltrt.evaluation.maps import load_truth_mask
 from bmltrt.evaluation.metrics import confusion, scores
 from bmltrt.io import load_scan
 from bmltrt.pipeline import MIN_FEMUR_SLICE_MM2, inpainter_pixel_mm
@@ -52,8 +53,8 @@ def model_card(det, data, split: str = "test", limit: int | None = None, progres
         if progress:
             progress(k, len(cases), case)
         scan = load_scan(img_p)
-        fem_true = load_scan(fem_p, is_mask=True).data > 0
-        les = load_scan(les_p, is_mask=True).data > 0
+        fem_true = load_truth_mask(fem_p, img_p).data > 0
+        les = load_truth_mask(les_p, img_p).data > 0
         norm = normalize_intensity(scan.data)
         femur = det.segment_femur(norm, scan.spacing)
         femur_dice.append(scores(confusion(femur, fem_true))["dice"])

@@ -334,8 +334,16 @@ def read_documents(paths: list[Path]) -> list[dict]:
         except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise BmlError(f"cannot read an evaluation ({type(exc).__name__})", p,
                            "give evaluation.json files (or their folders) written by `bmltrt evaluate`") from None
-        if d.get("format") != "bmltrt-evaluation-2":
+        if not isinstance(d, dict) or d.get("format") != "bmltrt-evaluation-2":
             raise BmlError("not an evaluation written by this version of `bmltrt evaluate`", p)
+        try:  # everything the tables read: a damaged or hand-edited file fails here, in one line
+            if not (isinstance(d.get("rows"), list) and isinstance(d.get("model_sets"), list)
+                    and isinstance(d["data"]["path"], str) and isinstance(d["data"]["split"], str)):
+                raise TypeError("rows, model_sets or data")
+            report_markdown([d]), csv_text(d)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise BmlError(f"the evaluation is damaged or hand-edited ({type(exc).__name__}: {exc})", p,
+                           "make it again with `bmltrt evaluate`") from None
         docs.append(d)
     return docs
 

@@ -121,7 +121,7 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
 
 
 def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_onnx=None,
-                precision: str = "both", default_resolution: int = 256, calibration_cases: int = 2,
+                precision: str = "both", default_resolution: int | None = None, calibration_cases: int = 2,
                 calibration_seed: int = 11, bound: float | None = None, fp16_io: bool = False,
                 lint: bool = True, progress=print) -> dict:
     """Write the models folder (graphs + manifest.json) and return the manifest."""
@@ -159,7 +159,7 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
     return manifest
 
 
-def _write_models(out_dir: Path, graphs: dict, precision: str, default_resolution: int, calibration_cases: int,
+def _write_models(out_dir: Path, graphs: dict, precision: str, default_resolution: int | None, calibration_cases: int,
                   calibration_seed: int, bound: float, fp16_io: bool, lint: bool, progress) -> dict:
     """The graphs of every precision, checked, and manifest.json, into `out_dir`."""
     from bmltrt.export.calibrate import activation_ranges, calibration_inputs, fp16_tensors, range_summary
@@ -173,11 +173,13 @@ def _write_models(out_dir: Path, graphs: dict, precision: str, default_resolutio
         progress(f"check {path.name}")
         v = _variant(path, model, lint)
         models[name] = {**fields, **v, "precision": "fp32", "precisions": {"fp32": v}}
-    manifest = {"format": FORMAT, "default_resolution": int(default_resolution), "models": models,
-                "tools": tool_versions()}
     have = sorted(int(e["resolution"]) for e in models.values() if e["kind"] == "inpainter")
-    if have and default_resolution not in have:
-        manifest["default_resolution"] = min(have, key=lambda r: abs(r - default_resolution))
+    if default_resolution is not None and have and int(default_resolution) not in have:
+        raise BmlError(f"--default-resolution {default_resolution} is not among the exported inpainters' "
+                       f"({', '.join(map(str, have))})", hint="choose one of them, or leave it out")
+    wanted = 256 if default_resolution is None else int(default_resolution)
+    manifest = {"format": FORMAT, "default_resolution": min(have, key=lambda r: abs(r - wanted)) if have else wanted,
+                "models": models, "tools": tool_versions()}
 
     if precision in ("fp16", "both"):
         store = ModelStore(out_dir, manifest, "fp32")

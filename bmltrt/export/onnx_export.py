@@ -124,7 +124,7 @@ def inpainter_graph(ckpt: dict, resolution: int | None = None, what=None):
 
 
 def export_models(segmenter: Path | None, inpainters: list[Path], out_dir: Path,
-                  default_resolution: int = 256, **kw) -> dict:
+                  default_resolution: int | None = None, **kw) -> dict:
     """float32 only, as before; see bmltrt.export.build.make_models for every option."""
     from bmltrt.export.build import make_models
 

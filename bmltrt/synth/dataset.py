@@ -185,16 +185,32 @@ def _write_manifest(out: Path, results: list[dict], settings: dict) -> dict:
     return manifest
 
 
-def case_paths(root: Path, split: str) -> list[tuple[str, Path, Path, Path]]:
-    """(case, image, femur, lesion) for every case of a split."""
-    root = Path(root)
-    man = root / "dataset.json"
+def read_manifest(root: Path) -> dict:
+    """A dataset's dataset.json, checked: an object whose "splits" maps split names to lists of
+    case names, none twice (a case listed twice would be scored twice). One line if not."""
+    man = Path(root) / "dataset.json"
     if not man.exists():
         raise BmlError("no dataset.json: not a bmltrt dataset", root, "make one with `bmltrt synth`")
+    again = "make the dataset again with `bmltrt synth`"
     try:
-        cases = json.loads(man.read_text())["splits"].get(split, [])  # a split it does not have: no cases
-        cases = [str(c) for c in cases]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise BmlError(f"dataset.json is damaged ({type(exc).__name__})", man, "make the dataset again with `bmltrt synth`") from None
+        doc = json.loads(man.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BmlError(f"dataset.json is damaged ({type(exc).__name__})", man, again) from None
+    splits = doc.get("splits") if isinstance(doc, dict) else None
+    if not isinstance(splits, dict):
+        raise BmlError('dataset.json is damaged (no "splits" object)', man, again)
+    for name, cases in splits.items():
+        if not isinstance(cases, list) or not all(isinstance(c, str) and c for c in cases):
+            raise BmlError(f'dataset.json is damaged (split "{name}" is not a list of case names)', man, again)
+        twice = sorted({c for c in cases if cases.count(c) > 1})
+        if twice:
+            raise BmlError(f'dataset.json lists case {twice[0]} twice in split "{name}"', man, again)
+    return doc
+
+
+def case_paths(root: Path, split: str) -> list[tuple[str, Path, Path, Path]]:
+    """(case, image, femur, lesion) for every case of a split (none for a split it lacks)."""
+    root = Path(root)
+    cases = read_manifest(root)["splits"].get(split, [])
     return [(c, root / split / "images" / f"{c}.nii.gz", root / split / "femur" / f"{c}.nii.gz",
              root / split / "lesion" / f"{c}.nii.gz") for c in cases]

@@ -40,6 +40,22 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def load_run(path: Path) -> dict:
+    """A run's own checkpoint.pt for --resume, or one line: a file cut short (a full disk, a
+    copy) or not a checkpoint at all is not a traceback."""
+    from bmltrt.errors import BmlError
+
+    try:
+        st = load(path)
+        if not isinstance(st, dict) or not {"kind", "step", "modules"} <= st.keys():
+            raise ValueError("not a training checkpoint")
+        int(st["step"])
+    except Exception as exc:  # noqa: BLE001 - pickle and zip raise anything for a damaged file
+        raise BmlError(f"the checkpoint cannot be read ({type(exc).__name__}: {str(exc)[:80]})", path,
+                       "start a new run in another --out (best.pt beside it may still be whole)") from None
+    return st
+
+
 def weights_from_onnx(path, module: str) -> dict:
     """A module's weights from a float32 graph that `bmltrt export` wrote: its initializers
     are named `<module>.<state_dict key>`, so a shipped model (whose checkpoint is not
@@ -64,7 +80,7 @@ def weights_from_onnx(path, module: str) -> dict:
 def load_weights(path, kind: str, module: str) -> dict:
     """One module's weights from a checkpoint of the given kind, or from an exported float32
     ONNX graph (for --init)."""
-    from bmltrt.errors import BmlError
+    from bmltrt.errors import BmlError, with_article
 
     if not Path(path).exists():
         raise BmlError("no such checkpoint", path)
@@ -82,5 +98,5 @@ def load_weights(path, kind: str, module: str) -> dict:
         raise BmlError(f"not a bmltrt checkpoint ({type(exc).__name__})", path,
                        f"give a {kind} run's checkpoint.pt or best.pt, or a float32 .onnx of a models folder") from None
     if weights is None:
-        raise BmlError(f"checkpoint is a {found}, not a {kind}", path)
+        raise BmlError(f"checkpoint is {with_article(found)}, not {with_article(kind)}", path)
     return weights

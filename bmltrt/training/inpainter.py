@@ -112,7 +112,11 @@ def _train_inpainter(opts: RunOptions, cfg: InpainterConfig, resolutions, progre
     init = opts.extra.get("init")
     if init:  # start from another run's (or a shipped graph's) weights: fine-tuning
         try:
-            gen.load_state_dict(load_weights(init, "inpainter", "gen"))  # strict: names and shapes
+            try:
+                gen.load_state_dict(load_weights(init, "inpainter", "gen"))  # strict: names and shapes
+            except RuntimeError:
+                raise BmlError("--init does not fit this inpainter config (other weights or shapes)", init,
+                               "give --config of that run") from None
         except RuntimeError:
             raise BmlError("--init does not fit this generator config", init, "give --config of that run") from None
         if Path(init).suffix == ".onnx":

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bmltrt.errors import BmlError
+from bmltrt.errors import BmlError, with_article
 from bmltrt.io.atomic import atomic_write
 from bmltrt.training import checkpoint as ckpt
 
@@ -49,7 +49,12 @@ def resumed_step(opts: RunOptions) -> int:
     """The step a --resume run continues from (0 for a new run): the data workers' scans are
     drawn from it too, so a resumed run does not see its first scans again."""
     path = Path(opts.out) / "checkpoint.pt"
-    return int(ckpt.load(path)["step"]) if opts.resume and path.exists() else 0
+    return int(ckpt.load_run(path)["step"]) if opts.resume and path.exists() else 0
+
+
+def _config_change(was: dict, now: dict) -> str:
+    keys = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    return ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,13 +85,21 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
     if opts.resume:
         if not path.exists():
             raise BmlError("nothing to resume: no checkpoint.pt", out, "drop --resume to start a new run")
-        st = ckpt.load(path)
+        st = ckpt.load_run(path)
         if st["kind"] != kind:
-            raise BmlError(f"checkpoint is a {st['kind']}, not a {kind}", path)
-        for k, m in modules.items():
-            m.load_state_dict(st["modules"][k])
-        for k, o in optimizers.items():
-            o.load_state_dict(st["optimizers"][k])
+            raise BmlError(f"checkpoint is {with_article(st['kind'])}, not {with_article(kind)}", path)
+        was = st.get("config", {}).get(kind)
+        if was is not None and config.get(kind) is not None and was != config[kind]:
+            raise BmlError(f"this run was trained with another {kind} config ({_config_change(was, config[kind])})",
+                           path, "resume with the run's own --config (its checkpoint records it)")
+        try:
+            for k, m in modules.items():
+                m.load_state_dict(st["modules"][k])
+            for k, o in optimizers.items():
+                o.load_state_dict(st["optimizers"][k])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise BmlError(f"the checkpoint does not fit this network ({type(exc).__name__})", path,
+                           "resume with the run's own --config, or start a new run in another --out") from None
         ckpt.restore_rng(st["rng"], np_rng)
         start, history = st["step"], st.get("history", [])
     t0 = time.time()

@@ -189,7 +189,11 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
     net = build_segmenter(cfg).to(device).to(memory_format=fmt)
     if opts.extra.get("init"):  # start from another run's weights (fine-tuning)
         weights = load_weights(opts.extra["init"], "segmenter", "net")
-        missing, unexpected = net.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(weights, strict=False)
+        except RuntimeError:  # a weight of another shape: another --config
+            raise BmlError("--init does not fit this segmenter config (weights of other shapes)", opts.extra["init"],
+                           "give --config of that run") from None
         # An exported graph holds only the weights its output uses (no deep-supervision
         # heads); a checkpoint must match exactly.
         if unexpected or (missing and Path(opts.extra["init"]).suffix != ".onnx"):
