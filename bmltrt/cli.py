@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from bmltrt.errors import TERMINATION_REQUESTS, BmlError, Interrupted
+from bmltrt.errors import TERMINATION_REQUESTS, BmlError, Interrupted, printable
 from bmltrt.errors import raise_interrupted as _raise_interrupted
 
 console = Console(stderr=True)
@@ -201,8 +201,9 @@ def _progress():
 @user_errors
 def synth(
     out_dir: Path = typer.Argument(..., help="Output folder for the dataset."),
-    cases: int = typer.Option(20, "--cases", "-n", min=3, max=100_000,
-                              help="Number of subjects (at least 3), split 70/15/15 like the paper's 210/45/45."),
+    cases: Optional[int] = typer.Option(None, "--cases", "-n", min=3, max=100_000,
+                                        help="Number of subjects (at least 3; default 20), split 70/15/15 like "
+                                             "the paper's 210/45/45."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed: the same seed gives byte-identical arrays."),
     from_labels: Optional[Path] = typer.Option(None, "--from-labels", help="Paint real label maps (1 femur, 7 femoral lesion, ...) instead."),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", min=1, max=256, help="Parallel processes."),
@@ -213,6 +214,10 @@ def synth(
 
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path is a file, not a folder", out_dir, "choose a folder")
+    if from_labels is not None and cases is not None:
+        raise BmlError("--cases counts phantoms; --from-labels paints every label map of its folder once",
+                       hint="leave --cases out (or give fewer label maps)")
+    cases = 20 if cases is None else cases
     ours = not out_dir.exists() or not any(out_dir.iterdir())  # then a failed run leaves no folder
     if not ours and not force:
         raise BmlError("output folder is not empty", out_dir, "choose a new folder or pass --force")
@@ -283,6 +288,9 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
         raise BmlError("no training data", hint="give --labels DIR (label maps) and/or --data DIR (a `bmltrt synth` dataset)")
     if d.phantom_fraction is not None and not 0 <= d.phantom_fraction <= 1:
         raise BmlError(f"--phantom-fraction {d.phantom_fraction} is not in [0, 1]")
+    if d.phantom_fraction is not None and (d.data is None or d.labels is None):
+        print_warning(f"--phantom-fraction mixes --data phantoms into --labels scans: ignored, every batch is "
+                      f"{'phantoms' if d.labels is None else 'label-driven scans'}")
     if autocast not in ("none", "bf16"):
         raise BmlError(f"--autocast {autocast!r} is not none or bf16")
     if autocast == "bf16" and device == "cpu":
@@ -293,7 +301,9 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
                           "it and training is several times slower; use --autocast none")
     extra: dict = {"autocast": autocast, **(more or {})}
     if extra.get("init") is not None and not Path(extra["init"]).is_file():  # before minutes of bank building
-        raise BmlError("no such checkpoint or graph (--init)", extra["init"])
+        raise BmlError("--init is a folder, not a checkpoint or graph" if Path(extra["init"]).is_dir()
+                       else "no such checkpoint or graph (--init)", extra["init"],
+                       "give a run's checkpoint.pt or best.pt, or a float32 .onnx of a models folder")
     cfg = _model_config(kind, config) if trainer is None else None
     if d.labels is not None:
         from bmltrt.synth.dataset import label_files
@@ -337,8 +347,11 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
         except KeyboardInterrupt as exc:  # the checkpoint is kept: a plain rerun would be refused
             exc.rerun_hint = "add --resume to the same command to go on from the last checkpoint"
             raise
-    out.print(f"{kind}: step {res['steps']} of {steps} in {res['seconds']:.0f} s; {json.dumps(res['metrics'])}; "
-              f"checkpoint {Path(out_dir) / 'checkpoint.pt'}")
+    say(f"{kind}: step {res['steps']} of {steps} in {res['seconds']:.0f} s; {json.dumps(res['metrics'])}; "
+        f"checkpoint {Path(out_dir) / 'checkpoint.pt'}")
+    if kind in ("segmenter", "inpainter") and d.labels is None and not (Path(out_dir) / "best.pt").exists():
+        console.print("note: no best.pt: the best step is chosen on generated validation scans, which a run "
+                      "without --labels does not have; export checkpoint.pt", highlight=False, markup=False)
 
 
 def _read_json(path):
@@ -521,6 +534,9 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
     if consistency_weight > 0 and labels is None:
         raise BmlError("--consistency-weight needs --labels: only generated scans come in two contrasts", None,
                        "give --labels LABEL_MAPS, or leave --consistency-weight out")
+    if stop_at is not None and stop_at > steps:
+        raise BmlError(f"--stop-at {stop_at} is after the end of the schedule (--steps {steps})",
+                       hint="--stop-at ends a run early; give a step up to --steps")
     d = _DataOptions(data, labels, bank_cache, phantoms, phantom_fraction, val_data, bank_seed)
     more = {"lesion_p": lesion_p, "max_lesions": max_lesions, "lesion_surface_p": lesion_surface_p,
             "lesion_breach_p": lesion_breach_p, "dark_muscle_p": dark_muscle_p,
@@ -555,7 +571,11 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
         resolutions = [int(r) for r in resolution.split(",") if r.strip()]
     except ValueError:
         raise BmlError(f"--resolution {resolution!r} is not a number or a comma-separated list of numbers") from None
-    for r in resolutions or [0]:
+    if not resolutions:
+        raise BmlError(f"--resolution {resolution!r} names no resolution", hint="e.g. --resolution 256")
+    if len(set(resolutions)) != len(resolutions):
+        raise BmlError(f"--resolution {resolution!r} names a resolution twice")
+    for r in resolutions:
         if r < 64 or r > 1024 or r % 8:
             raise BmlError(f"--resolution {r} is not a multiple of 8 between 64 and 1024",
                            hint="use 128, 192, 256, 320 or 448")
@@ -692,7 +712,7 @@ def detect(
     for err in found.problems:
         failed += 1
         print_error(err.line())
-        rows.append((escape(str(err.path or "?")), "-", "-", "-", "-", "[red]failed[/]"))
+        rows.append((escape(printable(Path(str(err.path)).name if err.path else "?")), "-", "-", "-", "-", "[red]failed[/]"))
     old_term = None
     try:
         old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -704,7 +724,7 @@ def detect(
             task = prog.add_task("scans", total=len(sources), status="")
             stage = prog.add_task("stage", total=1, status="")
             for src in sources:
-                prog.update(task, status=escape(src.stem))
+                prog.update(task, status=escape(printable(src.stem)))
                 try:
                     OutputSet(out_dir, src.stem).check_writable(overwrite, inputs)  # before the work, not after
                     scan = src.load(force_orientation)
@@ -717,23 +737,23 @@ def detect(
                     r = result.report
                     for w in r["warnings"]:
                         print_warning(f"{src.label}: {w}")
-                    rows.append((escape(src.stem), str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
+                    rows.append((escape(printable(src.stem)), str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
                                  f"{r['femur_volume_mm3'] / 1000:.1f}", f"{r['timings_s']['total_s']:.1f}",
                                  "[green]ok[/]"))
                     done += 1
                 except BmlError as err:
                     failed += 1
                     print_error(err.line())
-                    rows.append((escape(src.stem), "-", "-", "-", "-", "[red]failed[/]"))
+                    rows.append((escape(printable(src.stem)), "-", "-", "-", "-", "[red]failed[/]"))
                 except MemoryError:
                     failed += 1
                     print_error(f"out of memory on {src.label} | use a smaller --batch-size or more memory")
-                    rows.append((escape(src.stem), "-", "-", "-", "-", "[red]failed[/]"))
+                    rows.append((escape(printable(src.stem)), "-", "-", "-", "-", "[red]failed[/]"))
                 except Exception as exc:  # a bug: log it, say where, go on with the batch
                     failed += 1
                     log = log_internal_error(exc, src.label, out_dir)
                     print_error(internal_error_line(exc, src.label, log))
-                    rows.append((escape(src.stem), "-", "-", "-", "-", "[red]failed[/]"))
+                    rows.append((escape(printable(src.stem)), "-", "-", "-", "-", "[red]failed[/]"))
                 prog.advance(task)
     except KeyboardInterrupt as exc:
         sig = "SIGTERM" if isinstance(exc, Interrupted) else "interrupt"

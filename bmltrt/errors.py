@@ -27,10 +27,10 @@ class BmlError(Exception):
             parts.append(self.hint)
         # One line, whatever the inner messages held; a file name's control characters (an
         # escape sequence would recolour the terminal) are shown, not sent.
-        return " | ".join(_printable(p.replace("\n", " ")).strip() for p in parts)
+        return " | ".join(printable(p).strip() for p in parts)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """Control characters (ESC, CR, BEL, ...) as \\x escapes; tabs as spaces."""
     text = text.replace("\t", " ")
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)

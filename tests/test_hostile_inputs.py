@@ -570,6 +570,20 @@ def test_links_and_pipes_with_scan_names_are_named_not_skipped(tmp_path):
     assert "named pipe (FIFO), not a regular file" in error_line(res)
 
 
+def test_control_characters_in_names_are_shown_not_sent_in_the_table_either(tmp_path):
+    r"""An escape sequence or a newline in a file name is printed as \x1b / \n, on stderr
+    and in the summary table alike (it would recolour the terminal, or make two names look
+    the same)."""
+    d = tmp_path / "scans"
+    d.mkdir()
+    (d / "esc\x1b[31mred.nii.gz").symlink_to(tmp_path / "gone1")
+    (d / "two\nlines.nii.gz").symlink_to(tmp_path / "gone2")
+    res = run(["detect", d, "-o", tmp_path / "o"], errors=2)
+    assert "\x1b" not in res.stdout + res.stderr
+    assert "esc\\x1b[31mred" in res.stderr and "two\\nlines" in res.stderr
+    assert "esc\\x1b" in res.stdout  # the table (rich may wrap it; the escape is what matters)
+
+
 def test_a_scan_in_a_folder_that_cannot_be_searched_is_one_line(tmp_path, monkeypatch):
     """A scan whose folder this user may not search (EACCES on every stat of it; simulated:
     the suite runs as root) is named in one line, beside the other inputs: Path.is_dir and

@@ -140,6 +140,10 @@ def test_synth_cli_from_labels(tmp_path):
     assert man["settings"]["painter"] == PAINTER_VERSION  # scores compare within one painter only
     r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no label maps" in r.stderr
+    # a label map's name on a broken link is refused (it was skipped without a word)
+    (labels / "c_labels.nii.gz").symlink_to(tmp_path / "moved")
+    r = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--from-labels", str(labels), "-j", "1"])
+    assert r.exit_code == 2 and "broken symbolic link" in r.stderr and not (tmp_path / "y").exists(), r.stderr
 
 
 def test_painted_labels_split_by_subject():

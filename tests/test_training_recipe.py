@@ -49,9 +49,11 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     r = CliRunner().invoke(app, common + ["--steps", "4"])
     assert r.exit_code == 2 and "already holds a checkpoint" in r.stderr and "--resume" in r.stderr, r.stderr
     assert (tmp_path / "seg" / "checkpoint.pt").read_bytes() == before
+    leftover = tmp_path / "seg" / ".checkpoint.pt.x1y2.part"  # a save cut by SIGKILL
+    leftover.write_bytes(b"")
     _run(common + ["--steps", "4", "--resume"])
     last = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
-    assert last["step"] == 4
+    assert last["step"] == 4 and not leftover.exists()
     # resuming with another network config, or from a checkpoint cut short: one line each
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"features": [4, 4, 8, 16, 32, 4], "inplane_spacing_mm": 3.0,

@@ -66,6 +66,11 @@ _SAME = typer.Option(False, "--same-femur", help="Every row scores the femur of 
 def _cache(cache_dir, no_cache):
     from bmltrt.evaluation.maps import MapCache, default_cache_dir
 
+    if cache_dir is not None and no_cache:
+        raise BmlError("--cache and --no-cache contradict each other", hint="give one of them")
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise BmlError("--cache is a file, not a folder", cache_dir, "give a folder for the map cache")
+
     return MapCache(None if no_cache else (cache_dir or default_cache_dir()))
 
 

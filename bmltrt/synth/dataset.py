@@ -122,7 +122,16 @@ def synth_dataset(out: Path, cases: int, seed: int, workers: int = 1, progress=l
 
 
 def label_files(labels_dir: Path) -> list[Path]:
-    files = sorted(p for p in Path(labels_dir).glob("*.nii*") if p.is_file())
+    """The label maps of a folder (subfolders are not searched); an entry with a label map's
+    name that is no file (a broken or looping link, a pipe) is refused, not skipped."""
+    from bmltrt.io.inputs import file_problem, is_regular_file
+
+    entries = sorted(Path(labels_dir).glob("*.nii*"))
+    for p in entries:
+        problem = None if is_regular_file(p) or p.is_dir() else file_problem(p)
+        if problem is not None:
+            raise problem
+    files = [p for p in entries if is_regular_file(p)]
     if not files:
         raise BmlError("no label maps (*.nii, *.nii.gz) found", labels_dir,
                        "give a folder of label maps: 1 femur, 7 femoral lesion, ...")

@@ -82,6 +82,11 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
     out = Path(opts.out)
     path = out / "checkpoint.pt"
     start, history = 0, []
+    # a run killed outright (SIGKILL, power) while saving leaves its atomic_write temporary
+    # behind: hidden, but never to be finished, so it goes now
+    for stale in out.glob(".*.part") if out.is_dir() else ():
+        if stale.name.startswith((".checkpoint.pt.", ".best.pt.", ".history.json.")):
+            stale.unlink(missing_ok=True)
     if opts.resume:
         if not path.exists():
             raise BmlError("nothing to resume: no checkpoint.pt", out, "drop --resume to start a new run")
@@ -102,6 +107,9 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
                            "resume with the run's own --config, or start a new run in another --out") from None
         ckpt.restore_rng(st["rng"], np_rng)
         start, history = st["step"], st.get("history", [])
+        if start > opts.steps:
+            raise BmlError(f"the run is already at step {start}, past --steps {opts.steps}", path,
+                           f"give --steps above {start} to train on")
     t0 = time.time()
     metrics: dict = {}
     done = start
