@@ -218,27 +218,47 @@ def synth(
         raise BmlError("--cases counts phantoms; --from-labels paints every label map of its folder once",
                        hint="leave --cases out (or give fewer label maps)")
     cases = 20 if cases is None else cases
-    ours = not out_dir.exists() or not any(out_dir.iterdir())  # then a failed run leaves no folder
-    if not ours and not force:
+    empty = not out_dir.exists() or not any(out_dir.iterdir())
+    if not empty and not force:
         raise BmlError("output folder is not empty", out_dir, "choose a new folder or pass --force")
     total = len(label_files(from_labels)) if from_labels else sum(split_counts(cases).values())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # dataset.json is written last: without it a folder is never taken for a finished dataset
-    (out_dir / "dataset.json").unlink(missing_ok=True)
+    # The dataset is made in a hidden folder beside -o and moved in when whole, dataset.json
+    # last: an interrupted or failed run leaves the folder as it was (an earlier dataset too).
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.parent / f".{out_dir.name}.synth-partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     try:
         with _progress() as prog:
             task = prog.add_task("synth", total=total, status="")
             step = lambda: prog.advance(task)  # noqa: E731
             if from_labels:
-                man = synth_from_labels(out_dir, from_labels, seed, workers, step)
+                man = synth_from_labels(stage, from_labels, seed, workers, step)
             else:
-                man = synth_dataset(out_dir, cases, seed, workers, step)
-    except BaseException:
-        if ours:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+                man = synth_dataset(stage, cases, seed, workers, step)
+        _move_dataset_in(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     n = {k: len(v) for k, v in man["splits"].items()}
     say(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})")
+
+
+def _move_dataset_in(stage: Path, out_dir: Path) -> None:
+    """Replace the dataset entries of out_dir (splits, dataset.json) by the staged ones; the
+    old dataset.json goes first and the new one comes last, so a folder is never taken for a
+    finished dataset in between. Signals wait for the renames."""
+    from bmltrt.io.outputs import signals_held
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with signals_held():
+        (out_dir / "dataset.json").unlink(missing_ok=True)
+        for new in sorted(stage.iterdir(), key=lambda f: f.name == "dataset.json"):
+            old = out_dir / new.name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+            os.replace(new, old)
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the femur segmenter or the inpainter (needs bmltrt\\[train]).")

@@ -786,22 +786,33 @@ def test_synth_refuses_label_maps_that_are_not_label_maps(tmp_path):
     assert "mr.nii.gz" in error_line(res) and not (tmp_path / "ds").exists()
 
 
-def test_interrupted_synth_leaves_no_dataset(tmp_path):
-    out = tmp_path / "ds"
+def _interrupt_synth(tmp_path, out, *args):
     # The child gets SIGINT's default action back: a suite started as a background job of a
     # non-interactive shell (`nohup ... &`) passes SIGINT on ignored, and Python then never
     # raises KeyboardInterrupt, so synth would run to the end.
-    p = subprocess.Popen([sys.executable, "-m", "bmltrt", "synth", str(out), "--cases", "12", "-j", "2"],
+    p = subprocess.Popen([sys.executable, "-m", "bmltrt", "synth", str(out), "--cases", "12", "-j", "2", *args],
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
-    while time.time() < deadline and not any(out.rglob("*.nii.gz")):  # until the first case is written
+    staged = f".{out.name}.synth-partial-*/**/*.nii.gz"  # the dataset is made beside -o, then moved in
+    while time.time() < deadline and not any(out.parent.glob(staged)):  # until the first case is written
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")], err
+    assert not list(out.parent.glob(f".{out.name}.synth-partial-*"))
+
+
+def test_interrupted_synth_leaves_no_dataset_and_an_earlier_one_whole(tmp_path):
+    out = tmp_path / "ds"
+    _interrupt_synth(tmp_path, out)
     assert not out.exists()
+    # --force over an earlier dataset: interrupted, the earlier one is still all there
+    run(["synth", out, "--cases", "3", "--seed", "5", "-j", "1"], code=0)
+    before = digest([out])
+    _interrupt_synth(tmp_path, out, "--seed", "6", "--force")
+    assert digest([out]) == before and (out / "dataset.json").exists()
 
 
 @pytest.mark.skipif(not has_torch(), reason="export needs torch")
