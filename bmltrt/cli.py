@@ -36,8 +36,8 @@ out = Console()
 
 def say(text: str) -> None:
     """One line to stdout as written: paths and labels may hold [brackets] that rich markup
-    would eat ("my[models]" printed as "my")."""
-    out.print(text, markup=False, highlight=False)
+    would eat ("my[models]" printed as "my"); not wrapped at 80 columns when piped."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_error(line: str) -> None:
@@ -97,7 +97,7 @@ def _empty_argument(args: list[str], flags=frozenset()) -> str | None:
         name, eq, value = a.partition("=")
         if len(name) == 2 and name[0] == "-" and name[1] != "-" and eq:  # click reads -o=x as the path "=x"
             return f"{a!r}: a short option takes its value after a space ({name} {value or 'VALUE'}) | drop the ="
-        hint = " | give a file or folder name (. for this folder), or leave the option out"
+        hint = " | give it a value (for a file or folder, . is this folder), or leave the option out"
         if a.startswith("-") and eq and not value.strip():
             if name in flags:
                 return f"{name} takes no value | write {name} alone"
@@ -638,17 +638,19 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
 
     be, warns = make_backend(backend, device, models, precision=precision, engines_dir=engines,
                              cuda_graphs=cuda_graphs, torch_compile=torch_compile)
-    for w in warns:
-        print_warning(w)
+    warns = list(warns)
     for flag, on, takes in (("--cuda-graphs", cuda_graphs, ("torch", "tensorrt")),
                             ("--torch-compile", torch_compile, ("torch",))):
         if on and be.name not in takes:
-            print_warning(f"{flag} applies to the {' and '.join(takes)} backend(s), not {be.name}: ignored")
+            warns.append(f"{flag} applies to the {' and '.join(takes)} backend(s), not {be.name}: ignored")
     if engines is not None and be.name != "tensorrt":
-        print_warning(f"--engines applies to the tensorrt backend, not {be.name}: ignored")
+        warns.append(f"--engines applies to the tensorrt backend, not {be.name}: ignored")
+    for w in warns:
+        print_warning(w)
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size, seg_batch_size=seg_batch_size, mirror_tta=mirror,
                        post_overrides=_post_overrides(floor, opening_mm, closing_mm, min_area_mm2))
     det = Detector(be, cfg)
+    det.run_warnings = warns  # the fallbacks said on the terminal go into every report too
     prepare = getattr(be, "prepare", None)
     if prepare:  # load the networks now: a missing engine or graph fails before the first scan
         prepare(["segmenter", det.inp_name])
@@ -710,8 +712,10 @@ def detect(
     for note in found.notes:
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     sources = found.sources
-    if echo is not None and sources and not any(getattr(src, "series", None) is not None for src in sources):
-        print_warning("--echo applies to DICOM series only: ignored for these NIfTI inputs")
+    nifti_given = [src for src in sources if getattr(src, "series", None) is None]
+    if echo is not None and nifti_given:
+        print_warning("--echo applies to DICOM series only: ignored for the NIfTI inputs"
+                      + (f" ({len(nifti_given)} of {len(sources)})" if len(nifti_given) < len(sources) else ""))
     if not sources and not found.problems:
         raise BmlError("no scans to run", " ".join(scans), "give NIfTI files, or folders of NIfTI or DICOM files")
     if not sources and len(found.problems) == 1:
@@ -756,7 +760,8 @@ def detect(
                     write_outputs(result, out_dir, overwrite, inputs)
                     r = result.report
                     for w in r["warnings"]:
-                        print_warning(f"{src.label}: {w}")
+                        if w not in det.run_warnings:  # those were said once, before the first scan
+                            print_warning(f"{src.label}: {w}")
                     rows.append((escape(printable(src.stem)), str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
                                  f"{r['femur_volume_mm3'] / 1000:.1f}", f"{r['timings_s']['total_s']:.1f}",
                                  "[green]ok[/]"))
@@ -850,8 +855,8 @@ def demo(
         f"{scan_path}")
     say(f"found {r['lesion_count']} lesion(s), {r['lesion_volume_mm3']:.0f} mm3 in "
         f"{r['timings_s']['total_s']:.1f} s ({r['backend']}, {r['device']}, {r['precision']}, res {r['resolution']})")
-    out.print(f"lesion Dice {les['dice']:.3f}  IoU {les['iou']:.3f}  sensitivity {les['sensitivity']:.3f}  "
-              f"lesions detected {dt['detected']}/{dt['n_true']}  femur Dice {fem['dice']:.3f}")
+    say(f"lesion Dice {les['dice']:.3f}  IoU {les['iou']:.3f}  sensitivity {les['sensitivity']:.3f}  "
+        f"lesions detected {dt['detected']}/{dt['n_true']}  femur Dice {fem['dice']:.3f}")
     for k, v in paths.items():
         say(f"  {k:8s} {v}")
 

@@ -263,7 +263,16 @@ def resolve_post(config: DetectConfig, store, resolution: int) -> tuple[DetectCo
         post, source, warnings = read_tuned(store.root, store.manifest, resolution)
         post = post or PostConfig()
     if config.post_overrides:
-        post = dataclasses.replace(post, **config.post_overrides)
+        unknown = sorted(set(config.post_overrides) - set(PostConfig.__dataclass_fields__))
+        if unknown:
+            raise BmlError(f"post_overrides: {', '.join(unknown)} is not a post-processing setting",
+                           hint=f"choose from {', '.join(PostConfig.__dataclass_fields__)}")
+        try:
+            post = dataclasses.replace(post, **config.post_overrides)
+            if post.floor > 1:  # the difference map is in HE units: nothing passes a floor above 1
+                raise ValueError(f"floor {post.floor!r} is not a number from 0 to 1")
+        except (TypeError, ValueError) as exc:
+            raise BmlError(f"post_overrides: {exc}") from None
         source += " + options " + ", ".join(sorted(config.post_overrides))
     return dataclasses.replace(config, post=post, post_source=source), warnings
 
@@ -289,6 +298,7 @@ class Detector:
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)
         self.config, self.post_warnings = resolve_post(self.config, store, res)
+        self.run_warnings: list[str] = []  # the caller's (device or backend fallbacks): into every report
         self.xp = getattr(backend, "xp", np)
         self.stream = getattr(backend, "stream", None)
         self._run_takes_out = _takes_out(backend.run)
@@ -299,6 +309,10 @@ class Detector:
         if c.femur_refine_mm < 0 or (c.femur_refine_mm > 0 and (c.femur_refine_eps <= 0 or c.femur_refine_passes < 1)):
             raise BmlError(f"femur refinement needs a radius >= 0, eps > 0 and at least one pass (got "
                            f"{c.femur_refine_mm} mm, eps {c.femur_refine_eps}, {c.femur_refine_passes} passes)")
+        if not 0 < c.femur_threshold < 1:  # NaN fails too
+            raise BmlError(f"femur_threshold must be between 0 and 1 (got {c.femur_threshold})")
+        if c.mask_dilate_mm is not None and not 0 <= c.mask_dilate_mm <= 50:
+            raise BmlError(f"mask_dilate_mm must be from 0 to 50 mm, or None for the rule (got {c.mask_dilate_mm})")
         if c.inpaint_mirrors not in INPAINT_FLIPS:
             raise BmlError(f"inpaint_mirrors must be one of {sorted(INPAINT_FLIPS)} (got {c.inpaint_mirrors})")
         for what, n in (("--batch-size", self.config.batch_size), ("segmentation batch size", self.seg_batch)):
@@ -558,6 +572,10 @@ class Detector:
         from bmltrt.io import load_scan
         from bmltrt.io.nifti import image_from_array, scan_from_image
 
+        if name is not None and (not str(name).strip() or "/" in str(name) or "\\" in str(name)
+                                 or str(name).strip(".") == ""):
+            raise BmlError(f"name {name!r} cannot name output files", hint="give a plain name, without / or \\")
+
         if isinstance(image, (str, Path)):
             p = Path(image)
             if p.is_dir():
@@ -568,6 +586,11 @@ class Detector:
                     raise BmlError(f"{len(series)} series in this folder", p, "read one with bmltrt.io.dicom.read_series")
                 scan = scan_from_image(read_series(series[0]), p, force_orientation, stem=name or series[0].stem)
             else:
+                from bmltrt.io.dicom import is_dicom_file
+                from bmltrt.io.outputs import is_nifti_name
+
+                if p.is_file() and not is_nifti_name(p.name) and is_dicom_file(p):
+                    raise BmlError("a single DICOM file: bmltrt reads whole series", p, f"give its folder: {p.parent}")
                 scan = load_scan(p, force_orientation=force_orientation)
                 if name:
                     scan.stem = name
@@ -596,7 +619,7 @@ class Detector:
                 })
             lesions.sort(key=lambda d: -d["volume_mm3"])
         store = self.backend.store
-        warnings = list(scan.warnings) + self.post_warnings
+        warnings = list(self.run_warnings) + list(scan.warnings) + self.post_warnings
         fem_mm3, les_mm3 = float(femur.sum() * vox), float(lesion.sum() * vox)
         check = check.to_dict() if hasattr(check, "to_dict") else check
         warnings += [f"implausible femur mask: {r}; look at the overlay before trusting any figure"
@@ -607,7 +630,7 @@ class Detector:
         return {
             "bmltrt_version": __version__,
             # shape and spacing both in the file's own array order; "working" in the models' order
-            "input": {"path": str(scan.path), "shape": list(scan.input_shape),
+            "input": {"path": str(scan.path), **scan.source, "shape": [int(n) for n in scan.image.shape],  # as in the file
                       "spacing_mm": [round(float(s), 4) for s in _input_order(scan.spacing, scan)],
                       "orientation": "".join(scan.input_axcodes),
                       "working": {"axes": "slice (left->right), row (superior->inferior), column (anterior->posterior)",

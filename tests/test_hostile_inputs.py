@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from bmltrt.cli import app
 from bmltrt.io.outputs import PARTIAL_PREFIX, OutputSet
 
-from conftest import REPO, SHARED_DATA, has_torch, save_nifti
+from conftest import REPO, SHARED_DATA, has_gpu, has_torch, save_nifti
 
 DICOM_DIR = SHARED_DATA / "real" / "dicom" / "pymskt_mese_t2"
 OUTPUT_NAMES = ("_bml.nii.gz", "_femur.nii.gz", "_overlay.png", "_report.json")
@@ -643,6 +643,21 @@ def test_dicom_echo_a_single_echo_series_lacks(tmp_path):
 
 
 @pytest.mark.skipif(not DICOM_DIR.exists(), reason="../shared/data not present")
+def test_the_report_says_which_series_and_echo_and_every_fallback(tmp_path):
+    """A DICOM run's report names the series, the echo and its TE; the warnings said on the
+    terminal (here: --device gpu on a machine without one, when so) are in the report too."""
+    out = tmp_path / "o"
+    res = run(["detect", DICOM_DIR, "-o", out, "--echo", "2", "--device", "gpu"], inputs=[DICOM_DIR], code=0)
+    rep = json.loads(next(out.glob("*_echo2_report.json")).read_text())
+    assert rep["input"]["echo"] == 2 and rep["input"]["echoes"] == 8 and rep["input"]["echo_time_ms"] > 0
+    assert rep["input"]["dicom_series_uid"] and rep["input"]["series_number"]
+    said = [ln.split("warning: ", 1)[1] for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+    assert said and all(any(r.startswith(w[:40]) for r in rep["warnings"]) for w in said), (said, rep["warnings"])
+    if not has_gpu():
+        assert any("--device gpu" in w for w in rep["warnings"])
+
+
+@pytest.mark.skipif(not DICOM_DIR.exists(), reason="../shared/data not present")
 def test_dicom_series_with_a_missing_slice(tmp_path):
     d = tmp_path / "series"
     d.mkdir()
@@ -651,7 +666,8 @@ def test_dicom_series_with_a_missing_slice(tmp_path):
         if i // 8 != 10:  # drop slice 11 (its 8 echoes)
             shutil.copy2(f, d / f.name)
     res = run(["detect", d, "-o", tmp_path / "o"], inputs=[d])
-    assert "slices are missing" in error_line(res)
+    line = error_line(res)  # the folder is named, and where the gap lies
+    assert "slices are missing" in line and f"file: {d} |" in line and "the widest gap" in line, line
 
 
 def test_rich_markup_does_not_eat_brackets(capsys):

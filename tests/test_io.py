@@ -218,3 +218,16 @@ def test_bytes_after_the_gzip_stream_are_ignored_like_gzip_does(tmp_path):
     p = save_nifti(tmp_path / "padded.nii.gz", vol)
     p.write_bytes(p.read_bytes() + b"\0" * 512 + b"junk")
     assert np.allclose(load_scan(p).data.sum(), vol.sum(), rtol=1e-5)
+
+
+def test_voxel_volume_of_a_sheared_grid_is_the_affines_determinant():
+    """Volumes are voxels x |det(affine)|: on a sheared grid the product of the voxel
+    spacings (the column norms) overstates them (4.4 % for a shear of 0.3)."""
+    from bmltrt.io.nifti import scan_from_image
+
+    data = np.random.default_rng(0).random((12, 20, 30)).astype(np.float32)
+    shear = np.eye(4)
+    shear[1, 2] = 0.3
+    for affine in (np.diag([3.0, 0.5, 0.5, 1.0]), shear @ np.diag([3.0, 0.5, 0.5, 1.0])):
+        scan = scan_from_image(nib.Nifti1Image(data, affine), "x.nii.gz")
+        assert scan.voxel_volume_mm3 == pytest.approx(abs(np.linalg.det(affine[:3, :3])))

@@ -430,3 +430,34 @@ def test_the_inpainter_gets_square_pixels_from_non_square_scan_pixels():
     # square pixels: the same as without pixel sizes (a square of pixels)
     img = np.random.default_rng(0).random((2, 300, 200)).astype(np.float32)
     assert np.array_equal(slices_to_square(img, 128, pixel_mm=(0.4, 0.4)), slices_to_square(img, 128))
+
+
+def test_the_python_api_refuses_what_it_cannot_use_in_one_line(detector):
+    """detect_image: arrays of non-numbers, affines that are not voxel grids, an image with an
+    affine as well; DetectConfig values out of range. A BmlError each, before any network
+    runs (they were nibabel and numpy errors, or silently accepted). 64-bit integers, bool
+    and float128 arrays are cast, as the CLI reads such files."""
+    import dataclasses
+
+    import nibabel as nib
+
+    from bmltrt.errors import BmlError
+    from bmltrt.io.nifti import image_from_array
+    from bmltrt.pipeline import Detector
+
+    a = np.random.default_rng(0).random((12, 20, 30)) * 100
+    aff = np.diag([3.0, 0.5, 0.5, 1.0])
+    bottom = aff.copy()
+    bottom[3] = [0.1, 0, 0, 2]
+    for arr, affine, said in ((a.astype(object), aff, "holds object values"), (a, "eye", "not a matrix of numbers"),
+                              (a, np.where(np.eye(4) == 1, np.nan, aff), "NaN or Inf"), (a, bottom, "last row"),
+                              (a, np.diag([3.0, 0.0, 0.5, 1.0]), "not invertible"),
+                              (nib.Nifti1Image(a, aff), aff, "the image has its own")):
+        with pytest.raises(BmlError, match=said):
+            detector.detect_image(arr, affine)
+    for dtype in (np.int64, np.uint64, bool, np.longdouble):
+        assert image_from_array(a.astype(dtype), aff).get_data_dtype().itemsize <= 4
+    for change, said in (({"femur_threshold": float("nan")}, "femur_threshold"), ({"mask_dilate_mm": -1.0}, "mask_dilate"),
+                         ({"post_overrides": {"floor": 5.0}}, "floor 5.0"), ({"post_overrides": {"nope": 1}}, "nope")):
+        with pytest.raises(BmlError, match=said):
+            Detector(detector.backend, dataclasses.replace(detector.config, post=None, **change))

@@ -139,10 +139,17 @@ def find_series(folder: Path, echo: int | None = None) -> list[DicomSeries]:
     return series
 
 
-def read_series(series: DicomSeries):
-    """The series (at its echo) as an in-memory Nifti1Image on the scanner's RAS grid."""
+def read_series(series: DicomSeries | str | Path, echo: int | None = None):
+    """The series (at its echo) as an in-memory Nifti1Image on the scanner's RAS grid. A
+    folder may be given instead of a DicomSeries when it holds one series (`echo`: which)."""
     import nibabel as nib
 
+    if isinstance(series, (str, Path)):
+        found = find_series(Path(series), echo)
+        if len(found) != 1:
+            raise BmlError(f"{len(found)} series in this folder", series,
+                           "pick one: read_series(find_series(folder)[i])")
+        series = found[0]
     pydicom = _pydicom()
     te = series.echo_times[series.echo - 1] if series.echo_times else None
     slices = []
@@ -195,8 +202,11 @@ def read_series(series: DicomSeries):
         raise BmlError("two images of this series lie at the same slice position", where,
                        "the series holds several volumes (time points, contrasts): split it, e.g. with dcm2niix")
     if gaps.max() - gaps.min() > SPACING_TOLERANCE * gaps.mean():
-        raise BmlError(f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm): slices are missing", f0,
-                       "give the complete series")
+        k = int(np.argmax(gaps))  # the widest gap: after which file, and before which
+        before, after = (Path(slices[order[j]][0]).name for j in (k, k + 1))
+        raise BmlError(f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm): slices are missing "
+                       f"(the widest gap, {gaps[k]:.2f} mm, lies between {before} and {after})",
+                       Path(f0).parent, "give the complete series")
     planes = []
     for k in order:
         f, ds = slices[k]

@@ -46,7 +46,12 @@ class ScanSource:
             return load_scan(self.path, force_orientation, stem=self.stem)
         from bmltrt.io.dicom import read_series
 
-        return scan_from_image(read_series(self.series), self.path, force_orientation, stem=self.stem)
+        scan = scan_from_image(read_series(self.series), self.path, force_orientation, stem=self.stem)
+        s = self.series
+        te = s.echo_times[s.echo - 1] if s.echo_times else None
+        scan.source = {"dicom_series_uid": s.uid, "series_number": s.number, "series_description": s.description,
+                       "echo": s.echo, "echoes": len(s.echo_times) or 1, "echo_time_ms": te, "files": len(s.files)}
+        return scan
 
 
 @dataclass

@@ -57,6 +57,7 @@ class Scan:
     input_axcodes: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
     stem: str | None = None  # output name when not the file's (DICOM series, in-memory images)
+    source: dict = field(default_factory=dict)  # what a DICOM series was read (series, echo): for the report
 
     @property
     def name(self) -> str:
@@ -65,7 +66,13 @@ class Scan:
 
     @property
     def voxel_volume_mm3(self) -> float:
-        return float(np.prod(self.spacing))
+        """The spacing's product, times the affine's |det| over the product of its column
+        norms: 1 for an orthogonal grid, less for a sheared one (whose voxels are
+        parallelepipeds smaller than the box of their edge lengths)."""
+        a = np.asarray(self.image.affine, float)[:3, :3]
+        norms = float(np.prod(np.sqrt((a ** 2).sum(axis=0))))
+        shear = abs(float(np.linalg.det(a))) / norms if norms > 0 else 1.0
+        return float(np.prod(self.spacing)) * min(1.0, shear)
 
     def to_input_grid(self, array_working: np.ndarray) -> np.ndarray:
         """Map an array in the working orientation back onto the input's array grid."""
@@ -233,12 +240,32 @@ def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask:
 
 def image_from_array(array, affine) -> nib.Nifti1Image:
     """A NIfTI image of an array on a RAS affine (voxel index -> mm), qform/sform code 1."""
+    if isinstance(array, nib.spatialimages.SpatialImage):
+        raise BmlError("an image and an affine: the image has its own", hint="pass the image alone, or its array "
+                       "with the affine (e.g. image.get_fdata(), affine)")
     arr = np.asanyarray(array)
-    aff = np.asarray(affine, dtype=float)
+    try:
+        aff = np.asarray(affine, dtype=float)
+    except (TypeError, ValueError):
+        raise BmlError(f"the affine is not a matrix of numbers ({type(affine).__name__})",
+                       hint="give the 4x4 voxel-to-RAS-mm matrix") from None
     if aff.shape != (4, 4):
         raise BmlError(f"the affine must be 4x4, not {aff.shape}", hint="give the voxel-to-RAS-mm matrix")
-    if arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
+    if not np.isfinite(aff).all():
+        raise BmlError("the affine has NaN or Inf entries", hint="give the voxel-to-RAS-mm matrix")
+    if not np.allclose(aff[3], [0, 0, 0, 1]):
+        raise BmlError(f"the affine's last row is {aff[3].tolist()}, not [0, 0, 0, 1]",
+                       hint="give the voxel-to-RAS-mm matrix (a projective row is not a voxel grid)")
+    if abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+        raise BmlError("the affine is not invertible (a zero voxel size, or axes that coincide)",
+                       hint="give the voxel-to-RAS-mm matrix")
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 4 or arr.dtype == np.float16 or arr.dtype.kind == "f" \
+            and arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float32)  # NIfTI tools choke on 64-bit integers; float16 and float128 have no NIfTI code
+    elif arr.dtype.kind not in "iufc":
+        raise BmlError(f"the array holds {arr.dtype} values, not numbers", hint="give an array of voxel intensities")
     img = nib.Nifti1Image(arr, aff)
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
