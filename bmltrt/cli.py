@@ -12,7 +12,6 @@ import functools
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -210,6 +209,7 @@ def synth(
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
 ):
     """Generate knee phantoms with exact femur and lesion masks (train/val/test splits)."""
+    from bmltrt.io.outputs import folder_beside, move_in
     from bmltrt.synth.dataset import label_files, split_counts, synth_dataset, synth_from_labels
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -222,13 +222,10 @@ def synth(
     if not empty and not force:
         raise BmlError("output folder is not empty", out_dir, "choose a new folder or pass --force")
     total = len(label_files(from_labels)) if from_labels else sum(split_counts(cases).values())
-    # The dataset is made in a hidden folder beside -o and moved in when whole, dataset.json
-    # last: an interrupted or failed run leaves the folder as it was (an earlier dataset too).
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.synth-partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
+    # The dataset is made beside -o and moved in when whole: an interrupted or failed run
+    # leaves the folder as it was (an earlier dataset too). The old dataset.json goes first
+    # and the new one comes last, so a folder is never taken for a finished dataset between.
+    with folder_beside(out_dir, "synth") as stage:
         with _progress() as prog:
             task = prog.add_task("synth", total=total, status="")
             step = lambda: prog.advance(task)  # noqa: E731
@@ -236,29 +233,9 @@ def synth(
                 man = synth_from_labels(stage, from_labels, seed, workers, step)
             else:
                 man = synth_dataset(stage, cases, seed, workers, step)
-        _move_dataset_in(stage, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        move_in(stage, out_dir, last="dataset.json", drop_first=["dataset.json"])
     n = {k: len(v) for k, v in man["splits"].items()}
     say(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})")
-
-
-def _move_dataset_in(stage: Path, out_dir: Path) -> None:
-    """Replace the dataset entries of out_dir (splits, dataset.json) by the staged ones; the
-    old dataset.json goes first and the new one comes last, so a folder is never taken for a
-    finished dataset in between. Signals wait for the renames."""
-    from bmltrt.io.outputs import signals_held
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with signals_held():
-        (out_dir / "dataset.json").unlink(missing_ok=True)
-        for new in sorted(stage.iterdir(), key=lambda f: f.name == "dataset.json"):
-            old = out_dir / new.name
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            elif old.exists() or old.is_symlink():
-                old.unlink()
-            os.replace(new, old)
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the femur segmenter or the inpainter (needs bmltrt\\[train]).")
@@ -649,8 +626,7 @@ def _detector(resolution, backend, device, models, floor, opening_mm, closing_mm
         print_warning(w)
     cfg = DetectConfig(resolution=resolution, batch_size=batch_size, seg_batch_size=seg_batch_size, mirror_tta=mirror,
                        post_overrides=_post_overrides(floor, opening_mm, closing_mm, min_area_mm2))
-    det = Detector(be, cfg)
-    det.run_warnings = warns  # the fallbacks said on the terminal go into every report too
+    det = Detector(be, cfg, run_warnings=warns)  # the fallbacks said on the terminal go into every report too
     prepare = getattr(be, "prepare", None)
     if prepare:  # load the networks now: a missing engine or graph fails before the first scan
         prepare(["segmenter", det.inp_name])

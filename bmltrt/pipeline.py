@@ -284,7 +284,7 @@ class Detector:
     cupy on the GPU, where everything runs on `backend.stream`.
     """
 
-    def __init__(self, backend: Backend, config: DetectConfig | None = None):
+    def __init__(self, backend: Backend, config: DetectConfig | None = None, run_warnings=()):
         self.backend = backend
         self.config = config or DetectConfig()
         store = backend.store
@@ -298,7 +298,7 @@ class Detector:
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)
         self.config, self.post_warnings = resolve_post(self.config, store, res)
-        self.run_warnings: list[str] = []  # the caller's (device or backend fallbacks): into every report
+        self.run_warnings = list(run_warnings)  # the caller's (device or backend fallbacks): into every report
         self.xp = getattr(backend, "xp", np)
         self.stream = getattr(backend, "stream", None)
         self._run_takes_out = _takes_out(backend.run)
@@ -586,11 +586,6 @@ class Detector:
                     raise BmlError(f"{len(series)} series in this folder", p, "read one with bmltrt.io.dicom.read_series")
                 scan = scan_from_image(read_series(series[0]), p, force_orientation, stem=name or series[0].stem)
             else:
-                from bmltrt.io.dicom import is_dicom_file
-                from bmltrt.io.outputs import is_nifti_name
-
-                if p.is_file() and not is_nifti_name(p.name) and is_dicom_file(p):
-                    raise BmlError("a single DICOM file: bmltrt reads whole series", p, f"give its folder: {p.parent}")
                 scan = load_scan(p, force_orientation=force_orientation)
                 if name:
                     scan.stem = name

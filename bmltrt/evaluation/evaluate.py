@@ -163,7 +163,7 @@ def baseline_needs_torch(option: str, path: Path) -> None:
 
 def check_inputs(data: Path, split: str, out_dir: Path | None, tune: bool, allowed=SPLITS) -> None:
     """Everything that can be wrong with the command line, before any model is loaded."""
-    from bmltrt.synth.dataset import case_paths, read_manifest
+    from bmltrt.synth.dataset import read_manifest
 
     if split not in allowed:
         raise BmlError(f"--split {split!r} is not a split with lesions to score" if allowed == SPLITS
@@ -176,7 +176,7 @@ def check_inputs(data: Path, split: str, out_dir: Path | None, tune: bool, allow
     for s in (["val"] if tune else []) + [split]:
         if s not in man["splits"]:
             raise BmlError(f"the dataset has no {s} split", Path(data) / "dataset.json")
-        if not case_paths(data, s):
+        if not man["splits"][s]:
             raise BmlError(f"the {s} split of the dataset is empty", data,
                            "--tune needs a val split" if s == "val" and tune and s != split
                            else "choose a split with cases (dataset.json lists them)")

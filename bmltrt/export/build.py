@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import platform
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import onnx
 
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
-from bmltrt.io.outputs import signals_held
+from bmltrt.io.outputs import folder_beside, move_in
 
 FORMAT = "bmltrt-models-2"
 MANIFEST = "manifest.json"
@@ -140,22 +138,15 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
     if not (math.isfinite(bound) and bound > 0):
         raise BmlError(f"--fp16-bound {bound} is not a positive number", hint=f"the default is {DEFAULT_BOUND:g}")
     resolutions = [int(r) for r in resolutions] if resolutions else None
-    # Everything is written into a staging folder beside --out and moved in at the end, the
-    # manifest last: an interrupted or failed export leaves the old folder as it was.
-    stage = out_dir.parent / f".{out_dir.name}.export-partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
+    # Everything is written beside --out and moved in at the end, the manifest last: an
+    # interrupted or failed export leaves the old folder as it was (no new graphs beside an
+    # old manifest).
+    with folder_beside(out_dir, "export") as stage:
         manifest = _write_models(stage, graphs=_fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress),
                                  precision=precision, default_resolution=default_resolution,
                                  calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
                                  fp16_io=fp16_io, lint=lint, progress=progress)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with signals_held():  # Ctrl-C waits for the last rename: no new graphs beside an old manifest
-            for f in sorted(stage.iterdir(), key=lambda f: f.name == MANIFEST):
-                os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        move_in(stage, out_dir, last=MANIFEST)
     return manifest
 
 

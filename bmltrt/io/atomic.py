@@ -7,6 +7,7 @@ something that looks like a scan (``.k_bml.nii.gz.x1y2.part``, not ``....nii.gz`
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tempfile
@@ -41,6 +42,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """Remove the temporaries atomic_write(path) left when its process was killed outright
+    (SIGKILL, power): hidden, but never to be finished."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part") if path.parent.is_dir() else ():
+        stale.unlink(missing_ok=True)
 
 
 def check_marked_block(path: str | os.PathLike, begin: str, end: str, what: str) -> tuple[str, "re.Pattern"]:

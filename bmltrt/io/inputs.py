@@ -105,18 +105,28 @@ def file_problem(path: Path) -> BmlError | None:
     return BmlError(f"{kind}, not a regular file", path, "give the scan file itself")
 
 
+def single_dicom_file_problem(path: Path) -> BmlError | None:
+    """A lone DICOM file (not a NIfTI name) given where a scan goes: bmltrt reads series."""
+    from bmltrt.io.dicom import is_dicom_file
+
+    if is_regular_file(path) and not is_nifti_name(path.name) and is_dicom_file(path):
+        return BmlError("a single DICOM file: bmltrt reads whole series", path,
+                        f"give its folder: bmltrt detect {path.parent}")
+    return None
+
+
 def _folder(folder: Path, echo: int | None, out: Expanded) -> None:
     from bmltrt.io.dicom import dicom_files_in, find_series
 
     try:
-        listing = sorted(folder.iterdir())
-        entries = [p for p in listing if is_regular_file(p)]
+        mode = {p: _mode(p) for p in sorted(folder.iterdir())}  # one stat per entry
     except OSError as exc:
         out.problems.append(BmlError(f"cannot list the folder ({os.strerror(exc.errno or 0)})", folder))
         return
+    entries = [p for p, m in mode.items() if stat.S_ISREG(m)]
     # a NIfTI name that is no file (a broken or looping link, a pipe) is said, not skipped
-    odd = [err for p in listing if not p.name.startswith(".") and is_nifti_name(p.name)
-           and not is_regular_file(p) and not _is_dir(p) and (err := file_problem(p)) is not None]
+    odd = [err for p, m in mode.items() if not p.name.startswith(".") and is_nifti_name(p.name)
+           and not stat.S_ISREG(m) and not stat.S_ISDIR(m) and (err := file_problem(p)) is not None]
     out.problems += odd
     visible = [p for p in entries if not p.name.startswith(".")]
     nifti = [p for p in visible if is_nifti_name(p.name)]
@@ -158,14 +168,10 @@ def expand_inputs(items: list[str], echo: int | None = None) -> Expanded:
                     out.sources.append(ScanSource(hp))
         elif _is_dir(p):
             _folder(p, echo, out)
+        elif (problem := single_dicom_file_problem(p)) is not None:  # before any model is loaded
+            out.problems.append(problem)
         else:
-            from bmltrt.io.dicom import is_dicom_file
-
-            if is_regular_file(p) and not is_nifti_name(p.name) and is_dicom_file(p):
-                out.problems.append(BmlError("a single DICOM file: bmltrt reads whole series", p,
-                                             f"give its folder: bmltrt detect {p.parent}"))
-            else:
-                out.sources.append(ScanSource(p))  # a missing or bad file fails with its own line
+            out.sources.append(ScanSource(p))  # a missing or bad file fails with its own line
     seen, unique = set(), []
     for s in out.sources:
         key = (str(s.path.resolve()) if _mode(s.path) else str(s.path),

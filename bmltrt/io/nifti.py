@@ -25,7 +25,7 @@ from nibabel.orientations import (
 
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
-from bmltrt.io.inputs import file_problem
+from bmltrt.io.inputs import file_problem, single_dicom_file_problem
 from bmltrt.io.outputs import MASK_DESCRIP, is_nifti_name, nifti_stem
 
 WORKING_AXCODES = ("R", "I", "P")
@@ -86,7 +86,7 @@ class Scan:
 def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
     """Open a NIfTI file lazily and check everything the header can tell."""
     path = Path(path)
-    problem = file_problem(path)
+    problem = file_problem(path) or single_dicom_file_problem(path)
     if problem is not None:
         raise problem
     if not _is_nifti_name(path):

@@ -316,6 +316,39 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextmanager
+def folder_beside(out_dir: Path, tag: str):
+    """A hidden folder beside `out_dir` where a result is made whole before move_in puts it
+    in place (`export`, `synth`): an interrupted or failed run leaves `out_dir` as it was.
+    Removed on the way out, whatever happens."""
+    out_dir = Path(out_dir)
+    stage = out_dir.parent / f".{out_dir.name}.{tag}-partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def move_in(stage: Path, out_dir: Path, last: str, drop_first: Iterable[str] = ()) -> None:
+    """Move every entry of `stage` into `out_dir`, replacing entries of the same name (files
+    and folders), `last` last and the `drop_first` names removed before anything moves (so
+    that nothing is taken for finished in between). Signals wait for the renames."""
+    out_dir = Path(out_dir)
+    with signals_held():  # first: a termination whose exception was lost stops us before out_dir is made
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in drop_first:
+            (out_dir / name).unlink(missing_ok=True)
+        for new in sorted(Path(stage).iterdir(), key=lambda f: f.name == last):
+            old = out_dir / new.name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif new.is_dir() and (old.exists() or old.is_symlink()):
+                old.unlink()
+            os.replace(new, old)
+
+
 def write_output_set(outs: OutputSet, writers: dict[str, Callable[[Path], object]], overwrite: bool = False,
                      inputs: Iterable[Path] = ()) -> dict[str, Path]:
     """Write the whole set (writers[kind](path) writes one file), all-or-nothing."""

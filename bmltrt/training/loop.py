@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bmltrt.errors import BmlError, with_article
-from bmltrt.io.atomic import atomic_write
+from bmltrt.io.atomic import atomic_write, remove_leftovers
 from bmltrt.training import checkpoint as ckpt
 
 
@@ -82,11 +82,8 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
     out = Path(opts.out)
     path = out / "checkpoint.pt"
     start, history = 0, []
-    # a run killed outright (SIGKILL, power) while saving leaves its atomic_write temporary
-    # behind: hidden, but never to be finished, so it goes now
-    for stale in out.glob(".*.part") if out.is_dir() else ():
-        if stale.name.startswith((".checkpoint.pt.", ".best.pt.", ".history.json.")):
-            stale.unlink(missing_ok=True)
+    for name in ("checkpoint.pt", "best.pt", "history.json"):  # a save cut short by SIGKILL
+        remove_leftovers(out / name)
     if opts.resume:
         if not path.exists():
             raise BmlError("nothing to resume: no checkpoint.pt", out, "drop --resume to start a new run")
