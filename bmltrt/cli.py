@@ -594,7 +594,8 @@ _RES = typer.Option(None, "--resolution", "-r",
 _BACKEND = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch (auto: TensorRT if its "
                         "engines are built, else torch on CUDA, else ONNX Runtime).")
 _DEVICE = typer.Option("auto", "--device", help="auto, cpu or gpu (gpu falls back to cpu with a warning).")
-_MODELS = typer.Option(None, "--models", help="Models folder (manifest.json); default: the shipped models.")
+_MODELS = typer.Option(None, "--models", help="Models folder (manifest.json); default: $BMLTRT_MODELS, "
+                       "else the shipped models.")
 _PRECISION = typer.Option("auto", "--precision", help="auto, fp32 or fp16 (auto: fp16 for TensorRT, else fp32; fp16 "
                           "runs the FP16 graphs; ONNX Runtime on a CPU computes them in float32).")
 _ENGINES = typer.Option(None, "--engines", help="TensorRT engines folder (default: engines/ or $BMLTRT_ENGINES).")

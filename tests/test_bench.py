@@ -221,3 +221,22 @@ def test_bench_runs_without_torch_and_says_so(toy_models_dir, tmp_path):
         "assert any('torch is not installed' in n for n in d['notes'])\nprint('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_more_threads_than_cores_is_said_in_the_notes(tmp_path, monkeypatch):
+    from bmltrt.bench.machine import usable_cores
+    from bmltrt.bench.run import Bench, BenchOptions
+    from bmltrt.optional import optional_import
+
+    torch, _ = optional_import("torch")
+    before = torch.get_num_threads() if torch else None
+    monkeypatch.setenv("BMLTRT_THREADS", "")  # Bench sets it (run() puts it back); monkeypatch does here
+    try:
+        over = Bench(BenchOptions(quick=True, threads=usable_cores() + 1), tmp_path)
+        fits = Bench(BenchOptions(quick=True, threads=usable_cores()), tmp_path)
+    finally:
+        if torch:
+            torch.set_num_threads(before)
+    assert over.threads == usable_cores() + 1
+    assert any("oversubscription" in n for n in over.notes), over.notes
+    assert not any("oversubscription" in n for n in fits.notes), fits.notes

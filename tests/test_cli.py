@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,17 @@ def test_post_options_reach_the_detector(phantom_case, tmp_path):
     assert rep["config"]["mirror_tta"] is False  # on by default (DetectConfig), off on request
     assert rep["lesion_count"] == 0  # nothing passes a floor of 0.99
     assert not np.any(rep["lesions"])
+
+
+def test_the_readme_names_every_environment_variable_the_code_reads():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    read = set()
+    for folder in ("bmltrt", "scripts"):
+        for f in (root / folder).rglob("*"):
+            if f.suffix in (".py", ".sh"):
+                read |= set(re.findall(r"BMLTRT_[A-Z_]+", f.read_text()))
+    assert {"BMLTRT_MODELS", "BMLTRT_THREADS"} <= read  # the search itself works
+    readme = (root / "README.md").read_text()
+    assert not [v for v in sorted(read) if f"`{v}" not in readme]

@@ -301,6 +301,14 @@ def test_evaluate_bad_input_one_line_exit_2(tiny_dataset, tmp_path):
     binary.write_bytes(bytes(range(256)) * 4)
     assert "cannot read an evaluation" in _one_line_exit_2(run(app, ["evaluate", "table", str(binary),
                                                                      "-o", str(tmp_path / "t")]))
+    # the map cache: contradictions, and a file where its folder goes (--cache or $BMLTRT_CACHE)
+    assert "contradict" in _one_line_exit_2(run(app, ["evaluate", str(tiny_dataset), "-o", str(tmp_path / "o"),
+                                                      "--cache", str(tmp_path / "c"), "--no-cache"]))
+    assert "--cache is a file" in _one_line_exit_2(run(app, ["evaluate", str(tiny_dataset), "-o",
+                                                             str(tmp_path / "o"), "--cache", str(afile)]))
+    line = _one_line_exit_2(run(app, ["evaluate", str(tiny_dataset), "-o", str(tmp_path / "o")],
+                                env={"BMLTRT_CACHE": str(afile)}))
+    assert "$BMLTRT_CACHE lies under a file" in line, line
     assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
 
 

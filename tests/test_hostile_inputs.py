@@ -858,6 +858,19 @@ def test_a_malformed_manifest_or_missing_models_folder_is_one_line(tmp_path, pha
                                                             tmp_path / "nope"]))
 
 
+def test_bad_environment_variables_are_one_line_naming_the_variable(tmp_path, phantom_case, monkeypatch):
+    scan, _ = phantom_case
+    for value in ("abc", "-3", "2000", "1.5"):
+        monkeypatch.setenv("BMLTRT_THREADS", value)
+        line = error_line(run(["detect", scan, "-o", tmp_path / "o"], inputs=[scan]))
+        assert f"BMLTRT_THREADS={value!r} is not a thread count" in line, line
+    assert not (tmp_path / "o").exists()
+    monkeypatch.delenv("BMLTRT_THREADS")
+    monkeypatch.setenv("BMLTRT_MODELS", str(tmp_path / "nope"))
+    line = error_line(run(["detect", scan, "-o", tmp_path / "o"], inputs=[scan]))
+    assert "models folder not found (from $BMLTRT_MODELS)" in line and "nope" in line, line
+
+
 @pytest.mark.skipif(not has_torch(), reason="export-check needs torch")
 def test_export_check_refuses_a_split_the_dataset_lacks(tmp_path, tiny_dataset):
     res = run(["export-check", REPO / "export", "--data", tiny_dataset, "--split", "bogus", "-o", tmp_path / "x"])

@@ -10,6 +10,7 @@ import typer
 from bmltrt import cli as base
 from bmltrt.errors import BmlError
 from bmltrt.io.outputs import refuse_earlier_results
+from bmltrt.runtime.backends import MAX_THREADS
 
 MAX_BATCH = 4096
 MAX_REPEATS = 1000
@@ -73,8 +74,8 @@ def bench_cmd(
         repeats=repeats, quick=quick, threads=threads)
     if repeats is not None and not 1 <= repeats <= MAX_REPEATS:
         raise BmlError(f"--repeats must be 1-{MAX_REPEATS} (got {repeats})")
-    if threads is not None and not 1 <= threads <= 1024:
-        raise BmlError(f"--threads must be 1-1024 (got {threads})")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BmlError(f"--threads must be 1-{MAX_THREADS} (got {threads})")
     if opts.resolutions:
         bad = [r for r in opts.resolutions if r % 8]
         if bad:

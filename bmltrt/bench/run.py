@@ -33,6 +33,7 @@ from bmltrt.bench.machine import machine_info, machine_label
 from bmltrt.bench.memory import PeakMemory
 from bmltrt.errors import BmlError
 from bmltrt.optional import optional_import
+from bmltrt.runtime.backends import threads_from_env
 
 FORMAT = "bmltrt-bench-1"
 RESOLUTIONS = (128, 192, 256, 320, 448)
@@ -114,7 +115,10 @@ class Bench:
         self.mlabel = machine_label(self.machine)
         self.rows: list[dict] = []
         self.notes: list[str] = []
-        self.threads = opts.threads or int(os.environ.get("BMLTRT_THREADS", "0") or 0) or self.machine["cores"]
+        self.threads = opts.threads or threads_from_env() or self.machine["cores"]
+        if self.threads > self.machine["cores"]:
+            self.notes.append(f"{self.threads} threads on {self.machine['cores']} usable cores: the CPU figures "
+                              "include the cost of oversubscription")
         self.torch, why = optional_import("torch")
         if self.torch is None:
             self.notes.append(f"torch is not installed ({why}): no torch backend, PyTorch eager or torch.fft rows")

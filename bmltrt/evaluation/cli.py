@@ -13,6 +13,7 @@ Nothing heavy is imported before a command runs (the runtime installs without to
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -68,10 +69,18 @@ def _cache(cache_dir, no_cache):
 
     if cache_dir is not None and no_cache:
         raise BmlError("--cache and --no-cache contradict each other", hint="give one of them")
-    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
-        raise BmlError("--cache is a file, not a folder", cache_dir, "give a folder for the map cache")
-
-    return MapCache(None if no_cache else (cache_dir or default_cache_dir()))
+    if no_cache:
+        return MapCache(None)
+    folder = cache_dir or default_cache_dir()
+    given = "--cache" if cache_dir is not None else "$BMLTRT_CACHE" if os.environ.get("BMLTRT_CACHE") \
+        else "the default cache folder"
+    # found now, not when the first map is saved after minutes of work
+    there = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if there is not None and not there.is_dir():
+        raise BmlError(f"{given} is a file, not a folder" if there == folder
+                       else f"{given} lies under a file ({there})", folder,
+                       "give a folder for the map cache (--cache), or --no-cache")
+    return MapCache(folder)
 
 
 def _resolutions(text):

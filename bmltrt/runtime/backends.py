@@ -123,6 +123,23 @@ class BackendBase:
         return f"<{type(self).__name__} {self.device} {self.precision}>"
 
 
+MAX_THREADS = 1024
+
+
+def threads_from_env() -> int | None:
+    """$BMLTRT_THREADS as a thread count; None where it is unset, empty or 0 (every usable
+    core). Anything else that is not a whole number 1-MAX_THREADS is a user error: a typo
+    there would otherwise be a traceback, or a count ONNX Runtime takes silently."""
+    raw = os.environ.get("BMLTRT_THREADS", "").strip()
+    if raw in ("", "0"):
+        return None
+    n = int(raw) if raw.isdecimal() else 0
+    if not 1 <= n <= MAX_THREADS:
+        raise BmlError(f"BMLTRT_THREADS={raw!r} is not a thread count (1-{MAX_THREADS})",
+                       hint="unset it (every usable core), or set a whole number such as 4")
+    return n
+
+
 def new_stream(cp):
     """A non-blocking CUDA stream for the loop (never the legacy default stream)."""
     return cp.cuda.Stream(non_blocking=True)
@@ -137,7 +154,7 @@ class OnnxRuntimeBackend(BackendBase):
 
         super().__init__(store, device, precision)
         self._ort = ort
-        self.threads = threads or int(os.environ.get("BMLTRT_THREADS", "0")) or None
+        self.threads = threads or threads_from_env()
         self._sessions: dict = {}
         if device == "gpu":
             cp, _ = cupy_with_gpu()

@@ -59,14 +59,16 @@ class ModelStore:
     def open(cls, root: Path | None = None, precision: str = "fp32") -> "ModelStore":
         if precision not in PRECISIONS:
             raise BmlError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
-        root = Path(root) if root else Path(os.environ["BMLTRT_MODELS"]) if os.environ.get("BMLTRT_MODELS") \
-            else default_models_dir()
+        from_env = not root and bool(os.environ.get("BMLTRT_MODELS"))
+        root = Path(root) if root else Path(os.environ["BMLTRT_MODELS"]) if from_env else default_models_dir()
+        given = "$BMLTRT_MODELS" if from_env else "--models"  # where the path came from: what to fix
+        whence = " (from $BMLTRT_MODELS)" if from_env else ""
         man = root / MANIFEST
         if root.exists() and not root.is_dir():
-            raise BmlError("the models path is a file, not a folder", root,
-                           "pass the folder `bmltrt export` wrote (--models), the one holding manifest.json")
+            raise BmlError(f"the models path is a file, not a folder{whence}", root,
+                           f"pass the folder `bmltrt export` wrote ({given}), the one holding manifest.json")
         if not root.is_dir():
-            raise BmlError("models folder not found", root, "pass the folder `bmltrt export` wrote (--models)")
+            raise BmlError(f"models folder not found{whence}", root, f"pass the folder `bmltrt export` wrote ({given})")
         if not man.exists():
             raise BmlError("no manifest.json in the models folder", root, "pass the folder `bmltrt export` wrote")
         try:
