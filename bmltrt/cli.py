@@ -680,8 +680,8 @@ def detect(
     from rich.table import Table
 
     from bmltrt.io.inputs import expand_inputs, is_regular_file
-    from bmltrt.io.outputs import OutputSet
-    from bmltrt.report import write_outputs
+    from bmltrt.io.outputs import OutputSet, is_nifti_name, nifti_stem, os_error
+    from bmltrt.report import check_summary_writable, write_outputs, write_summary
 
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
@@ -709,11 +709,20 @@ def detect(
                     precision, engines, seg_batch_size, cuda_graphs, torch_compile, mirror)
     made_out_dir = not out_dir.exists()
     _check_out_dir(out_dir)
+    check_summary_writable(out_dir, overwrite, inputs)
     rows, failed = [], 0
-    for err in found.problems:
+    failures: dict[str, tuple[str, str]] = {}  # name -> (input, error line), for the summary
+
+    def fail(name: str, source, line: str) -> None:
+        nonlocal failed
         failed += 1
-        print_error(err.line())
-        rows.append((escape(printable(Path(str(err.path)).name if err.path else "?")), "-", "-", "-", "-", "[red]failed[/]"))
+        print_error(line)
+        failures[name] = (str(source), line)
+        rows.append((escape(printable(name)), "-", "-", "-", "-", "[red]failed[/]"))
+
+    for err in found.problems:
+        name = Path(str(err.path)).name if err.path else "?"
+        fail(nifti_stem(name) if is_nifti_name(name) else name, err.path or "?", err.line())
     old_term = None
     try:
         old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -744,18 +753,12 @@ def detect(
                                  "[green]ok[/]"))
                     done += 1
                 except BmlError as err:
-                    failed += 1
-                    print_error(err.line())
-                    rows.append((escape(printable(src.stem)), "-", "-", "-", "-", "[red]failed[/]"))
+                    fail(src.stem, src.label, err.line())
                 except MemoryError:
-                    failed += 1
-                    print_error(f"out of memory on {src.label} | use a smaller --batch-size or more memory")
-                    rows.append((escape(printable(src.stem)), "-", "-", "-", "-", "[red]failed[/]"))
+                    fail(src.stem, src.label, f"out of memory on {src.label} | use a smaller --batch-size or more memory")
                 except Exception as exc:  # a bug: log it, say where, go on with the batch
-                    failed += 1
                     log = log_internal_error(exc, src.label, out_dir)
-                    print_error(internal_error_line(exc, src.label, log))
-                    rows.append((escape(printable(src.stem)), "-", "-", "-", "-", "[red]failed[/]"))
+                    fail(src.stem, src.label, internal_error_line(exc, src.label, log))
                 prog.advance(task)
     except KeyboardInterrupt as exc:
         sig = "SIGTERM" if isinstance(exc, Interrupted) else "interrupt"
@@ -777,6 +780,12 @@ def detect(
         out_dir.rmdir()
     else:
         say(f"outputs in {out_dir}")
+        try:
+            summary = write_summary(out_dir, failures)
+        except OSError as exc:
+            raise os_error(exc, out_dir / "bmltrt_summary.csv", "write the summary") from None
+        if summary is not None:
+            say(f"summary of the folder's scans in {summary}")
     det.backend.close()
     if failed:
         raise typer.Exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,115 @@ def write_outputs(det, out_dir: Path, overwrite: bool = False, inputs=()) -> dic
         "report": lambda p: Path(p).write_text(json.dumps(rep, indent=1)),
     }
     return write_output_set(outs, writers, overwrite, [Path(p) for p in inputs] + [det.scan.path])
+
+
+# ---- the output folder's summary: one table for a cohort -----------------------------------
+
+SUMMARY_NAME = "bmltrt_summary.csv"
+SUMMARY_COLUMNS = ("scan", "status", "lesions", "lesion_volume_mm3", "femur_volume_mm3", "femur_plausible",
+                   "warnings", "resolution", "backend", "device", "precision", "seconds", "bmltrt_version",
+                   "input", "report", "error")
+_SUMMARY_HEADER = ",".join(SUMMARY_COLUMNS[:3])  # how we know our own summary (its first columns)
+_REPORT_ENDING = "_report.json"
+
+
+def _summary_is_ours(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline().startswith(_SUMMARY_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_summary_writable(out_dir: Path, overwrite: bool, inputs=()) -> None:
+    """Before any scan: a folder, or a file bmltrt did not write, where the summary goes is
+    refused (the file is replaced with `overwrite`; an input of the run never)."""
+    from bmltrt.errors import BmlError
+
+    path = Path(out_dir) / SUMMARY_NAME
+    if not os.path.lexists(path):
+        return
+    if any(_same_path(path, p) for p in inputs):
+        raise BmlError("the output folder's summary would overwrite an input of this run", path,
+                       "choose another output folder (-o)")
+    if path.is_symlink() or not path.is_file():
+        raise BmlError(f"{SUMMARY_NAME} in the output folder is not a file bmltrt wrote", path,
+                       "move it away, or choose another output folder (-o)")
+    if not overwrite and not _summary_is_ours(path):
+        raise BmlError(f"{SUMMARY_NAME} in the output folder was not written by bmltrt", path,
+                       "move it away, or add --overwrite to replace it")
+
+
+def _same_path(a: Path, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+_TEXT_COLUMNS = ("scan", "warnings", "input", "report", "error")
+
+
+def _as_cell(column: str, value) -> str:
+    """A spreadsheet runs a cell that starts with = + - @ as a formula: a file name such as
+    "=HYPERLINK(...).nii.gz" must stay text (OWASP's CSV injection rule: a leading quote)."""
+    text = "" if value is None else str(value)
+    if column in _TEXT_COLUMNS and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + text
+    return text
+
+
+def _report_row(path: Path) -> dict | None:
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rep, dict) or "bmltrt_version" not in rep:
+        return None  # not one of ours: not a row
+    check = rep.get("femur_check") if isinstance(rep.get("femur_check"), dict) else {}
+    warnings = rep.get("warnings") if isinstance(rep.get("warnings"), list) else []
+    return {"scan": path.name[: -len(_REPORT_ENDING)], "status": "ok", "lesions": rep.get("lesion_count"),
+            "lesion_volume_mm3": rep.get("lesion_volume_mm3"), "femur_volume_mm3": rep.get("femur_volume_mm3"),
+            "femur_plausible": check.get("plausible"), "warnings": "; ".join(str(w) for w in warnings),
+            "resolution": rep.get("resolution"), "backend": rep.get("backend"), "device": rep.get("device"),
+            "precision": rep.get("precision"), "seconds": (rep.get("timings_s") or {}).get("total_s"),
+            "bmltrt_version": rep.get("bmltrt_version"), "input": (rep.get("input") or {}).get("path"),
+            "report": path.name, "error": ""}
+
+
+def summary_rows(out_dir: Path, failures=None) -> list[dict]:
+    """One row per report of ours in `out_dir` (this run's and earlier runs': status "ok"), and
+    one per scan that failed in this run ({name: (input, error line)}: status "failed"). A
+    scan that failed now but has outputs from an earlier run (e.g. refused without
+    --overwrite) keeps its row of those outputs, with this run's error line beside it."""
+    rows = {}
+    for path in Path(out_dir).iterdir():
+        if path.name.lower().endswith(_REPORT_ENDING) and not path.name.startswith(".") and path.is_file():
+            row = _report_row(path)
+            if row is not None:
+                rows[row["scan"].lower()] = row
+    for name, (source, line) in (failures or {}).items():
+        if name.lower() in rows:
+            rows[name.lower()]["error"] = line
+        else:
+            rows[name.lower()] = dict.fromkeys(SUMMARY_COLUMNS, "") | {"scan": name, "status": "failed",
+                                                                      "input": source, "error": line}
+    return sorted(rows.values(), key=lambda r: (r["scan"].casefold(), r["scan"]))
+
+
+def write_summary(out_dir: Path, failures=None) -> Path | None:
+    """<out_dir>/bmltrt_summary.csv, rewritten whole (atomically) from the folder's reports and
+    this run's failures; None (nothing written) when the folder holds no report of ours."""
+    import csv
+
+    rows = summary_rows(out_dir, failures)
+    if not any(r["status"] == "ok" for r in rows):
+        return None
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            w.writeheader()
+            w.writerows({k: _as_cell(k, r[k]) for k in SUMMARY_COLUMNS} for r in rows)
+
+    return atomic_write(Path(out_dir) / SUMMARY_NAME, write, suffix=".csv")

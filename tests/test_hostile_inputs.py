@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from bmltrt.cli import app
 from bmltrt.io.outputs import PARTIAL_PREFIX, OutputSet
+from bmltrt.report import SUMMARY_NAME
 
 from conftest import REPO, SHARED_DATA, has_gpu, has_torch, save_nifti
 
@@ -38,11 +39,14 @@ OUTPUT_NAMES = ("_bml.nii.gz", "_femur.nii.gz", "_overlay.png", "_report.json")
 # ---- helpers ---------------------------------------------------------------------------
 
 def digest(paths) -> dict:
+    """sha256 of every file under `paths`, but the output folder's summary (a run into its input
+    folder remakes it: it is an output, not an input)."""
     out = {}
     for p in paths:
         p = Path(p)
         for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []):
-            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+            if f.name != "bmltrt_summary.csv":
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 
 
@@ -86,7 +90,7 @@ def done_set(phantom_case, tmp_path_factory):
     out = tmp_path_factory.mktemp("done")
     res = CliRunner().invoke(app, ["detect", str(scan), "-o", str(out)])
     assert res.exit_code == 0, res.stderr
-    assert listing(out) == sorted(f"knee{e}" for e in OUTPUT_NAMES)
+    assert listing(out) == sorted([SUMMARY_NAME] + [f"knee{e}" for e in OUTPUT_NAMES])
     return scan, out
 
 
@@ -101,6 +105,64 @@ def copy_set(done_set, dest: Path, with_scan=True) -> Path:
 
 
 # ---- outputs: naming, the overwrite guard, inputs never overwritten ----------------------
+
+def read_summary(folder: Path) -> dict[str, dict]:
+    import csv
+
+    with open(folder / SUMMARY_NAME, newline="", encoding="utf-8") as f:
+        return {r["scan"]: r for r in csv.DictReader(f)}
+
+
+def test_the_summary_lists_the_folders_scans_and_this_runs_failures(tmp_path, done_set):
+    rows = read_summary(done_set[1])
+    rep = json.loads((done_set[1] / "knee_report.json").read_text())
+    assert list(rows) == ["knee"]
+    k = rows["knee"]
+    assert (k["status"], int(k["lesions"]), float(k["lesion_volume_mm3"]), k["report"], k["error"]) == \
+        ("ok", rep["lesion_count"], rep["lesion_volume_mm3"], "knee_report.json", "")
+    assert float(k["femur_volume_mm3"]) == rep["femur_volume_mm3"] and k["input"] == str(done_set[0])
+    # a rerun: knee is refused (complete, no --overwrite), a broken file fails; both are said
+    d = copy_set(done_set, tmp_path / "d")
+    bad = tmp_path / "in" / "Broken.nii.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a scan")
+    run(["detect", d / "knee.nii.gz", bad, "-o", d], inputs=[d / "knee.nii.gz", bad], errors=2)
+    rows = read_summary(d)
+    assert sorted(rows) == ["Broken", "knee"]
+    assert rows["knee"]["status"] == "ok" and "exist already" in rows["knee"]["error"]  # its outputs stand
+    assert rows["Broken"]["status"] == "failed" and rows["Broken"]["input"] == str(bad)
+    assert "not a readable NIfTI" in rows["Broken"]["error"] and rows["Broken"]["lesions"] == ""
+    # a run into a folder without any report writes no summary (nor leaves the folder)
+    run(["detect", bad, "-o", tmp_path / "o"], inputs=[bad])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_summary_file_bmltrt_did_not_write_is_refused_before_any_work(tmp_path, done_set):
+    d = copy_set(done_set, tmp_path / "d", with_scan=False)
+    scan = done_set[0]
+    (d / SUMMARY_NAME).write_text("my own notes\n")
+    for f in d.glob("knee_*"):
+        f.unlink()  # so that the scan itself would run
+    res = run(["detect", scan, "-o", d], inputs=[scan])
+    assert "was not written by bmltrt" in error_line(res) and "--overwrite" in error_line(res)
+    assert listing(d) == [SUMMARY_NAME] and (d / SUMMARY_NAME).read_text() == "my own notes\n"
+    (d / SUMMARY_NAME).unlink()
+    (d / SUMMARY_NAME).mkdir()
+    assert "not a file bmltrt wrote" in error_line(run(["detect", scan, "-o", d, "--overwrite"], inputs=[scan]))
+
+
+def test_summary_cells_that_a_spreadsheet_would_run_stay_text(tmp_path, done_set):
+    from bmltrt.report import write_summary
+
+    d = tmp_path / "d"
+    d.mkdir()
+    shutil.copy2(done_set[1] / "knee_report.json", d / "=HYPERLINK(0)_report.json")
+    write_summary(d, {"@SUM(1)": ("-x.nii.gz", "error: -- a failure")})
+    rows = read_summary(d)
+    assert sorted(rows) == ["'=HYPERLINK(0)", "'@SUM(1)"]
+    assert rows["'@SUM(1)"]["input"] == "'-x.nii.gz" and rows["'@SUM(1)"]["error"] == "error: -- a failure"
+    assert float(rows["'=HYPERLINK(0)"]["lesion_volume_mm3"]) > 0  # numbers stay numbers
+
 
 def test_foreign_femur_file_next_to_the_scan_is_never_overwritten(tmp_path):
     d = tmp_path / "in"
@@ -136,7 +198,7 @@ def test_folder_run_into_itself_skips_our_masks(tmp_path, done_set):
     res = run(["detect", d, "-o", d], inputs=[d])
     assert "skipped 2 mask(s) that bmltrt wrote" in res.stderr
     assert "knee_bml_bml" not in " ".join(listing(d))
-    assert len(listing(d)) == 5
+    assert len(listing(d)) == 6  # the scan, its four outputs, the summary
 
 
 def test_our_mask_given_as_a_scan_is_refused(tmp_path, done_set):
@@ -151,7 +213,7 @@ def test_interrupted_set_is_completed_by_a_rerun(tmp_path, done_set):
     (d / "knee_report.json").unlink()  # killed between the renames: no completion mark
     (d / "knee_overlay.png").unlink()
     run(["detect", d / "knee.nii.gz", "-o", d], inputs=[d / "knee.nii.gz"], code=0)
-    assert listing(d) == sorted(["knee.nii.gz"] + [f"knee{e}" for e in OUTPUT_NAMES])
+    assert listing(d) == sorted(["knee.nii.gz", SUMMARY_NAME] + [f"knee{e}" for e in OUTPUT_NAMES])
     assert json.loads((d / "knee_report.json").read_text())["lesion_count"] >= 1
 
 
@@ -370,7 +432,7 @@ def test_internal_error_is_logged_and_the_batch_goes_on(tmp_path, phantom_case, 
     assert "internal error on" in line and "a_first" in line and "ZeroDivisionError" in line
     log = out / "bmltrt-errors.log"
     assert str(log) in line and "Traceback" in log.read_text()
-    assert sorted(listing(out)) == sorted(["bmltrt-errors.log"] + [f"knee{e}" for e in OUTPUT_NAMES])
+    assert sorted(listing(out)) == sorted(["bmltrt-errors.log", SUMMARY_NAME] + [f"knee{e}" for e in OUTPUT_NAMES])
 
 
 def test_corrupt_model_file_is_refused(tmp_path, phantom_case):

@@ -111,7 +111,8 @@ def test_batch_with_a_corrupt_file_finishes_the_others(phantom_case, tmp_path):
     assert res.exit_code == 2
     assert "corrupt.nii.gz" in res.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["knee_bml.nii.gz", "knee_femur.nii.gz", "knee_overlay.png", "knee_report.json"]
+    assert names == ["bmltrt_summary.csv", "knee_bml.nii.gz", "knee_femur.nii.gz", "knee_overlay.png",
+                     "knee_report.json"]
     rep = json.loads((out / "knee_report.json").read_text())
     assert {"lesion_count", "lesion_volume_mm3", "lesions", "femur_volume_mm3", "timings_s", "models"} <= set(rep)
     bml = nib.load(str(out / "knee_bml.nii.gz"))
