@@ -647,8 +647,8 @@ def _check_out_dir(out_dir: Path) -> None:
     try:
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".bmltrt-probe-"):
             pass
-    except OSError as exc:
-        raise os_error(exc, out_dir, "write into the output folder") from None
+    except OSError as exc:  # named by the folder, not by the probe's own (random) name
+        raise os_error(OSError(exc.errno, exc.strerror), out_dir, "write into the output folder") from None
 
 
 @app.command()
@@ -804,7 +804,7 @@ def demo(
     from bmltrt.io import load_scan
     from bmltrt.evaluation.metrics import confusion, lesion_detection, scores
     from bmltrt.report import write_outputs
-    from bmltrt.io.outputs import SYNTH_DESCRIP, OutputSet, is_our_mask
+    from bmltrt.io.outputs import SYNTH_DESCRIP, OutputSet, folder_beside, is_our_mask, move_in, os_error
     from bmltrt.synth.dataset import write_case
     from bmltrt.synth.phantom import PhantomConfig, make_phantom
 
@@ -826,7 +826,15 @@ def demo(
     _check_out_dir(out_dir)
     say(f"writing the phantom and the outputs to {out_dir.resolve()}")
     ph = make_phantom([seed, 0], PhantomConfig(n_lesions=(2, 2)))
-    write_case(out_dir, "input", "demo_knee", ph)
+    # The phantom is made whole beside the folder, then moved in with the earlier run's
+    # outputs removed first: an interrupted demo leaves its folder as it was, or a phantom
+    # without outputs, never a phantom beside the outputs of another one.
+    with folder_beside(out_dir, "demo") as stage:
+        try:
+            write_case(stage, "input", "demo_knee", ph)
+        except OSError as exc:
+            raise os_error(exc, out_dir, "write the phantom") from None
+        move_in(stage, out_dir, last="input", drop_first=[p.name for p in OutputSet(out_dir, "demo_knee").paths.values()])
     scan_path = out_dir / "input" / "images" / "demo_knee.nii.gz"
     scan = load_scan(scan_path)
     result = det.detect_checked(scan)

@@ -134,13 +134,51 @@ def test_unavailable_backend_is_said_plainly(phantom_case, tmp_path):
     assert res.exit_code == 2 and "no inpainter" in res.stderr
 
 
-def test_demo_runs(tmp_path):
-    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo")])
+def test_demo_runs_and_an_interrupted_rerun_leaves_no_mixed_folder(tmp_path, monkeypatch):
+    import hashlib
+
+    import bmltrt.synth.dataset as dataset
+    from bmltrt.pipeline import Detector
+
+    demo = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "-o", str(demo)])
     assert res.exit_code == 0, res.output + res.stderr
     assert "lesion Dice" in res.output
-    assert (tmp_path / "demo" / "demo_knee_overlay.png").exists()
+    assert (demo / "demo_knee_overlay.png").exists()
+
+    def state():
+        return {str(f.relative_to(demo)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(demo.rglob("*")) if f.is_file()}
+
+    before = state()
+    write_case = dataset.write_case
+
+    def stopped_while_writing(root, split, case, ph):
+        write_case(root, split, case, ph)  # every file written (beside the folder), then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "write_case", stopped_while_writing)
+    res = CliRunner().invoke(app, ["demo", "-o", str(demo), "--seed", "7"])
+    assert res.exit_code == 130 and "Traceback" not in res.output + res.stderr
+    assert state() == before  # the earlier demo, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing left beside it
+    monkeypatch.setattr(dataset, "write_case", write_case)
+
+    def stopped_while_detecting(self, scan, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "detect_checked", stopped_while_detecting)
+    res = CliRunner().invoke(app, ["demo", "-o", str(demo), "--seed", "7"])
+    assert res.exit_code == 130
+    after = state()
+    assert sorted(after) == [f"input/{k}/demo_knee.nii.gz" for k in ("femur", "images", "lesion")]  # no old outputs
+    assert after["input/images/demo_knee.nii.gz"] != before["input/images/demo_knee.nii.gz"]  # the seed-7 knee
+    monkeypatch.undo()
     res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo")])  # a rerun replaces its own files
     assert res.exit_code == 0, res.output + res.stderr
+    again = state()
+    assert again.pop("demo_knee_report.json") and again == {k: v for k, v in before.items()
+                                                            if k != "demo_knee_report.json"}  # timings differ
 
 
 def test_demo_never_replaces_a_users_files(tmp_path):
