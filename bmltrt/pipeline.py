@@ -292,8 +292,9 @@ class Detector:
         self.seg_cfg = self.seg_entry["config"]
         res = store.default_resolution if self.config.resolution is None else self.config.resolution
         if res not in store.resolutions():
-            raise BmlError(f"no inpainter for --resolution {res}", store.root,
-                           f"choose one of {store.resolutions()}")
+            what = (f"--resolution {res}" if self.config.resolution is not None
+                    else f"the models folder's default resolution {res} (manifest.json)")
+            raise BmlError(f"no inpainter for {what}", store.root, f"choose one of {store.resolutions()}")
         self.resolution = res
         self.inp_name = f"inpainter_{res}"
         self.inp_entry = store.entry(self.inp_name)

@@ -248,7 +248,8 @@ def test_detect_reads_the_tuned_postprocessing(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"floor": 5.0}, {"floor": float("nan")}, {"opening_mm": -3},
-                                 {"closing_mm": "wide"}, {"nbins": 0}, {"otsu_scope": "all"}, 7])
+                                 {"closing_mm": "wide"}, {"nbins": 0}, {"otsu_scope": "all"}, 7,
+                                 {"flor": 0.1}])
 def test_detect_refuses_a_postprocessing_file_with_bad_values(tmp_path, phantom_case, bad):
     """A hand-edited postprocess.json with a floor above 1, NaN or a negative footprint made
     detect find nothing and say nothing; now one line, exit 2, no outputs."""
@@ -268,6 +269,72 @@ def test_detect_refuses_a_postprocessing_file_with_bad_values(tmp_path, phantom_
     line = _one_line_exit_2(r)
     assert "postprocess.json" in line and "resolution 256" in line
     assert not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+def _models_copy(root: Path) -> Path:
+    from bmltrt.runtime.models import default_models_dir
+
+    root.mkdir()
+    for f in default_models_dir().glob("*.onnx"):
+        (root / f.name).symlink_to(f)
+    (root / "manifest.json").write_text((default_models_dir() / "manifest.json").read_text())
+    return root
+
+
+def _set(doc: dict, dotted: str, value) -> dict:
+    *path, last = dotted.split(".")
+    d = doc
+    for k in path:
+        d = d[k]
+    if value is _DELETE:
+        del d[last]
+    else:
+        d[last] = value
+    return doc
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("edit,said", [
+    ("models.inpainter_256.resolution=abc", "resolution 'abc' is not a whole number"),
+    ("models.inpainter_256.resolution=DELETE", "resolution None is not a whole number"),
+    ("default_resolution=abc", "default_resolution 'abc'"),
+    ("default_resolution=999", "no inpainter for the models folder's default resolution 999"),
+    ("models.inpainter_256.precisions=fp32", "precisions is not a JSON object"),
+    ("models.inpainter_256.precisions.fp32.file=3", "inpainter_256 fp32: no file name"),
+    ("models.segmenter.config.patch=16", "config.patch 16 is not three whole numbers"),
+    ("models.segmenter.kind=unet", "unknown kind 'unet'"),
+    ("postprocess=[1, 2]", "postprocess.json is not a bmltrt post-processing file"),
+    ("graph=damaged", "cannot read the graph"),
+])
+def test_a_damaged_models_folder_is_one_line_before_any_scan(tmp_path, phantom_case, edit, said):
+    """Hand edits and bad copies of a models folder crashed as 'internal error', exit 1."""
+    from bmltrt.cli import app as cli_app
+    from bmltrt.io.checksum import file_sha256
+    from bmltrt.runtime.models import default_models_dir
+
+    models = _models_copy(tmp_path / "models")
+    doc = json.loads((models / "manifest.json").read_text())
+    key, _, value = edit.partition("=")
+    if key == "postprocess":
+        (models / "postprocess.json").write_text(value)
+    elif key == "graph":  # bytes damaged, and the damage's sha256 written into the manifest too
+        (models / "inpainter_256.onnx").unlink()
+        b = bytearray((default_models_dir() / "inpainter_256.onnx").read_bytes())
+        b[1000:5096] = bytes(x ^ 0x5A for x in b[1000:5096])
+        (models / "inpainter_256.onnx").write_bytes(bytes(b))
+        sha = file_sha256(models / "inpainter_256.onnx")
+        doc["models"]["inpainter_256"]["sha256"] = doc["models"]["inpainter_256"]["precisions"]["fp32"]["sha256"] = sha
+        doc["files"] = {k: (sha if k == "inpainter_256.onnx" else v) for k, v in doc.get("files", {}).items()}
+    else:
+        _set(doc, key, _DELETE if value == "DELETE" else json.loads(value) if value[:1].isdigit() else value)
+    (models / "manifest.json").write_text(json.dumps(doc))
+    r = CliRunner().invoke(cli_app, ["detect", str(phantom_case[0]), "-o", str(tmp_path / "out"), "--models",
+                                     str(models)])
+    line = _one_line_exit_2(r)
+    assert said in line, line
+    assert not (tmp_path / "out").exists()
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from bmltrt.io.atomic import atomic_write
 from bmltrt.postprocess.lesion import PostConfig
 
 POSTPROCESS_FILE = "postprocess.json"
+RECORD_PREFIX = "val_"  # what the tuning scored (val_dice, ...): kept beside the settings, not a setting
 FORMAT = "bmltrt-postprocess-1"
 
 
@@ -42,8 +43,10 @@ def read_tuned(root: Path, manifest: dict, resolution: int) -> tuple[PostConfig 
         return None, "built-in defaults", []
     try:
         doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
         entry = doc["by_resolution"].get(str(resolution))
-    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as exc:
         raise BmlError(f"{POSTPROCESS_FILE} is not a bmltrt post-processing file ({type(exc).__name__})", path,
                        "delete it, or write it again with `bmltrt evaluate tune ... --save`") from None
     if entry is None:
@@ -51,6 +54,12 @@ def read_tuned(root: Path, manifest: dict, resolution: int) -> tuple[PostConfig 
     try:
         if not isinstance(entry, dict):
             raise TypeError("not a JSON object")
+        # a misspelt setting ("flor") would otherwise be dropped and its default used, silently
+        fields = PostConfig.__dataclass_fields__
+        unknown = sorted(k for k in entry if k not in fields and not str(k).startswith(RECORD_PREFIX))
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} is not a post-processing setting (they are: "
+                             f"{', '.join(fields)}; {RECORD_PREFIX}* keys are records)")
         cfg = PostConfig.from_dict(entry)
         if cfg.floor > 1:  # detect's difference map is in HE units: nothing passes a floor above 1
             raise ValueError(f"floor {cfg.floor!r} is not a number from 0 to 1")

@@ -49,6 +49,57 @@ def default_models_dir() -> Path:
                    pkg, "reinstall bmltrt, or pass --models DIR")
 
 
+def _whole(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _entry_damage(name: str, e: dict) -> str | None:
+    """What is wrong with one model entry, in the fields the runtime reads; None if nothing."""
+    kind = e.get("kind")
+    if kind not in (None, "segmenter", "inpainter"):
+        return f"{name}: unknown kind {kind!r}"
+    if kind == "inpainter" and not _whole(e.get("resolution"), 8, 8192):
+        return f"{name}: resolution {e.get('resolution')!r} is not a whole number of pixels"
+    cfg = e.get("config", {})
+    if not isinstance(cfg, dict):
+        return f"{name}: config is not a JSON object"
+    if kind == "segmenter":
+        patch, grid = cfg.get("patch"), cfg.get("inplane_spacing_mm")
+        if not (isinstance(patch, list) and len(patch) == 3 and all(_whole(p, 1, 4096) for p in patch)):
+            return f"{name}: config.patch {patch!r} is not three whole numbers"
+        if isinstance(grid, bool) or not isinstance(grid, (int, float)) or not 0 < grid < 100:
+            return f"{name}: config.inplane_spacing_mm {grid!r} is not a pixel size in mm"
+        overlap = cfg.get("overlap", 0.5)
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+            return f"{name}: config.overlap {overlap!r} is not a fraction below 1"
+    variants = e.get("precisions")
+    if variants is None:
+        variants = {e.get("precision", "fp32"): e}
+    if not isinstance(variants, dict) or not variants:
+        return f"{name}: precisions is not a JSON object of graphs"
+    for p, v in variants.items():
+        if p not in PRECISIONS:
+            return f"{name}: unknown precision {p!r}"
+        if not isinstance(v, dict) or not isinstance(v.get("file"), str) or not v["file"]:
+            return f"{name} {p}: no file name"
+        if not isinstance(v.get("sha256", ""), str):
+            return f"{name} {p}: sha256 is not a string"
+    return None
+
+
+def manifest_damage(manifest: dict) -> str | None:
+    """What is wrong with a manifest in the fields the runtime reads (a hand edit, a bad copy),
+    said before any scan instead of as a crash in the middle of one; None if nothing."""
+    default = manifest.get("default_resolution", 256)
+    if not _whole(default, 8, 8192):
+        return f"default_resolution {default!r} is not a whole number of pixels"
+    for name, e in manifest.get("models", {}).items():
+        damage = _entry_damage(str(name), e)
+        if damage:
+            return damage
+    return None
+
+
 @dataclass
 class ModelStore:
     root: Path
@@ -79,6 +130,10 @@ class ModelStore:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("models", {}), dict) \
                 or not all(isinstance(e, dict) for e in manifest.get("models", {}).values()):
             raise BmlError("manifest.json is not a bmltrt models manifest", man, "pass the folder `bmltrt export` wrote")
+        damage = manifest_damage(manifest)
+        if damage:
+            raise BmlError(f"manifest.json is damaged: {damage}", man,
+                           "export the models again with `bmltrt export`, or reinstall them")
         return cls(root, manifest, precision)
 
     def _raw(self, name: str) -> dict:

@@ -90,7 +90,11 @@ def graph_tensors(path: Path) -> tuple[list[tuple[str, str, tuple]], list[tuple[
     a symbolic dimension), from one read of the file."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a damaged file whose sha256 was written into the manifest too
+        raise BmlError(f"cannot read the graph ({type(exc).__name__})", path,
+                       "export the models again with `bmltrt export`, or reinstall them") from None
     inits = {i.name for i in m.graph.initializer}
 
     def rows(vals):
