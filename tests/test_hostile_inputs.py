@@ -348,6 +348,8 @@ def test_a_concurrent_run_holds_the_scan(tmp_path):
     with pytest.raises(BmlError, match="another bmltrt run"):
         write_output_set(outs, _writers())
     assert listing(tmp_path) == [outs.staging.name]
+    with pytest.raises(BmlError, match="another bmltrt run"):  # detect asks before the work, not after it
+        outs.check_writable(overwrite=True)
 
 
 def test_a_killed_runs_staging_folder_is_taken_over(tmp_path):

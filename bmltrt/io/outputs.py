@@ -220,7 +220,12 @@ class OutputSet:
         return [p for k, p in self.existing().items() if not _is_ours(p, k)]
 
     def check_writable(self, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
-        """The overwrite guard over the whole set. Raises BmlError; writes nothing."""
+        """The overwrite guard over the whole set, and another run's live lock on it (found
+        before the work, not after). Raises BmlError; writes nothing."""
+        if self.staging.is_dir():
+            pid, stale = _lock_state(self.staging)
+            if not stale:
+                raise _locked(pid, self.staging)
         have = self.existing()
         for p in have.values():
             if p.is_dir() or (p.exists() and not p.is_file()):  # no rename can replace it: refuse before writing
@@ -255,6 +260,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_state(stage: Path) -> tuple[int, bool]:
+    """(the pid in a staging folder, whether the folder is stale: left by a run that is gone)."""
+    try:
+        pid = int((stage / "pid").read_text().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    try:
+        age = time.time() - stage.stat().st_mtime
+    except OSError:
+        age = None
+    young = age is not None and age < STALE_AFTER_S
+    ancient = age is not None and age > LOCK_MAX_AGE_S  # untouched for hours: stale even if its pid was reused
+    # No pid yet and just made: another run is between its mkdir and its pid file.
+    return pid, (pid == os.getpid()) or ancient or (not _pid_alive(pid) if pid else not young)
+
+
+def _locked(pid: int, stage: Path) -> BmlError:
+    return BmlError(f"another bmltrt run (pid {pid}) is writing the outputs of this scan", stage,
+                    "wait for it, or remove this folder if no bmltrt run is going on")
+
+
 @contextmanager
 def locked_staging(outs: OutputSet):
     """Make the staging folder (the per-scan lock); remove it afterwards, whatever happens."""
@@ -268,25 +294,11 @@ def locked_staging(outs: OutputSet):
             os.mkdir(stage)
             break
         except FileExistsError:
-            try:
-                pid = int((stage / "pid").read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            try:
-                young = time.time() - stage.stat().st_mtime < STALE_AFTER_S
-            except OSError:
-                young = False
-            try:  # a lock untouched for hours is stale even if its pid was reused by a live process
-                ancient = time.time() - stage.stat().st_mtime > LOCK_MAX_AGE_S
-            except OSError:
-                ancient = False
-            # No pid yet and just made: another run is between its mkdir and its pid file.
-            stale = (pid == os.getpid()) or ancient or (not _pid_alive(pid) if pid else not young)
+            pid, stale = _lock_state(stage)
             if attempt == 0 and stale:
                 shutil.rmtree(stage, ignore_errors=True)  # left by a killed run: take it over
                 continue
-            raise BmlError(f"another bmltrt run (pid {pid}) is writing the outputs of this scan", stage,
-                           "wait for it, or remove this folder if no bmltrt run is going on") from None
+            raise _locked(pid, stage) from None
         except OSError as exc:
             raise os_error(exc, outs.out_dir, "write into the output folder") from None
     try:
