@@ -769,16 +769,18 @@ def detect(
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     n_all = len(sources) + len(found.problems)
-    t = Table(title=f"bmltrt detect: {n_all - failed} of {n_all} scans done "
-                    f"({det.backend.name}, {det.backend.device}, {det.backend.precision}, res {det.resolution})")
-    for c in ("scan", "lesions", "lesion mm3", "femur cm3", "seconds", "status"):
-        t.add_column(c)
-    for row in rows:
-        t.add_row(*row)
-    out.print(t)
+    if done or n_all > 1:  # one scan refused: its error line is the whole answer
+        say(f"bmltrt detect: {done} of {n_all} scans done "
+            f"({det.backend.name}, {det.backend.device}, {det.backend.precision}, res {det.resolution})")
+        t = Table()
+        for c in ("scan", "lesions", "lesion mm3", "femur cm3", "seconds", "status"):
+            t.add_column(c)
+        for row in rows:
+            t.add_row(*row)
+        out.print(t)
     if made_out_dir and not any(out_dir.iterdir()):  # every scan failed: no empty folder left behind
         out_dir.rmdir()
-    else:
+    elif done:
         say(f"outputs in {out_dir}")
         try:
             summary = write_summary(out_dir, failures)

@@ -121,20 +121,30 @@ def test_the_summary_lists_the_folders_scans_and_this_runs_failures(tmp_path, do
     assert (k["status"], int(k["lesions"]), float(k["lesion_volume_mm3"]), k["report"], k["error"]) == \
         ("ok", rep["lesion_count"], rep["lesion_volume_mm3"], "knee_report.json", "")
     assert float(k["femur_volume_mm3"]) == rep["femur_volume_mm3"] and k["input"] == str(done_set[0])
-    # a rerun: knee is refused (complete, no --overwrite), a broken file fails; both are said
+    # a rerun that writes nothing (knee refused: complete, no --overwrite; a broken file) leaves
+    # the summary as it was, and prints the error lines and the table only
     d = copy_set(done_set, tmp_path / "d")
     bad = tmp_path / "in" / "Broken.nii.gz"
     bad.parent.mkdir()
     bad.write_bytes(b"not a scan")
-    run(["detect", d / "knee.nii.gz", bad, "-o", d], inputs=[d / "knee.nii.gz", bad], errors=2)
+    before = (d / SUMMARY_NAME).read_bytes()
+    res = run(["detect", d / "knee.nii.gz", bad, "-o", d], inputs=[d / "knee.nii.gz", bad], errors=2)
+    assert (d / SUMMARY_NAME).read_bytes() == before and "outputs in" not in res.stdout
+    assert "0 of 2 scans done" in res.stdout
+    # with this run's failures beside the folder's reports (what detect writes when it made a set)
+    from bmltrt.report import write_summary
+
+    write_summary(d, {"knee": (str(d / "knee.nii.gz"), "error: outputs exist already"),
+                      "Broken": (str(bad), "error: not a readable NIfTI file")})
     rows = read_summary(d)
     assert sorted(rows) == ["Broken", "knee"]
     assert rows["knee"]["status"] == "ok" and "exist already" in rows["knee"]["error"]  # its outputs stand
+    assert rows["knee"]["lesions"] == str(rep["lesion_count"])
     assert rows["Broken"]["status"] == "failed" and rows["Broken"]["input"] == str(bad)
     assert "not a readable NIfTI" in rows["Broken"]["error"] and rows["Broken"]["lesions"] == ""
-    # a run into a folder without any report writes no summary (nor leaves the folder)
-    run(["detect", bad, "-o", tmp_path / "o"], inputs=[bad])
-    assert not (tmp_path / "o").exists()
+    # one scan refused: its line is the whole answer (no table), and no folder is left
+    res = run(["detect", bad, "-o", tmp_path / "o"], inputs=[bad])
+    assert not (tmp_path / "o").exists() and res.stdout.strip() == ""
 
 
 def test_a_summary_file_bmltrt_did_not_write_is_refused_before_any_work(tmp_path, done_set):
