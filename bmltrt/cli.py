@@ -49,22 +49,31 @@ def print_warning(line: str) -> None:
 
 
 def log_internal_error(exc: BaseException, where: str, log_dir: Path | None = None) -> Path | None:
-    """Append the traceback to a log file (the output folder's, else the temp folder's)."""
+    """Write the traceback to a log: appended to the output folder's bmltrt-errors.log, else
+    (no output folder, or not writable) to a new private file in the temp folder. Links are
+    not followed: in a shared /tmp a fixed name could be a link planted to another file."""
     import tempfile
     import time
     import traceback
 
     text = (f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} bmltrt {_version()} {where}\n"
             + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    for d in ([Path(log_dir)] if log_dir else []) + [Path(tempfile.gettempdir())]:
+    if log_dir:
+        path = Path(log_dir) / "bmltrt-errors.log"
         try:
-            path = d / "bmltrt-errors.log"
-            with open(path, "a") as f:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "a") as f:
                 f.write(text)
             return path
         except OSError:
-            continue
-    return None
+            pass
+    try:
+        fd, name = tempfile.mkstemp(prefix="bmltrt-errors-", suffix=".log")  # O_EXCL, mode 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        return None
 
 
 def _version() -> str:
@@ -109,6 +118,9 @@ def _empty_argument(args: list[str], flags=frozenset()) -> str | None:
     return None
 
 
+_INTERRUPT_SAID: list = []  # non-empty once a command has said its interrupt line
+
+
 class OneLineErrors(TyperGroup):
     """Bad options and bugs as one line too (click would print usage boxes and tracebacks)."""
 
@@ -119,8 +131,11 @@ class OneLineErrors(TyperGroup):
                 print_error(empty)
                 code = 2
             else:
+                _INTERRUPT_SAID.clear()
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
                 code = rv if isinstance(rv, int) else 0
+                if code == 130 and not _INTERRUPT_SAID:  # Ctrl-C while typer parsed: it exits silently
+                    print_error("interrupt: stopped before the end | run the command again")
         except Exception as exc:  # click's UsageError/BadParameter/Abort, or a bug
             code = self._one_line(exc)
         if not standalone_mode:
@@ -170,6 +185,7 @@ def user_errors(fn):
             term = isinstance(exc, Interrupted)
             hint = getattr(exc, "rerun_hint", "run the command again")
             print_error(f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | {hint}")
+            _INTERRUPT_SAID.append(True)
             raise typer.Exit(143 if term else 130)
         except MemoryError:
             print_error("out of memory | use a smaller --batch-size, or a machine with more memory")
@@ -764,6 +780,7 @@ def detect(
         sig = "SIGTERM" if isinstance(exc, Interrupted) else "interrupt"
         print_error(f"{sig}: stopped after {done} of {len(sources)} scans; no partial output set is left "
                     f"| outputs in {out_dir}")
+        _INTERRUPT_SAID.append(True)
         raise typer.Exit(143 if isinstance(exc, Interrupted) else 130)
     finally:
         if old_term is not None:
@@ -1028,6 +1045,7 @@ def build_engines_cmd(
 
 
 @app.command()
+@user_errors
 def doctor():
     """Say which backends can run here, with versions and the GPU, and why others cannot."""
     from rich.table import Table

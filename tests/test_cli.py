@@ -108,3 +108,64 @@ def test_the_readme_names_every_environment_variable_the_code_reads():
     assert {"BMLTRT_MODELS", "BMLTRT_THREADS"} <= read  # the search itself works
     readme = (root / "README.md").read_text()
     assert not [v for v in sorted(read) if f"`{v}" not in readme]
+
+
+def test_an_internal_error_outside_any_scan_is_logged_to_a_new_private_file(tmp_path, monkeypatch):
+    """The log went to a fixed name in the shared temp folder, appended to and following links."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    import bmltrt.doctor
+    from bmltrt.cli import app
+
+    def broken():
+        raise RuntimeError("a bug in doctor")
+
+    monkeypatch.setattr(bmltrt.doctor, "check", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "bmltrt-errors.log").symlink_to(victim)  # a link planted under the old fixed name
+    res = CliRunner().invoke(app, ["doctor"])
+    assert res.exit_code == 1 and "Traceback" not in res.output + res.stderr
+    line = res.stderr.strip()
+    assert line.startswith("error: internal error on this command (RuntimeError: a bug in doctor)"), line
+    log = Path(line.split("full traceback in ")[1].split(" | ")[0])
+    assert log.parent == tmp_path and log.name.startswith("bmltrt-errors-") and not log.is_symlink()
+    assert "RuntimeError: a bug in doctor" in log.read_text() and oct(log.stat().st_mode)[-3:] == "600"
+    assert victim.read_text() == "keep me\n"
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path):
+    """Ctrl-C in the first few tenths of a second (numpy, rich, typer loading) printed a traceback."""
+    import subprocess
+    import sys
+
+    code = ("import builtins, os, signal\n"
+            "real = builtins.__import__\n"
+            "def stop_in(name, *a, **k):\n"
+            "    if name == 'bmltrt.cli':\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = stop_in\n"
+            "from bmltrt.__main__ import main\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code, "doctor"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "error: interrupt: stopped before the end | run the command again"
+
+
+def test_ctrl_c_in_doctor_is_one_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    import bmltrt.doctor
+    from bmltrt.cli import app
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bmltrt.doctor, "check", interrupted)
+    res = CliRunner().invoke(app, ["doctor"])
+    assert res.exit_code == 130 and res.stderr.strip().startswith("error: interrupt: stopped before the end")
+    assert len(res.stderr.strip().splitlines()) == 1
