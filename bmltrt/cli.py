@@ -838,6 +838,7 @@ def demo(
     if stray:
         raise BmlError("the demo's input/ folder holds a file that the demo did not write", stray[0],
                        "choose another --out folder")
+    OutputSet(out_dir, "demo_knee").check_writable(overwrite=True)  # a folder where an output goes; a live lock
     foreign = OutputSet(out_dir, "demo_knee").foreign()
     if foreign:
         raise BmlError("a file that bmltrt did not write is where a demo output goes", foreign[0],

@@ -61,7 +61,7 @@ def check() -> list[dict]:
     add("onnxruntime", ort is not None, getattr(ort, "__version__", ""), detail)
     torch, why = optional_import("torch")
     if torch is None:
-        add("torch", False, "", why + " (only needed to train and export: pip install 'bmltrt[train]')")
+        add("torch", False, "", why + " (needed to train, to export and for --backend torch: pip install 'bmltrt[train]')")
     else:
         cuda = torch.cuda.is_available()
         add("torch", True, torch.__version__,

@@ -3,6 +3,7 @@ carries machine and commit on every figure, refuses bad options in one line."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -178,7 +179,7 @@ def test_shipped_inpainter_macs_grow_with_resolution_and_dft_share_is_stated():
 @pytest.mark.parametrize("args", [
     ["--resolutions", "abc"], ["--resolutions", "100"], ["--backends", "cuda"], ["--precisions", "fp8"],
     ["--batch-sizes", "0"], ["--batch-sizes", "1,1"], ["--repeats", "0"], ["--threads", "0"],
-    ["--models", "/nonexistent/models"], ["--resolutions", ""],
+    ["--models", "/nonexistent/models"], ["--resolutions", ""], ["--batch-sizes", "1,,2"], ["--resolutions", "256,"],
     ["--backends", "tensorrt"],  # asked for, cannot run here: not a bench of MAC counts alone
 ])
 def test_bad_options_one_line_exit_2(args, tmp_path):
@@ -223,20 +224,16 @@ def test_bench_runs_without_torch_and_says_so(toy_models_dir, tmp_path):
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
 
 
-def test_more_threads_than_cores_is_said_in_the_notes(tmp_path, monkeypatch):
+def test_more_threads_than_cores_is_said_in_the_notes(tmp_path):
     from bmltrt.bench.machine import usable_cores
     from bmltrt.bench.run import Bench, BenchOptions
     from bmltrt.optional import optional_import
 
     torch, _ = optional_import("torch")
-    before = torch.get_num_threads() if torch else None
-    monkeypatch.setenv("BMLTRT_THREADS", "")  # Bench sets it (run() puts it back); monkeypatch does here
-    try:
-        over = Bench(BenchOptions(quick=True, threads=usable_cores() + 1), tmp_path)
-        fits = Bench(BenchOptions(quick=True, threads=usable_cores()), tmp_path)
-    finally:
-        if torch:
-            torch.set_num_threads(before)
+    before = (torch.get_num_threads() if torch else None, os.environ.get("BMLTRT_THREADS"))
+    over = Bench(BenchOptions(quick=True, threads=usable_cores() + 1), tmp_path)
+    fits = Bench(BenchOptions(quick=True, threads=usable_cores()), tmp_path)
+    assert (torch.get_num_threads() if torch else None, os.environ.get("BMLTRT_THREADS")) == before  # run() sets them
     assert over.threads == usable_cores() + 1
     assert any("oversubscription" in n for n in over.notes), over.notes
     assert not any("oversubscription" in n for n in fits.notes), fits.notes

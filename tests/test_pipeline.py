@@ -189,9 +189,12 @@ def test_demo_never_replaces_a_users_files(tmp_path):
     # at the very name of the demo's phantom: not the demo's (no "bmltrt synth" in its header)
     (tmp_path / "f" / "input" / "images").mkdir(parents=True)
     (tmp_path / "f" / "input" / "images" / "demo_knee.nii.gz").write_text("precious")
-    for d in ("d", "e", "f"):
+    (tmp_path / "g" / "demo_knee_report.json").mkdir(parents=True)  # a folder where an output goes
+    said = {"d": "did not write", "e": "did not write", "f": "did not write", "g": "a folder or other non-file"}
+    for d, what in said.items():
         res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / d)])
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert what in res.stderr, res.stderr
     assert (tmp_path / "d" / "demo_knee_bml.nii.gz").read_text() == "precious"
     assert sorted(p.name for p in (tmp_path / "e").rglob("*")) == ["input", "mine.txt"]
     assert (tmp_path / "f" / "input" / "images" / "demo_knee.nii.gz").read_text() == "precious"

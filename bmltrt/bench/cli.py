@@ -20,9 +20,12 @@ def _list(value: Optional[str], option: str, choices=None, kind=int, lo=None, hi
     """A comma-separated option as a checked list (None when not given)."""
     if value is None:
         return None
-    items = [v for v in value.replace(" ", "").split(",") if v]
-    if not items:
-        raise BmlError(f"{option} is empty", hint=f"e.g. {option} {','.join(map(str, choices or [1, 2]))}")
+    items = value.replace(" ", "").split(",")
+    example = f"e.g. {option} {','.join(map(str, choices or [1, 2]))}"
+    if not any(items):
+        raise BmlError(f"{option} is empty", hint=example)
+    if not all(items):  # "1,,2" or "1,": a value left out, not one to skip silently
+        raise BmlError(f"{option} {value!r} has an empty item", hint=example)
     out = []
     for v in items:
         try:

@@ -122,17 +122,13 @@ class Bench:
         self.torch, why = optional_import("torch")
         if self.torch is None:
             self.notes.append(f"torch is not installed ({why}): no torch backend, PyTorch eager or torch.fft rows")
-        else:
-            self._torch_threads = self.torch.get_num_threads()  # put back by run()
-            self.torch.set_num_threads(self.threads)
-        self._env_threads = os.environ.get("BMLTRT_THREADS")  # put back by run()
-        os.environ["BMLTRT_THREADS"] = str(self.threads)  # ONNX Runtime's intra-op threads, same as torch's
         self.resolutions = self._resolutions()
         self.targets = self._targets()
         if self.opts.backends and not self.targets:  # asked for, none can run: not a "passed" bench of MACs alone
             which = "it cannot" if len(self.opts.backends) == 1 else "none of them can"
+            why = [n.replace(", skipped", "") for n in self.notes if any(n.startswith(b) for b in self.opts.backends)]
             raise BmlError(f"--backends {','.join(self.opts.backends)}: {which} run here",
-                           hint="; ".join(self.notes) or "see `bmltrt doctor`")
+                           hint="; ".join(why or self.notes) or "see `bmltrt doctor`")
         self._backends: dict = {}
         self._scans: dict = {}
         self.models_record = {n: {"sha256": e.get("sha256"), "precisions": self.store.precisions(n)}
@@ -250,10 +246,17 @@ class Bench:
         return steps
 
     def run(self, progress=None) -> dict:
-        steps = self.plan()
-        if progress:
-            progress(None, len(steps))
+        # the thread count for the run only (put back after it): ONNX Runtime's intra-op threads
+        # come from $BMLTRT_THREADS, torch's from set_num_threads, the same number for both
+        torch_threads = self.torch.get_num_threads() if self.torch is not None else None
+        env_threads = os.environ.get("BMLTRT_THREADS")
+        if self.torch is not None:
+            self.torch.set_num_threads(self.threads)
+        os.environ["BMLTRT_THREADS"] = str(self.threads)
         try:
+            steps = self.plan()
+            if progress:
+                progress(None, len(steps))
             for label, fn in steps:
                 if progress:
                     progress(label, len(steps))
@@ -266,11 +269,11 @@ class Bench:
                 with contextlib.suppress(Exception):
                     be.close()
             if self.torch is not None:
-                self.torch.set_num_threads(self._torch_threads)
-            if self._env_threads is None:
+                self.torch.set_num_threads(torch_threads)
+            if env_threads is None:
                 os.environ.pop("BMLTRT_THREADS", None)
             else:
-                os.environ["BMLTRT_THREADS"] = self._env_threads
+                os.environ["BMLTRT_THREADS"] = env_threads
         return self.result()
 
     def result(self) -> dict:

@@ -64,6 +64,13 @@ def require_tensorrt():
     """The tensorrt module, >= 10.3, or one line saying what to install."""
     trt, why = optional_import("tensorrt")
     if trt is None:
+        from bmltrt.doctor import cuda_devices
+
+        n, gpu_why = cuda_devices()
+        if n == 0:  # installing TensorRT would not be enough: say so now
+            raise BmlError(f"TensorRT is not installed ({why}), and no GPU here either: {gpu_why}",
+                           hint="TensorRT needs an NVIDIA GPU: use --backend onnxruntime here; on a GPU machine, "
+                                + INSTALL_TENSORRT)
         raise BmlError(f"TensorRT is not installed ({why})", hint=INSTALL_TENSORRT)
     ver = getattr(trt, "__version__", "0")
     if parse_version(ver) < MIN_TENSORRT:
