@@ -11,7 +11,8 @@ from scipy import ndimage as ndi
 
 from bmltrt.io.atomic import atomic_write
 from bmltrt.io.nifti import mask_image_like, write_nifti
-from bmltrt.io.outputs import OutputSet, write_output_set
+from bmltrt.errors import BmlError
+from bmltrt.io.outputs import OutputSet, same_file, write_output_set
 
 FEMUR_TILES = 12  # every k-th femur slice, so the montage covers the femur's whole extent
 MAX_LESION_TILES = 16  # plus every slice with a lesion (the largest, if more)
@@ -144,12 +145,10 @@ def _summary_is_ours(path: Path) -> bool:
 def check_summary_writable(out_dir: Path, overwrite: bool, inputs=()) -> None:
     """Before any scan: a folder, or a file bmltrt did not write, where the summary goes is
     refused (the file is replaced with `overwrite`; an input of the run never)."""
-    from bmltrt.errors import BmlError
-
     path = Path(out_dir) / SUMMARY_NAME
     if not os.path.lexists(path):
         return
-    if any(_same_path(path, p) for p in inputs):
+    if any(same_file(path, p) for p in inputs):
         raise BmlError("the output folder's summary would overwrite an input of this run", path,
                        "choose another output folder (-o)")
     if path.is_symlink() or not path.is_file():
@@ -158,13 +157,6 @@ def check_summary_writable(out_dir: Path, overwrite: bool, inputs=()) -> None:
     if not overwrite and not _summary_is_ours(path):
         raise BmlError(f"{SUMMARY_NAME} in the output folder was not written by bmltrt", path,
                        "move it away, or add --overwrite to replace it")
-
-
-def _same_path(a: Path, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 _TEXT_COLUMNS = ("scan", "warnings", "input", "report", "error")

@@ -138,7 +138,7 @@ def _is_ours(path: Path, kind: str) -> bool:
     return False
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -233,7 +233,7 @@ class OutputSet:
                                "move it away or choose another --out folder")
         for k, p in self.paths.items():
             for src in inputs:
-                if _same_file(src, p) or (k in have and _same_file(src, have[k])):
+                if same_file(src, p) or (k in have and same_file(src, have[k])):
                     raise BmlError("an output would overwrite an input of this run", p,
                                    "choose another --out folder")
         if not have or overwrite:
