@@ -697,7 +697,7 @@ def detect(
 
     from bmltrt.io.inputs import expand_inputs, is_regular_file
     from bmltrt.io.outputs import OutputSet, is_nifti_name, nifti_stem, os_error
-    from bmltrt.report import check_summary_writable, write_outputs, write_summary
+    from bmltrt.report import SUMMARY_NAME, check_summary_writable, write_outputs, write_summary
 
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
@@ -802,7 +802,7 @@ def detect(
         try:
             summary = write_summary(out_dir, failures)
         except OSError as exc:
-            raise os_error(exc, out_dir / "bmltrt_summary.csv", "write the summary") from None
+            raise os_error(exc, out_dir / SUMMARY_NAME, "write the summary") from None
         if summary is not None:
             say(f"summary of the folder's scans in {summary}")
     det.backend.close()
