@@ -348,6 +348,16 @@ def test_failed_overwrite_keeps_the_old_set_whole(tmp_path):
     assert digest([tmp_path]) == before
 
 
+def test_overwrite_of_a_set_named_in_another_case_replaces_it_whole(tmp_path):
+    """k1_* replaced by K1_* with --overwrite: the old report was unlinked twice, which failed
+    after the old masks were gone and left a new set without its report."""
+    from bmltrt.io.outputs import write_output_set
+
+    write_output_set(OutputSet(tmp_path, "k1"), _writers())
+    write_output_set(OutputSet(tmp_path, "K1"), _writers(), overwrite=True)
+    assert listing(tmp_path) == sorted(f"K1{e}" for e in OUTPUT_NAMES)
+
+
 def test_a_concurrent_run_holds_the_scan(tmp_path):
     from bmltrt.errors import BmlError
     from bmltrt.io.outputs import write_output_set

@@ -385,7 +385,7 @@ def write_output_set(outs: OutputSet, writers: dict[str, Callable[[Path], object
                     os.unlink(old["report"])  # the set is incomplete from here until the new report
                 for kind in COMMIT_ORDER:
                     if kind in old and old[kind].name != final[kind].name:
-                        os.unlink(old[kind])  # a differently cased old file
+                        old[kind].unlink(missing_ok=True)  # a differently cased old file (the report: gone already)
                     os.replace(staged[kind], final[kind])
             except OSError as exc:
                 raise os_error(exc, outs.out_dir, "move the outputs into place") from None
