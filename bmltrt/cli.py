@@ -727,13 +727,13 @@ def detect(
     _check_out_dir(out_dir)
     check_summary_writable(out_dir, overwrite, inputs)
     rows, failed = [], 0
-    failures: dict[str, tuple[str, str]] = {}  # name -> (input, error line), for the summary
+    failures: list[tuple[str, str, str]] = []  # (name, input, error line), for the summary
 
     def fail(name: str, source, line: str) -> None:
         nonlocal failed
         failed += 1
         print_error(line)
-        failures[name] = (str(source), line)
+        failures.append((name, str(source), line))
         rows.append((escape(printable(name)), "-", "-", "-", "-", "[red]failed[/]"))
 
     for err in found.problems:

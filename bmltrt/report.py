@@ -130,14 +130,14 @@ SUMMARY_NAME = "bmltrt_summary.csv"
 SUMMARY_COLUMNS = ("scan", "status", "lesions", "lesion_volume_mm3", "femur_volume_mm3", "femur_plausible",
                    "warnings", "resolution", "backend", "device", "precision", "seconds", "bmltrt_version",
                    "input", "report", "error")
-_SUMMARY_HEADER = ",".join(SUMMARY_COLUMNS[:3])  # how we know our own summary (its first columns)
+_SUMMARY_HEADER = ",".join(SUMMARY_COLUMNS)  # how we know our own summary: its whole header line
 _REPORT_ENDING = "_report.json"
 
 
 def _summary_is_ours(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return f.readline().startswith(_SUMMARY_HEADER)
+            return f.readline().rstrip("\r\n") == _SUMMARY_HEADER
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -159,69 +159,80 @@ def check_summary_writable(out_dir: Path, overwrite: bool, inputs=()) -> None:
                        "move it away, or add --overwrite to replace it")
 
 
-_TEXT_COLUMNS = ("scan", "warnings", "input", "report", "error")
-
-
-def _as_cell(column: str, value) -> str:
-    """A spreadsheet runs a cell that starts with = + - @ as a formula: a file name such as
-    "=HYPERLINK(...).nii.gz" must stay text (OWASP's CSV injection rule: a leading quote)."""
-    text = "" if value is None else str(value)
-    if column in _TEXT_COLUMNS and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + text
-    return text
+def _as_cell(value) -> str:
+    """A spreadsheet runs a cell that starts with = + - @ as a formula: text such as a file
+    name "=HYPERLINK(...).nii.gz" must stay text (OWASP's CSV injection rule: a leading
+    quote). Numbers (a report's own figures) are written as numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    text = str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _report_row(path: Path) -> dict | None:
+    """The summary's row of one report: None for a JSON object that is not ours; a row saying
+    so for a report that cannot be read (damaged: its scan must not vanish from the table)."""
+    scan = path.name[: -len(_REPORT_ENDING)]
+    base = dict.fromkeys(SUMMARY_COLUMNS, "") | {"scan": scan, "report": path.name}
     try:
         rep = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(rep, dict) or "bmltrt_version" not in rep:
-        return None  # not one of ours: not a row
-    check = rep.get("femur_check") if isinstance(rep.get("femur_check"), dict) else {}
+    except (OSError, ValueError, RecursionError) as exc:
+        return base | {"status": "report unreadable", "error": f"the report cannot be read ({type(exc).__name__})"}
+    if isinstance(rep, dict) and "bmltrt_version" not in rep:
+        return None  # a JSON object of someone else's: not a row
+    if not isinstance(rep, dict):
+        return base | {"status": "report unreadable", "error": "the report is not a JSON object"}
+
+    def part(key) -> dict:  # a hand-edited report may hold anything anywhere
+        return rep.get(key) if isinstance(rep.get(key), dict) else {}
+
     warnings = rep.get("warnings") if isinstance(rep.get("warnings"), list) else []
-    return {"scan": path.name[: -len(_REPORT_ENDING)], "status": "ok", "lesions": rep.get("lesion_count"),
-            "lesion_volume_mm3": rep.get("lesion_volume_mm3"), "femur_volume_mm3": rep.get("femur_volume_mm3"),
-            "femur_plausible": check.get("plausible"), "warnings": "; ".join(str(w) for w in warnings),
-            "resolution": rep.get("resolution"), "backend": rep.get("backend"), "device": rep.get("device"),
-            "precision": rep.get("precision"), "seconds": (rep.get("timings_s") or {}).get("total_s"),
-            "bmltrt_version": rep.get("bmltrt_version"), "input": (rep.get("input") or {}).get("path"),
-            "report": path.name, "error": ""}
+    return base | {"status": "ok", "lesions": rep.get("lesion_count"), "lesion_volume_mm3": rep.get("lesion_volume_mm3"),
+                   "femur_volume_mm3": rep.get("femur_volume_mm3"), "femur_plausible": part("femur_check").get("plausible"),
+                   "warnings": "; ".join(str(w) for w in warnings), "resolution": rep.get("resolution"),
+                   "backend": rep.get("backend"), "device": rep.get("device"), "precision": rep.get("precision"),
+                   "seconds": part("timings_s").get("total_s"), "bmltrt_version": rep.get("bmltrt_version"),
+                   "input": part("input").get("path")}
 
 
-def summary_rows(out_dir: Path, failures=None) -> list[dict]:
-    """One row per report of ours in `out_dir` (this run's and earlier runs': status "ok"), and
-    one per scan that failed in this run ({name: (input, error line)}: status "failed"). A
-    scan that failed now but has outputs from an earlier run (e.g. refused without
-    --overwrite) keeps its row of those outputs, with this run's error line beside it."""
-    rows = {}
-    for path in Path(out_dir).iterdir():
+def summary_rows(out_dir: Path, failures=()) -> list[dict]:
+    """One row per report in `out_dir` (this run's and earlier runs': status "ok", or "report
+    unreadable"), and one per scan that failed in this run (`failures`: (name, input, error
+    line) each; status "failed"). A scan that failed now but has outputs from an earlier run
+    of the same input (e.g. refused without --overwrite) keeps its row of those outputs, with
+    this run's error line beside it."""
+    rows = []
+    for path in sorted(Path(out_dir).iterdir()):
         if path.name.lower().endswith(_REPORT_ENDING) and not path.name.startswith(".") and path.is_file():
             row = _report_row(path)
             if row is not None:
-                rows[row["scan"].lower()] = row
-    for name, (source, line) in (failures or {}).items():
-        if name.lower() in rows:
-            rows[name.lower()]["error"] = line
+                rows.append(row)
+    for name, source, line in failures:
+        earlier = next((r for r in rows if r["scan"] == name and r["status"] == "ok"
+                        and (str(r["input"]) == str(source) or same_file(Path(str(r["input"])), source))), None)
+        if earlier is not None:
+            earlier["error"] = line
         else:
-            rows[name.lower()] = dict.fromkeys(SUMMARY_COLUMNS, "") | {"scan": name, "status": "failed",
-                                                                      "input": source, "error": line}
-    return sorted(rows.values(), key=lambda r: (r["scan"].casefold(), r["scan"]))
+            rows.append(dict.fromkeys(SUMMARY_COLUMNS, "") | {"scan": name, "status": "failed", "input": source,
+                                                               "error": line})
+    return sorted(rows, key=lambda r: (r["scan"].casefold(), r["scan"], str(r["input"])))
 
 
-def write_summary(out_dir: Path, failures=None) -> Path | None:
+def write_summary(out_dir: Path, failures=()) -> Path | None:
     """<out_dir>/bmltrt_summary.csv, rewritten whole (atomically) from the folder's reports and
-    this run's failures; None (nothing written) when the folder holds no report of ours."""
+    this run's failures; None (nothing written) when the folder holds no report."""
     import csv
 
     rows = summary_rows(out_dir, failures)
-    if not any(r["status"] == "ok" for r in rows):
+    if all(r["status"] == "failed" for r in rows):
         return None
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
             w.writeheader()
-            w.writerows({k: _as_cell(k, r[k]) for k in SUMMARY_COLUMNS} for r in rows)
+            w.writerows({k: _as_cell(r[k]) for k in SUMMARY_COLUMNS} for r in rows)
 
     return atomic_write(Path(out_dir) / SUMMARY_NAME, write, suffix=".csv")

@@ -134,10 +134,17 @@ def test_the_summary_lists_the_folders_scans_and_this_runs_failures(tmp_path, do
     # with this run's failures beside the folder's reports (what detect writes when it made a set)
     from bmltrt.report import write_summary
 
-    write_summary(d, {"knee": (str(d / "knee.nii.gz"), "error: outputs exist already"),
-                      "Broken": (str(bad), "error: not a readable NIfTI file")})
-    rows = read_summary(d)
-    assert sorted(rows) == ["Broken", "knee"]
+    write_summary(d, [("knee", str(done_set[0]), "error: outputs exist already"),
+                      ("Broken", str(bad), "error: not a readable NIfTI file"),
+                      ("broken", str(bad).lower(), "error: a broken symbolic link"),  # another case: its own row
+                      ("knee", str(bad.parent / "knee.nii.gz"), "error: a broken symbolic link")])  # another knee
+    import csv
+
+    with open(d / SUMMARY_NAME, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["scan"], r["status"]) for r in table] == [("Broken", "failed"), ("broken", "failed"), ("knee", "ok"),
+                                                        ("knee", "failed")]
+    rows = {r["scan"]: r for r in table[:3]}
     assert rows["knee"]["status"] == "ok" and "exist already" in rows["knee"]["error"]  # its outputs stand
     assert rows["knee"]["lesions"] == str(rep["lesion_count"])
     assert rows["Broken"]["status"] == "failed" and rows["Broken"]["input"] == str(bad)
@@ -167,11 +174,19 @@ def test_summary_cells_that_a_spreadsheet_would_run_stay_text(tmp_path, done_set
     d = tmp_path / "d"
     d.mkdir()
     shutil.copy2(done_set[1] / "knee_report.json", d / "=HYPERLINK(0)_report.json")
-    write_summary(d, {"@SUM(1)": ("-x.nii.gz", "error: -- a failure")})
+    rep = json.loads((d / "=HYPERLINK(0)_report.json").read_text())
+    (d / "=HYPERLINK(0)_report.json").write_text(json.dumps(rep | {"backend": "=cmd|' /C calc'!A0", "input": "x",
+                                                                   "timings_s": [1]}))
+    (d / "damaged_report.json").write_text('{"bmltrt_version": "0.1.0", "lesion_c')  # cut short
+    (d / "theirs_report.json").write_text('{"not": "ours"}')
+    write_summary(d, [("@SUM(1)", "-x.nii.gz", "error: -- a failure")])
     rows = read_summary(d)
-    assert sorted(rows) == ["'=HYPERLINK(0)", "'@SUM(1)"]
+    assert sorted(rows) == ["'=HYPERLINK(0)", "'@SUM(1)", "damaged"]
     assert rows["'@SUM(1)"]["input"] == "'-x.nii.gz" and rows["'@SUM(1)"]["error"] == "error: -- a failure"
-    assert float(rows["'=HYPERLINK(0)"]["lesion_volume_mm3"]) > 0  # numbers stay numbers
+    hyper = rows["'=HYPERLINK(0)"]
+    assert float(hyper["lesion_volume_mm3"]) > 0 and hyper["backend"].startswith("'=")  # numbers stay numbers
+    assert hyper["input"] == "" and hyper["seconds"] == ""  # fields of the wrong type are left out, not a crash
+    assert rows["damaged"]["status"] == "report unreadable" and "JSONDecodeError" in rows["damaged"]["error"]
 
 
 def test_foreign_femur_file_next_to_the_scan_is_never_overwritten(tmp_path):
