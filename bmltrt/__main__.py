@@ -1,16 +1,27 @@
 """`bmltrt` and `python -m bmltrt`. The command line module imports numpy, rich and typer
-(a few tenths of a second): Ctrl-C in that time gets the CLI's one line, not a traceback."""
+and typer builds the commands (about half a second): Ctrl-C or SIGTERM in that time gets
+the CLI's one line and exit code, not a traceback or silence."""
 
+import signal
 import sys
+
+from bmltrt.errors import Interrupted, raise_interrupted
 
 
 def main() -> None:
     try:
+        signal.signal(signal.SIGTERM, raise_interrupted)  # each command installs its own as well
+    except ValueError:  # not the main thread
+        pass
+    try:
         from bmltrt.cli import main as run
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupt: stopped before the end | run the command again\n")
-        sys.exit(130)
-    run()
+
+        run()
+    except KeyboardInterrupt as exc:  # before any command's own handling began (or after it ended)
+        term = isinstance(exc, Interrupted)
+        sys.stderr.write(f"error: {'SIGTERM' if term else 'interrupt'}: stopped before the end | "
+                         "run the command again\n")
+        sys.exit(143 if term else 130)
 
 
 if __name__ == "__main__":

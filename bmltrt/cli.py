@@ -132,10 +132,13 @@ class OneLineErrors(TyperGroup):
                 code = 2
             else:
                 _INTERRUPT_SAID.clear()
+                TERMINATION_REQUESTS.clear()
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
                 code = rv if isinstance(rv, int) else 0
-                if code == 130 and not _INTERRUPT_SAID:  # Ctrl-C while typer parsed: it exits silently
-                    print_error("interrupt: stopped before the end | run the command again")
+                if code == 130 and not _INTERRUPT_SAID:  # Ctrl-C or SIGTERM while typer parsed: it exits silently
+                    term = bool(TERMINATION_REQUESTS)
+                    print_error(f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | run the command again")
+                    code = 143 if term else 130
         except Exception as exc:  # click's UsageError/BadParameter/Abort, or a bug
             code = self._one_line(exc)
         if not standalone_mode:

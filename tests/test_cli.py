@@ -151,9 +151,31 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line(tmp_path):
             "builtins.__import__ = stop_in\n"
             "from bmltrt.__main__ import main\n"
             "main()\n")
-    r = subprocess.run([sys.executable, "-c", code, "doctor"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip() == "error: interrupt: stopped before the end | run the command again"
+    for sig, rc, said in (("SIGINT", 130, "interrupt"), ("SIGTERM", 143, "SIGTERM")):
+        r = subprocess.run([sys.executable, "-c", code.replace("SIGINT", sig), "doctor"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == rc and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip() == f"error: {said}: stopped before the end | run the command again"
+
+
+@pytest.mark.parametrize("term", [False, True])
+def test_ctrl_c_or_sigterm_while_typer_parses_is_one_line(monkeypatch, term):
+    """typer turns a KeyboardInterrupt before the command runs into a silent exit 130."""
+    import typer.core
+    from typer.testing import CliRunner
+
+    from bmltrt.cli import app
+    from bmltrt.errors import raise_interrupted
+
+    def stopped(self, ctx, args):
+        if term:
+            raise_interrupted(15, None)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.core.TyperGroup, "resolve_command", stopped)
+    res = CliRunner().invoke(app, ["doctor"])
+    assert res.exit_code == (143 if term else 130)
+    assert res.stderr.strip() == f"error: {'SIGTERM' if term else 'interrupt'}: stopped before the end | run the command again"
 
 
 def test_ctrl_c_in_doctor_is_one_line(monkeypatch):
