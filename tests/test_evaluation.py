@@ -285,7 +285,8 @@ def _set(doc: dict, dotted: str, value) -> dict:
     *path, last = dotted.split(".")
     d = doc
     for k in path:
-        d = d[k]
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    last = int(last) if isinstance(d, list) else last
     if value is _DELETE:
         del d[last]
     else:
@@ -304,9 +305,24 @@ _DELETE = object()
     ("models.inpainter_256.precisions=fp32", "precisions is not a JSON object"),
     ("models.inpainter_256.precisions.fp32.file=3", "inpainter_256 fp32: no file name"),
     ("models.segmenter.config.patch=16", "config.patch 16 is not three whole numbers"),
-    ("models.segmenter.kind=unet", "unknown kind 'unet'"),
+    ("models.segmenter.kind=unet", "kind 'unet' is not segmenter or inpainter"),
     ("postprocess=[1, 2]", "postprocess.json is not a bmltrt post-processing file"),
+    ('postprocess={"models": "x", "by_resolution": {}}', "postprocess.json is not a bmltrt post-processing file"),
+    ('postprocess={"tuned": [], "by_resolution": {}}', "postprocess.json is not a bmltrt post-processing file"),
+    ('postprocess={"format": "other", "by_resolution": {}}', "format 'other'"),
+    ("postprocess=" + "[" * 100000 + "]" * 100000, "RecursionError"),
+    ("postprocess=LINK", "postprocess.json is not a bmltrt post-processing file"),
     ("graph=damaged", "cannot read the graph"),
+    ("models.segmenter.config.overlap=DELETE", "config.overlap None"),
+    ("models.segmenter.config.patch=[16, 112, 113]", "is not the graph's input"),
+    ("models.segmenter.config.inplane_spacing_mm=0.01", "inplane_spacing_mm 0.01"),
+    ("models.segmenter.precisions.fp32.io.inputs=x", "io.inputs is not a list"),
+    ("models.segmenter.precisions.fp32.io.inputs.0.shape=DELETE", "shape None"),
+    ("models.segmenter.precisions.fp32.io.inputs.0.name=wrong", "the graph's tensor image (float32) is wrong (float32) in the manifest"),
+    ("models.inpainter_128.resolution=256", "both claim resolution 256"),
+    ("models.inpainter_128.kind=DELETE", "kind None"),
+    ("format=bmltrt-models-99", "format 'bmltrt-models-99'"),
+    ("manifest=" + "[" * 100000 + "]" * 100000, "manifest.json is not valid JSON (RecursionError)"),
 ])
 def test_a_damaged_models_folder_is_one_line_before_any_scan(tmp_path, phantom_case, edit, said):
     """Hand edits and bad copies of a models folder crashed as 'internal error', exit 1."""
@@ -317,8 +333,13 @@ def test_a_damaged_models_folder_is_one_line_before_any_scan(tmp_path, phantom_c
     models = _models_copy(tmp_path / "models")
     doc = json.loads((models / "manifest.json").read_text())
     key, _, value = edit.partition("=")
-    if key == "postprocess":
+    if key == "postprocess" and value == "LINK":
+        (models / "postprocess.json").symlink_to(tmp_path / "gone.json")  # a broken link: not "no file"
+    elif key == "postprocess":
         (models / "postprocess.json").write_text(value)
+    elif key == "manifest":
+        doc = None
+        (models / "manifest.json").write_text(value)
     elif key == "graph":  # bytes damaged, and the damage's sha256 written into the manifest too
         (models / "inpainter_256.onnx").unlink()
         b = bytearray((default_models_dir() / "inpainter_256.onnx").read_bytes())
@@ -328,8 +349,9 @@ def test_a_damaged_models_folder_is_one_line_before_any_scan(tmp_path, phantom_c
         doc["models"]["inpainter_256"]["sha256"] = doc["models"]["inpainter_256"]["precisions"]["fp32"]["sha256"] = sha
         doc["files"] = {k: (sha if k == "inpainter_256.onnx" else v) for k, v in doc.get("files", {}).items()}
     else:
-        _set(doc, key, _DELETE if value == "DELETE" else json.loads(value) if value[:1].isdigit() else value)
-    (models / "manifest.json").write_text(json.dumps(doc))
+        _set(doc, key, _DELETE if value == "DELETE" else json.loads(value) if value[:1] in "0123456789[" else value)
+    if doc is not None:
+        (models / "manifest.json").write_text(json.dumps(doc))
     r = CliRunner().invoke(cli_app, ["detect", str(phantom_case[0]), "-o", str(tmp_path / "out"), "--models",
                                      str(models)])
     line = _one_line_exit_2(r)

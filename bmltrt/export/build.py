@@ -21,8 +21,8 @@ import onnx
 from bmltrt.errors import BmlError
 from bmltrt.io.atomic import atomic_write
 from bmltrt.io.outputs import folder_beside, move_in
+from bmltrt.runtime.models import FORMAT
 
-FORMAT = "bmltrt-models-2"
 MANIFEST = "manifest.json"
 RESOLUTIONS = (128, 192, 256, 320, 448)
 _KEEP_FIELDS = ("kind", "config", "resolution", "trained_resolutions", "fft", "trained", "max_abs_err_vs_torch")

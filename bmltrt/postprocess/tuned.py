@@ -16,6 +16,7 @@ models is still used, with a warning in every report.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from bmltrt.errors import BmlError
@@ -39,15 +40,22 @@ def read_tuned(root: Path, manifest: dict, resolution: int) -> tuple[PostConfig 
     """(config, where it came from, warnings) for one resolution; (None, ...) without a file
     or without an entry for that resolution."""
     path = Path(root) / POSTPROCESS_FILE
-    if not path.exists():
+    if not os.path.lexists(path):  # a broken link is a damaged file, not an absent one
         return None, "built-in defaults", []
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict):
             raise TypeError("not a JSON object")
+        if doc.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}")
+        if not isinstance(doc.get("tuned", {}), dict) or not isinstance(doc.get("models", {}), dict) \
+                or not all(isinstance(v, str) for v in doc.get("models", {}).values()):
+            raise TypeError("'tuned' or 'models' is not what tune --save writes")
         entry = doc["by_resolution"].get(str(resolution))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as exc:
-        raise BmlError(f"{POSTPROCESS_FILE} is not a bmltrt post-processing file ({type(exc).__name__})", path,
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, AttributeError, TypeError,
+            ValueError) as exc:
+        why = type(exc).__name__ + (f": {str(exc)[:80]}" if type(exc) in (TypeError, ValueError) else "")
+        raise BmlError(f"{POSTPROCESS_FILE} is not a bmltrt post-processing file ({why})", path,
                        "delete it, or write it again with `bmltrt evaluate tune ... --save`") from None
     if entry is None:
         return None, f"built-in defaults ({POSTPROCESS_FILE} has no entry for resolution {resolution})", []

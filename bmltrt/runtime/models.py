@@ -18,6 +18,7 @@ from bmltrt.io.checksum import file_sha256
 
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
+FORMAT = "bmltrt-models-2"
 
 # (path, size, mtime) -> sha256 of files already hashed: a file is hashed once per process,
 # not once per scan, and hashed again if it changes.
@@ -53,11 +54,33 @@ def _whole(v, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
+def _io_damage(io) -> str | None:
+    """What is wrong with an entry's `io` (the graph's tensors as exported); None if nothing."""
+    from bmltrt.runtime.specs import DTYPES
+
+    if not isinstance(io, dict):
+        return "io is not a JSON object"
+    for side in ("inputs", "outputs"):
+        tensors = io.get(side)
+        if not isinstance(tensors, list) or not tensors:
+            return f"io.{side} is not a list of tensors"
+        for t in tensors:
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+                return f"io.{side}: a tensor without a name"
+            shape = t.get("shape")
+            if not isinstance(shape, list) or not all(isinstance(d, (int, str)) and not isinstance(d, bool)
+                                                      for d in shape):
+                return f"io.{side} {t['name']!r}: shape {shape!r} is not a list of sizes"
+            if str(t.get("dtype", "float32")).lower() not in DTYPES:
+                return f"io.{side} {t['name']!r}: unknown dtype {t.get('dtype')!r}"
+    return None
+
+
 def _entry_damage(name: str, e: dict) -> str | None:
     """What is wrong with one model entry, in the fields the runtime reads; None if nothing."""
     kind = e.get("kind")
-    if kind not in (None, "segmenter", "inpainter"):
-        return f"{name}: unknown kind {kind!r}"
+    if kind not in ("segmenter", "inpainter"):
+        return f"{name}: kind {kind!r} is not segmenter or inpainter"
     if kind == "inpainter" and not _whole(e.get("resolution"), 8, 8192):
         return f"{name}: resolution {e.get('resolution')!r} is not a whole number of pixels"
     cfg = e.get("config", {})
@@ -67,9 +90,9 @@ def _entry_damage(name: str, e: dict) -> str | None:
         patch, grid = cfg.get("patch"), cfg.get("inplane_spacing_mm")
         if not (isinstance(patch, list) and len(patch) == 3 and all(_whole(p, 1, 4096) for p in patch)):
             return f"{name}: config.patch {patch!r} is not three whole numbers"
-        if isinstance(grid, bool) or not isinstance(grid, (int, float)) or not 0 < grid < 100:
-            return f"{name}: config.inplane_spacing_mm {grid!r} is not a pixel size in mm"
-        overlap = cfg.get("overlap", 0.5)
+        if isinstance(grid, bool) or not isinstance(grid, (int, float)) or not 0.2 <= grid <= 10:
+            return f"{name}: config.inplane_spacing_mm {grid!r} is not a pixel size of 0.2-10 mm"
+        overlap = cfg.get("overlap")
         if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
             return f"{name}: config.overlap {overlap!r} is not a fraction below 1"
     variants = e.get("precisions")
@@ -84,19 +107,35 @@ def _entry_damage(name: str, e: dict) -> str | None:
             return f"{name} {p}: no file name"
         if not isinstance(v.get("sha256", ""), str):
             return f"{name} {p}: sha256 is not a string"
+        io = {**e, **v}.get("io")
+        if io is not None:
+            damage = _io_damage(io)
+            if damage:
+                return f"{name} {p}: {damage}"
+            if kind == "segmenter":  # the patch the runtime cuts must be the graph's input
+                want = io["inputs"][0]["shape"][2:]
+                if len(want) != 3 or any(isinstance(d, int) and d != q for d, q in zip(want, cfg["patch"])):
+                    return f"{name} {p}: config.patch {cfg['patch']} is not the graph's input {io['inputs'][0]['shape']}"
     return None
 
 
 def manifest_damage(manifest: dict) -> str | None:
     """What is wrong with a manifest in the fields the runtime reads (a hand edit, a bad copy),
     said before any scan instead of as a crash in the middle of one; None if nothing."""
+    if manifest.get("format", FORMAT) != FORMAT:
+        return f"format {manifest.get('format')!r} is not {FORMAT} (made by another version of bmltrt?)"
     default = manifest.get("default_resolution", 256)
     if not _whole(default, 8, 8192):
         return f"default_resolution {default!r} is not a whole number of pixels"
+    seen = {}
     for name, e in manifest.get("models", {}).items():
         damage = _entry_damage(str(name), e)
         if damage:
             return damage
+        if e["kind"] == "inpainter":
+            if e["resolution"] in seen:
+                return f"{seen[e['resolution']]} and {name} both claim resolution {e['resolution']}"
+            seen[e["resolution"]] = name
     return None
 
 
@@ -124,7 +163,7 @@ class ModelStore:
             raise BmlError("no manifest.json in the models folder", root, "pass the folder `bmltrt export` wrote")
         try:
             manifest = json.loads(man.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BmlError(f"manifest.json is not valid JSON ({type(exc).__name__})", man,
                            "export the models again with `bmltrt export`") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("models", {}), dict) \

@@ -108,7 +108,10 @@ def graph_tensors(path: Path) -> tuple[list[tuple[str, str, tuple]], list[tuple[
 def check_graph_matches(spec: ModelSpec, graph: tuple[list, list], onnx_path: Path) -> ModelSpec:
     """A graph swapped under the manifest (another resolution, same sha256 written in) would
     fail deep inside the runtime; say so in one line instead."""
-    for want, (_, _, got) in zip(spec.inputs + spec.outputs, graph[0] + graph[1]):
+    for want, (name, dtype, got) in zip(spec.inputs + spec.outputs, graph[0] + graph[1]):
+        if (want.name, want.dtype) != (name, dtype):
+            raise BmlError(f"{spec.model}: the graph's tensor {name} ({dtype}) is {want.name} ({want.dtype}) in the "
+                           "manifest", onnx_path, "re-export the models with `bmltrt export`")
         if len(want.shape) != len(got) or any(w != -1 and g != -1 and w != g for w, g in zip(want.shape, got)):
             raise BmlError(f"{spec.model}: the graph's tensor {want.name} has shape {list(got)}, the manifest "
                            f"says {list(want.shape)}", onnx_path, "re-export the models with `bmltrt export`")
