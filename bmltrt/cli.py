@@ -212,7 +212,8 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
-                    disable=not console.is_terminal and os.environ.get("BMLTRT_PROGRESS") != "1")
+                    disable=not console.is_terminal
+                    and os.environ.get("BMLTRT_PROGRESS", "").strip().lower() not in ("1", "true", "yes", "on"))
 
 
 @app.command()

@@ -21,7 +21,7 @@ def cuda_devices() -> tuple[int, str]:
     CUDA on a machine without one. CUDA_VISIBLE_DEVICES is honoured (the driver applies it),
     and BMLTRT_NO_GPU=1 says "no device" whatever the driver says (to test the CPU paths).
     """
-    if os.environ.get("BMLTRT_NO_GPU", "") not in ("", "0"):
+    if os.environ.get("BMLTRT_NO_GPU", "").strip().lower() not in ("", "0", "false", "no", "off"):
         return 0, "no CUDA device (BMLTRT_NO_GPU is set)"
     lib = None
     for name in _CUDA_LIBS:

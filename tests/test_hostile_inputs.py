@@ -959,7 +959,7 @@ def test_a_malformed_manifest_or_missing_models_folder_is_one_line(tmp_path, pha
 
 def test_bad_environment_variables_are_one_line_naming_the_variable(tmp_path, phantom_case, monkeypatch):
     scan, _ = phantom_case
-    for value in ("abc", "-3", "2000", "1.5"):
+    for value in ("abc", "-3", "2000", "1.5", "\u0662", "1_0"):
         monkeypatch.setenv("BMLTRT_THREADS", value)
         line = error_line(run(["detect", scan, "-o", tmp_path / "o"], inputs=[scan]))
         assert f"BMLTRT_THREADS={value!r} is not a thread count" in line, line

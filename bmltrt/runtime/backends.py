@@ -133,7 +133,7 @@ def threads_from_env() -> int | None:
     raw = os.environ.get("BMLTRT_THREADS", "").strip()
     if raw in ("", "0"):
         return None
-    n = int(raw) if raw.isdecimal() else 0
+    n = int(raw) if raw.isascii() and raw.isdigit() else 0  # not int(): it takes "١٢" and "1_0"
     if not 1 <= n <= MAX_THREADS:
         raise BmlError(f"BMLTRT_THREADS={raw!r} is not a thread count (1-{MAX_THREADS})",
                        hint="unset it (every usable core), or set a whole number such as 4")

@@ -68,9 +68,8 @@ def require_tensorrt():
 
         n, gpu_why = cuda_devices()
         if n == 0:  # installing TensorRT would not be enough: say so now
-            raise BmlError(f"TensorRT is not installed ({why}), and no GPU here either: {gpu_why}",
-                           hint="TensorRT needs an NVIDIA GPU: use --backend onnxruntime here; on a GPU machine, "
-                                + INSTALL_TENSORRT)
+            raise BmlError(f"TensorRT is not installed, and this machine has no GPU ({gpu_why})",
+                           hint="use --backend onnxruntime here; on a GPU machine, " + INSTALL_TENSORRT)
         raise BmlError(f"TensorRT is not installed ({why})", hint=INSTALL_TENSORRT)
     ver = getattr(trt, "__version__", "0")
     if parse_version(ver) < MIN_TENSORRT:

@@ -18,7 +18,8 @@ from bmltrt.io.checksum import file_sha256
 
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
-FORMAT = "bmltrt-models-2"
+FORMAT = "bmltrt-models-2"  # what export writes
+FORMATS_READ = ("bmltrt-models-1", FORMAT)
 
 # (path, size, mtime) -> sha256 of files already hashed: a file is hashed once per process,
 # not once per scan, and hashed again if it changes.
@@ -83,18 +84,8 @@ def _entry_damage(name: str, e: dict) -> str | None:
         return f"{name}: kind {kind!r} is not segmenter or inpainter"
     if kind == "inpainter" and not _whole(e.get("resolution"), 8, 8192):
         return f"{name}: resolution {e.get('resolution')!r} is not a whole number of pixels"
-    cfg = e.get("config", {})
-    if not isinstance(cfg, dict):
+    if not isinstance(e.get("config", {}), dict):
         return f"{name}: config is not a JSON object"
-    if kind == "segmenter":
-        patch, grid = cfg.get("patch"), cfg.get("inplane_spacing_mm")
-        if not (isinstance(patch, list) and len(patch) == 3 and all(_whole(p, 1, 4096) for p in patch)):
-            return f"{name}: config.patch {patch!r} is not three whole numbers"
-        if isinstance(grid, bool) or not isinstance(grid, (int, float)) or not 0.2 <= grid <= 10:
-            return f"{name}: config.inplane_spacing_mm {grid!r} is not a pixel size of 0.2-10 mm"
-        overlap = cfg.get("overlap")
-        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
-            return f"{name}: config.overlap {overlap!r} is not a fraction below 1"
     variants = e.get("precisions")
     if variants is None:
         variants = {e.get("precision", "fp32"): e}
@@ -108,21 +99,35 @@ def _entry_damage(name: str, e: dict) -> str | None:
         if not isinstance(v.get("sha256", ""), str):
             return f"{name} {p}: sha256 is not a string"
         io = {**e, **v}.get("io")
-        if io is not None:
-            damage = _io_damage(io)
-            if damage:
-                return f"{name} {p}: {damage}"
-            if kind == "segmenter":  # the patch the runtime cuts must be the graph's input
-                want = io["inputs"][0]["shape"][2:]
-                if len(want) != 3 or any(isinstance(d, int) and d != q for d, q in zip(want, cfg["patch"])):
-                    return f"{name} {p}: config.patch {cfg['patch']} is not the graph's input {io['inputs'][0]['shape']}"
+        damage = _io_damage(io) if io is not None else None
+        if damage:
+            return f"{name} {p}: {damage}"
+    return None
+
+
+def segmenter_config_damage(entry: dict) -> str | None:
+    """What is wrong with the segmenter's config (what detect reads to cut and place its
+    patches); None if nothing. Checked when a Detector is made."""
+    cfg = entry.get("config", {})
+    patch, grid, overlap = cfg.get("patch"), cfg.get("inplane_spacing_mm"), cfg.get("overlap")
+    if not (isinstance(patch, list) and len(patch) == 3 and all(_whole(p, 1, 4096) for p in patch)):
+        return f"segmenter: config.patch {patch!r} is not three whole numbers"
+    if isinstance(grid, bool) or not isinstance(grid, (int, float)) or not 0.2 <= grid <= 10:
+        return f"segmenter: config.inplane_spacing_mm {grid!r} is not a pixel size of 0.2-10 mm"
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        return f"segmenter: config.overlap {overlap!r} is not a fraction below 1"
+    io = entry.get("io")
+    if io is not None:  # the patch the runtime cuts must be the graph's input
+        shape = io["inputs"][0]["shape"]
+        if len(shape) != 5 or any(isinstance(d, int) and d != q for d, q in zip(shape[2:], patch)):
+            return f"segmenter: config.patch {patch} is not the graph's input {shape}"
     return None
 
 
 def manifest_damage(manifest: dict) -> str | None:
     """What is wrong with a manifest in the fields the runtime reads (a hand edit, a bad copy),
     said before any scan instead of as a crash in the middle of one; None if nothing."""
-    if manifest.get("format", FORMAT) != FORMAT:
+    if manifest.get("format", FORMAT) not in FORMATS_READ:
         return f"format {manifest.get('format')!r} is not {FORMAT} (made by another version of bmltrt?)"
     default = manifest.get("default_resolution", 256)
     if not _whole(default, 8, 8192):
