@@ -62,14 +62,14 @@ def _io_damage(io) -> str | None:
     if not isinstance(io, dict):
         return "io is not a JSON object"
     for side in ("inputs", "outputs"):
-        tensors = io.get(side)
-        if not isinstance(tensors, list) or not tensors:
+        tensors = io.get(side)  # lists as read from JSON; tuples in a manifest export is still making
+        if not isinstance(tensors, (list, tuple)) or not tensors:
             return f"io.{side} is not a list of tensors"
         for t in tensors:
             if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
                 return f"io.{side}: a tensor without a name"
             shape = t.get("shape")
-            if not isinstance(shape, list) or not all(isinstance(d, (int, str)) and not isinstance(d, bool)
+            if not isinstance(shape, (list, tuple)) or not all(isinstance(d, (int, str)) and not isinstance(d, bool)
                                                       for d in shape):
                 return f"io.{side} {t['name']!r}: shape {shape!r} is not a list of sizes"
             if str(t.get("dtype", "float32")).lower() not in DTYPES:
@@ -110,7 +110,7 @@ def segmenter_config_damage(entry: dict) -> str | None:
     patches); None if nothing. Checked when a Detector is made."""
     cfg = entry.get("config", {})
     patch, grid, overlap = cfg.get("patch"), cfg.get("inplane_spacing_mm"), cfg.get("overlap")
-    if not (isinstance(patch, list) and len(patch) == 3 and all(_whole(p, 1, 4096) for p in patch)):
+    if not (isinstance(patch, (list, tuple)) and len(patch) == 3 and all(_whole(p, 1, 4096) for p in patch)):
         return f"segmenter: config.patch {patch!r} is not three whole numbers"
     if isinstance(grid, bool) or not isinstance(grid, (int, float)) or not 0.2 <= grid <= 10:
         return f"segmenter: config.inplane_spacing_mm {grid!r} is not a pixel size of 0.2-10 mm"
@@ -120,7 +120,7 @@ def segmenter_config_damage(entry: dict) -> str | None:
     if io is not None:  # the patch the runtime cuts must be the graph's input
         shape = io["inputs"][0]["shape"]
         if len(shape) != 5 or any(isinstance(d, int) and d != q for d, q in zip(shape[2:], patch)):
-            return f"segmenter: config.patch {patch} is not the graph's input {shape}"
+            return f"segmenter: config.patch {list(patch)} is not the graph's input {list(shape)}"
     return None
 
 
