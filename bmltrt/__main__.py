@@ -5,7 +5,7 @@ the CLI's one line and exit code, not a traceback or silence."""
 import signal
 import sys
 
-from bmltrt.errors import Interrupted, raise_interrupted
+from bmltrt.errors import Interrupted, interrupt_line, raise_interrupted
 
 
 def main() -> None:
@@ -19,8 +19,7 @@ def main() -> None:
         run()
     except KeyboardInterrupt as exc:  # before any command's own handling began (or after it ended)
         term = isinstance(exc, Interrupted)
-        sys.stderr.write(f"error: {'SIGTERM' if term else 'interrupt'}: stopped before the end | "
-                         "run the command again\n")
+        sys.stderr.write(f"error: {interrupt_line(term)}\n")
         sys.exit(143 if term else 130)
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from bmltrt.errors import TERMINATION_REQUESTS, BmlError, Interrupted, printable
+from bmltrt.errors import TERMINATION_REQUESTS, BmlError, Interrupted, interrupt_line, printable
 from bmltrt.errors import raise_interrupted as _raise_interrupted
 
 console = Console(stderr=True)
@@ -137,7 +137,7 @@ class OneLineErrors(TyperGroup):
                 code = rv if isinstance(rv, int) else 0
                 if code == 130 and not _INTERRUPT_SAID:  # Ctrl-C or SIGTERM while typer parsed: it exits silently
                     term = bool(TERMINATION_REQUESTS)
-                    print_error(f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | run the command again")
+                    print_error(interrupt_line(term))
                     code = 143 if term else 130
         except Exception as exc:  # click's UsageError/BadParameter/Abort, or a bug
             code = self._one_line(exc)
@@ -187,7 +187,7 @@ def user_errors(fn):
         except KeyboardInterrupt as exc:
             term = isinstance(exc, Interrupted)
             hint = getattr(exc, "rerun_hint", "run the command again")
-            print_error(f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | {hint}")
+            print_error(interrupt_line(term, hint))
             _INTERRUPT_SAID.append(True)
             raise typer.Exit(143 if term else 130)
         except MemoryError:

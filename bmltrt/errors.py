@@ -47,6 +47,11 @@ class Interrupted(KeyboardInterrupt):
 TERMINATION_REQUESTS: list[int] = []
 
 
+def interrupt_line(term: bool, hint: str = "run the command again") -> str:
+    """The one line for Ctrl-C (term False) or SIGTERM that stopped a command, without "error: "."""
+    return f"{'SIGTERM' if term else 'interrupt'}: stopped before the end | {hint}"
+
+
 def raise_interrupted(signum, frame):
     TERMINATION_REQUESTS.append(signum)
     raise Interrupted(signum)

@@ -32,7 +32,7 @@ from bmltrt.postprocess import PostConfig, lesion_mask
 from bmltrt.postprocess.femur_check import check_femur
 from bmltrt.postprocess.guided import guided_filter_near
 from bmltrt.runtime.backends import Backend
-from bmltrt.runtime.models import segmenter_config_damage
+from bmltrt.runtime.models import MANIFEST, damaged_manifest, segmenter_config_damage
 from bmltrt.runtime.preprocess import (normalize_intensity, slices_to_square, square_grid_pixel_mm, square_to_slices,
                                        to_segmenter_grid, zoom_to)
 from bmltrt.runtime.sliding_window import sliding_window
@@ -292,8 +292,7 @@ class Detector:
         self.seg_entry = store.entry("segmenter")
         damage = segmenter_config_damage(self.seg_entry)
         if damage:
-            raise BmlError(f"manifest.json is damaged: {damage}", store.root / "manifest.json",
-                           "export the models again with `bmltrt export`, or reinstall them")
+            raise damaged_manifest(damage, store.root / MANIFEST)
         self.seg_cfg = self.seg_entry["config"]
         res = store.default_resolution if self.config.resolution is None else self.config.resolution
         if res not in store.resolutions():

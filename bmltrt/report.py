@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 from bmltrt.io.atomic import atomic_write
 from bmltrt.io.nifti import mask_image_like, write_nifti
 from bmltrt.errors import BmlError
-from bmltrt.io.outputs import OutputSet, same_file, write_output_set
+from bmltrt.io.outputs import OUTPUT_ENDINGS, OutputSet, same_file, write_output_set
 
 FEMUR_TILES = 12  # every k-th femur slice, so the montage covers the femur's whole extent
 MAX_LESION_TILES = 16  # plus every slice with a lesion (the largest, if more)
@@ -131,7 +131,7 @@ SUMMARY_COLUMNS = ("scan", "status", "lesions", "lesion_volume_mm3", "femur_volu
                    "warnings", "resolution", "backend", "device", "precision", "seconds", "bmltrt_version",
                    "input", "report", "error")
 _SUMMARY_HEADER = ",".join(SUMMARY_COLUMNS)  # how we know our own summary: its whole header line
-_REPORT_ENDING = "_report.json"
+_REPORT_ENDING = OUTPUT_ENDINGS["report"]
 
 
 def _summary_is_ours(path: Path) -> bool:
@@ -171,11 +171,16 @@ def _as_cell(value) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def _row(**cells) -> dict:
+    """A summary row: every column, empty unless given."""
+    return dict.fromkeys(SUMMARY_COLUMNS, "") | cells
+
+
 def _report_row(path: Path) -> dict | None:
     """The summary's row of one report: None for a JSON object that is not ours; a row saying
     so for a report that cannot be read (damaged: its scan must not vanish from the table)."""
     scan = path.name[: -len(_REPORT_ENDING)]
-    base = dict.fromkeys(SUMMARY_COLUMNS, "") | {"scan": scan, "report": path.name}
+    base = _row(scan=scan, report=path.name)
     try:
         rep = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
@@ -215,8 +220,7 @@ def summary_rows(out_dir: Path, failures=()) -> list[dict]:
         if earlier is not None:
             earlier["error"] = line
         else:
-            rows.append(dict.fromkeys(SUMMARY_COLUMNS, "") | {"scan": name, "status": "failed", "input": source,
-                                                               "error": line})
+            rows.append(_row(scan=name, status="failed", input=source, error=line))
     return sorted(rows, key=lambda r: (r["scan"].casefold(), r["scan"], str(r["input"])))
 
 

@@ -124,6 +124,12 @@ def segmenter_config_damage(entry: dict) -> str | None:
     return None
 
 
+def damaged_manifest(damage: str, path: Path) -> BmlError:
+    """The line for a manifest whose fields are wrong (manifest_damage, segmenter_config_damage)."""
+    return BmlError(f"manifest.json is damaged: {damage}", path,
+                    "export the models again with `bmltrt export`, or reinstall them")
+
+
 def manifest_damage(manifest: dict) -> str | None:
     """What is wrong with a manifest in the fields the runtime reads (a hand edit, a bad copy),
     said before any scan instead of as a crash in the middle of one; None if nothing."""
@@ -176,8 +182,7 @@ class ModelStore:
             raise BmlError("manifest.json is not a bmltrt models manifest", man, "pass the folder `bmltrt export` wrote")
         damage = manifest_damage(manifest)
         if damage:
-            raise BmlError(f"manifest.json is damaged: {damage}", man,
-                           "export the models again with `bmltrt export`, or reinstall them")
+            raise damaged_manifest(damage, man)
         return cls(root, manifest, precision)
 
     def _raw(self, name: str) -> dict:
