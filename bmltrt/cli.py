@@ -529,6 +529,10 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                             "the femur probability near that of the --init "
                                                             "network (a frozen copy), so that a fine-tune keeps "
                                                             "what it did well."),
+                        anchor_scope: str = typer.Option("all", "--anchor-scope", help="Where --anchor-weight "
+                                                         "holds: all (every femur-ish voxel) or lesions (within "
+                                                         "1 slice and 3 pixels of a generated lesion, so the rest "
+                                                         "of the border may move)."),
                         dark_muscle_p: float = _share(0.3, "--dark-muscle-p", help="Share of fat-suppressed "
                                                       "generated scans whose muscle is as dark as the marrow "
                                                       "(0.8-1.6x), as on a DESS echo 2."),
@@ -548,6 +552,12 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
     if anchor_weight > 0 and not init:
         raise BmlError("--anchor-weight needs --init: the network to stay near", None,
                        "give --init CHECKPOINT, or leave --anchor-weight out")
+    if anchor_scope not in ("all", "lesions"):
+        raise BmlError(f"--anchor-scope {anchor_scope!r} is not one of all, lesions", None,
+                       "give --anchor-scope all or --anchor-scope lesions")
+    if anchor_scope != "all" and anchor_weight == 0:
+        raise BmlError("--anchor-scope needs --anchor-weight: without it nothing is anchored", None,
+                       "give --anchor-weight W, or leave --anchor-scope out")
     if consistency_weight > 0 and labels is None:
         raise BmlError("--consistency-weight needs --labels: only generated scans come in two contrasts", None,
                        "give --labels LABEL_MAPS, or leave --consistency-weight out")
@@ -561,7 +571,7 @@ def train_segmenter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
             **({"stop_at": stop_at} if stop_at else {}),
             "lesion_weight": lesion_weight, "shell_weight": shell_weight,
             "consistency_weight": consistency_weight, "anchor_weight": anchor_weight,
-            **_sample_options(labels, data_workers, fresh_per_step),
+            "anchor_scope": anchor_scope, **_sample_options(labels, data_workers, fresh_per_step),
             **({"init": init} if init else {})}
     _train_common("segmenter", d, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
                   limit_cases, time_limit, autocast, more=more)
@@ -701,7 +711,7 @@ def detect(
 
     from bmltrt.io.inputs import expand_inputs, is_regular_file
     from bmltrt.io.outputs import OutputSet, is_nifti_name, nifti_stem, os_error
-    from bmltrt.report import SUMMARY_NAME, check_summary_writable, write_outputs, write_summary
+    from bmltrt.report import CHECK_FEMUR, SUMMARY_NAME, check_summary_writable, write_outputs, write_summary
 
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
@@ -770,7 +780,7 @@ def detect(
                             print_warning(f"{src.label}: {w}")
                     rows.append((escape(printable(src.stem)), str(r["lesion_count"]), f"{r['lesion_volume_mm3']:.1f}",
                                  f"{r['femur_volume_mm3'] / 1000:.1f}", f"{r['timings_s']['total_s']:.1f}",
-                                 "[green]ok[/]"))
+                                 "[green]ok[/]" if r["femur_check"]["plausible"] else f"[yellow]{CHECK_FEMUR}[/]"))
                     done += 1
                 except BmlError as err:
                     fail(src.stem, src.label, err.line())

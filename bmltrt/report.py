@@ -15,7 +15,7 @@ from bmltrt.errors import BmlError
 from bmltrt.io.outputs import OUTPUT_ENDINGS, OutputSet, same_file, write_output_set
 
 FEMUR_TILES = 12  # every k-th femur slice, so the montage covers the femur's whole extent
-MAX_LESION_TILES = 16  # plus every slice with a lesion (the largest, if more)
+MAX_LESION_TILES = 16  # lesion slices shown (more only where more lesions need their largest)
 TILE = 320
 
 
@@ -24,12 +24,24 @@ def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return mask & ~ndi.binary_erosion(mask, iterations=width)
 
 
-def montage_slices(femur: np.ndarray, lesion: np.ndarray) -> tuple[list[int], list[int]]:
-    """(slices shown, slices with lesion): every k-th slice from the femur's first to its last
-    (both included) and every lesion slice, so a femur mask gone astray shows on some tile."""
+def montage_slices(femur: np.ndarray, lesion: np.ndarray) -> tuple[list[int], list[int], int]:
+    """(slices shown, lesion slices shown, slices with lesion): every k-th slice from the
+    femur's first to its last (both included), so a femur mask gone astray shows on some
+    tile, and the slices with lesion: all of them up to MAX_LESION_TILES, else each lesion's
+    largest slice and then the largest others (a thin-slice scan has lesions on dozens of
+    slices; no lesion may go unseen)."""
+    from bmltrt.evaluation.metrics import components
+
     n = femur.shape[0]
     les_area = lesion.reshape(n, -1).sum(1)
-    les = [int(i) for i in np.argsort(-les_area) if les_area[i] > 0][:MAX_LESION_TILES]
+    with_lesion = [int(i) for i in np.argsort(-les_area, kind="stable") if les_area[i] > 0]
+    les = set(with_lesion)
+    if len(with_lesion) > MAX_LESION_TILES:
+        labels, count = components(lesion)
+        # each lesion's largest slice, whatever its size, then the largest of the others
+        per_slice = np.stack([np.bincount(labels[k].ravel(), minlength=count + 1) for k in range(n)])
+        les = {int(k) for k in np.argmax(per_slice[:, 1:], axis=0)}
+        les |= set([s for s in with_lesion if s not in les][:max(0, MAX_LESION_TILES - len(les))])
     fem = np.flatnonzero(femur.reshape(n, -1).any(1))
     if len(fem):
         a, b = int(fem[0]), int(fem[-1])
@@ -39,7 +51,7 @@ def montage_slices(femur: np.ndarray, lesion: np.ndarray) -> tuple[list[int], li
             every.append(b)
     else:
         every = [n // 4, n // 2, (3 * n) // 4]
-    return sorted(set(every) | set(les)), sorted(les)
+    return sorted(set(every) | les), sorted(les), len(with_lesion)
 
 
 def overlay_png(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, path: Path,
@@ -68,7 +80,7 @@ def overlay_image(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, spaci
     """
     from PIL import Image, ImageDraw
 
-    idx, les_slices = montage_slices(femur, lesion)
+    idx, les_slices, les_total = montage_slices(femur, lesion)
     les_area = lesion.reshape(lesion.shape[0], -1).sum(1)
     lo, hi = np.percentile(norm, [0.5, 99.5])
     tiles = []
@@ -96,8 +108,10 @@ def overlay_image(norm: np.ndarray, femur: np.ndarray, lesion: np.ndarray, spaci
     draw.text((6, 4), title + "   yellow: femur   red: lesion", fill=(255, 255, 255))
     fem = np.flatnonzero(femur.reshape(femur.shape[0], -1).any(1))
     extent = f"femur in slices {fem[0]}-{fem[-1]}" if len(fem) else "no femur"
-    draw.text((6, 19), f"{len(idx)} of {femur.shape[0]} slices shown (0 = leftmost); {extent}; "
-                       f"{len(les_slices)} with lesion", fill=(200, 200, 200))
+    les_said = (f"{les_total} with lesion" if len(les_slices) == les_total else
+                f"{les_total} with lesion, {len(les_slices)} of them shown (each lesion's largest)")
+    draw.text((6, 19), f"{len(idx)} of {femur.shape[0]} slices shown (0 = leftmost); {extent}; {les_said}",
+              fill=(200, 200, 200))
     for k, t in enumerate(tiles):
         sheet.paste(t, ((k % cols) * TILE, head + (k // cols) * th))
     return sheet
@@ -132,6 +146,9 @@ SUMMARY_COLUMNS = ("scan", "status", "lesions", "lesion_volume_mm3", "femur_volu
                    "input", "report", "error")
 _SUMMARY_HEADER = ",".join(SUMMARY_COLUMNS)  # how we know our own summary: its whole header line
 _REPORT_ENDING = OUTPUT_ENDINGS["report"]
+# the status of a scan whose femur mask failed the plausibility check: its figures are not
+# to be used before its overlay has been looked at
+CHECK_FEMUR = "check femur"
 
 
 def _summary_is_ours(path: Path) -> bool:
@@ -194,7 +211,8 @@ def _report_row(path: Path) -> dict | None:
         return rep.get(key) if isinstance(rep.get(key), dict) else {}
 
     warnings = rep.get("warnings") if isinstance(rep.get("warnings"), list) else []
-    return base | {"status": "ok", "lesions": rep.get("lesion_count"), "lesion_volume_mm3": rep.get("lesion_volume_mm3"),
+    plausible = part("femur_check").get("plausible")
+    return base | {"status": CHECK_FEMUR if plausible is False else "ok", "lesions": rep.get("lesion_count"), "lesion_volume_mm3": rep.get("lesion_volume_mm3"),
                    "femur_volume_mm3": rep.get("femur_volume_mm3"), "femur_plausible": part("femur_check").get("plausible"),
                    "warnings": "; ".join(str(w) for w in warnings), "resolution": rep.get("resolution"),
                    "backend": rep.get("backend"), "device": rep.get("device"), "precision": rep.get("precision"),
@@ -203,8 +221,8 @@ def _report_row(path: Path) -> dict | None:
 
 
 def summary_rows(out_dir: Path, failures=()) -> list[dict]:
-    """One row per report in `out_dir` (this run's and earlier runs': status "ok", or "report
-    unreadable"), and one per scan that failed in this run (`failures`: (name, input, error
+    """One row per report in `out_dir` (this run's and earlier runs': status "ok", "check
+    femur" or "report unreadable"), and one per scan that failed in this run (`failures`: (name, input, error
     line) each; status "failed"). A scan that failed now but has outputs from an earlier run
     of the same input (e.g. refused without --overwrite) keeps its row of those outputs, with
     this run's error line beside it."""
@@ -215,7 +233,7 @@ def summary_rows(out_dir: Path, failures=()) -> list[dict]:
             if row is not None:
                 rows.append(row)
     for name, source, line in failures:
-        earlier = next((r for r in rows if r["scan"] == name and r["status"] == "ok"
+        earlier = next((r for r in rows if r["scan"] == name and r["status"] in ("ok", CHECK_FEMUR)
                         and (str(r["input"]) == str(source) or same_file(Path(str(r["input"])), source))), None)
         if earlier is not None:
             earlier["error"] = line

@@ -88,3 +88,20 @@ def test_the_outline_must_follow_image_edges():
     assert edge_ratio(knee, m) > 2 * MIN_EDGE_RATIO
     assert edge_ratio(noise, m) < MIN_EDGE_RATIO
     assert edge_ratio(np.zeros(m.shape, np.float32), m) == 0.0
+
+
+def test_a_smooth_random_field_is_refused_not_reported_with_lesions(detector, tmp_path):
+    """Not white noise: a smoothed random field (blobs of MR-like size) got a 125 cm3 "femur"
+    and 25 "lesions", reported "ok" beside two warnings. A mask that follows no edges from a
+    segmenter that is unsure is no knee: refused."""
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    from bmltrt.io import load_scan
+
+    field = ndi.gaussian_filter(np.random.default_rng(5).normal(0, 1, (224, 224, 36)), (4, 4, 1))
+    vol = 500 + 70 * field / field.std()
+    aff = np.array([[0, 0, 3.0, 0], [-0.7, 0, 0, 0], [0, -0.7, 0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(vol.astype(np.int16), aff), str(tmp_path / "field.nii.gz"))
+    with pytest.raises(BmlError, match="no knee found"):
+        detector.detect(load_scan(tmp_path / "field.nii.gz"))

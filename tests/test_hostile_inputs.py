@@ -189,6 +189,23 @@ def test_summary_cells_that_a_spreadsheet_would_run_stay_text(tmp_path, done_set
     assert rows["damaged"]["status"] == "report unreadable" and "JSONDecodeError" in rows["damaged"]["error"]
 
 
+def test_a_scan_whose_femur_failed_the_check_is_not_ok_in_the_summary(tmp_path, done_set):
+    """Its figures are not to be used before the overlay is looked at: a cohort table must
+    say so, not "ok"."""
+    from bmltrt.report import CHECK_FEMUR, write_summary
+
+    d = tmp_path / "d"
+    d.mkdir()
+    rep = json.loads((done_set[1] / "knee_report.json").read_text())
+    (d / "good_report.json").write_text(json.dumps(rep))
+    odd = rep | {"femur_check": rep["femur_check"] | {"plausible": False, "reasons": ["in pieces"]}}
+    (d / "odd_report.json").write_text(json.dumps(odd))
+    write_summary(d, [("odd", rep["input"]["path"], "error: outputs exist already")])  # its outputs stand
+    rows = read_summary(d)
+    assert rows["good"]["status"] == "ok" and rows["odd"]["status"] == CHECK_FEMUR == "check femur"
+    assert rows["odd"]["femur_plausible"] == "False" and "exist already" in rows["odd"]["error"]
+
+
 def test_foreign_femur_file_next_to_the_scan_is_never_overwritten(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
@@ -860,7 +877,58 @@ def test_two_series_with_one_series_number_get_their_own_outputs(tmp_path):
     write_dicom_series(d, "1.2.3.4.6666", 8)
     write_dicom_series(d, "1.2.3.4.7777", 9)
     stems = sorted(s.stem for s in find_series(d))
-    assert stems == ["mixed_series8_3.4.5555", "mixed_series8_3.4.6666", "mixed_series9"], stems
+    assert stems == ["mixed_series8_12345555", "mixed_series8_12346666", "mixed_series9"], stems  # no dots
+
+
+def _set_echo_times(folder: Path, times) -> None:
+    """EchoTime of each file of `folder` in name order (None: the tag left out)."""
+    import pydicom
+
+    for f, te in zip(sorted(folder.glob("*.dcm")), times):
+        ds = pydicom.dcmread(str(f))
+        if te is not None:
+            ds.EchoTime = te
+        ds.save_as(f, enforce_file_format=True)
+
+
+def test_a_damaged_dicom_file_is_refused_not_dropped(tmp_path):
+    """A slice cut short at either end of the stack left no gap: it was skipped without a word
+    and the volume lost a slice."""
+    d = write_dicom_series(tmp_path / "cut_end", "1.2.3.4.1003", 8)
+    last = sorted(d.glob("*.dcm"))[-1]
+    last.write_bytes(last.read_bytes()[:300])
+    res = run(["detect", d, "-o", tmp_path / "o"], inputs=[d])
+    line = error_line(res)
+    assert "unreadable DICOM file" in line and last.name in line and "export the series again" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_dicom_images_without_an_echo_time_among_images_with_one_are_refused(tmp_path):
+    """Those slices were dropped as "another echo": the first and last ones without a gap to show."""
+    from bmltrt.io.inputs import expand_inputs
+
+    d = write_dicom_series(tmp_path / "no_te", "1.2.3.4.1004", 8)
+    _set_echo_times(d, [None, 5.0, 5.0, 5.0, 5.0, None])
+    found = expand_inputs([str(d)])
+    assert found.sources == [] and len(found.problems) == 1
+    line = found.problems[0].line()
+    assert "2 of 6 images of series 8 have no EchoTime" in line and "1004_000.dcm" in line, line
+
+
+def test_echo_applies_to_each_series_of_a_folder(tmp_path):
+    """--echo 2 on a folder with a one-echo and a two-echo series: the two-echo one at echo 2,
+    the other refused by name (not the whole folder)."""
+    from bmltrt.io.inputs import expand_inputs
+
+    d = write_dicom_series(tmp_path / "mixecho", "1.2.3.4.2001", 8)
+    _set_echo_times(d, [5.0] * 6)
+    two = write_dicom_series(tmp_path / "two", "1.2.3.4.2002", 9, n=12)
+    _set_echo_times(two, [5.0, 20.0] * 6)
+    for f in two.iterdir():
+        shutil.move(f, d / f.name)
+    found = expand_inputs([str(d)], echo=2)
+    assert [(s.series.number, s.series.echo) for s in found.sources] == [("9", 2)]
+    assert len(found.problems) == 1 and "--echo 2: series 8 has one echo (TE 5 ms)" in found.problems[0].line()
 
 
 def test_an_empty_path_is_not_the_current_folder(tmp_path):
@@ -1183,3 +1251,102 @@ def test_a_termination_whose_exception_was_lost_still_stops_the_commit(tmp_path)
     with signals_held():  # no termination: the commit goes on
         (tmp_path / "committed").write_text("x")
     assert (tmp_path / "committed").exists()
+
+
+# ---- header oddities: the line says what is really wrong (hostile tester 5) -------------------
+
+def test_misnamed_and_two_file_images_say_what_they_are(tmp_path):
+    from bmltrt.errors import BmlError
+    from bmltrt.io import load_scan
+
+    plain = small_scan(tmp_path / "k.nii")
+    fake_gz = tmp_path / "fake.nii.gz"
+    shutil.copy2(plain, fake_gz)  # uncompressed bytes under a .gz name
+    with pytest.raises(BmlError, match="named .gz but not gzip-compressed") as e:
+        load_scan(fake_gz)
+    assert "rename it to .nii" in e.value.line()
+    nib.save(nib.Nifti1Pair(smooth_volume((10, 24, 24)), np.diag([3.0, 0.5, 0.5, 1])), str(tmp_path / "pair.hdr"))
+    for name in ("pair.hdr", "pair.img"):
+        with pytest.raises(BmlError, match="two-file image") as e:
+            load_scan(tmp_path / name)
+        assert "one .nii.gz" in e.value.line()
+
+
+def test_lengths_in_microns_and_one_bad_voxel_are_said_plainly(tmp_path):
+    from bmltrt.errors import BmlError
+    from bmltrt.io import load_scan
+
+    img = nib.Nifti1Image(smooth_volume((10, 24, 24)), np.diag([3000.0, 500.0, 500.0, 1]))
+    img.header.set_xyzt_units("micron", "sec")
+    nib.save(img, str(tmp_path / "um.nii.gz"))
+    with pytest.raises(BmlError, match="lengths in microns") as e:
+        load_scan(tmp_path / "um.nii.gz")
+    assert "millimetres" in e.value.line()
+    vol = smooth_volume((10, 24, 24))
+    vol[3, 4, 5] = np.nan
+    save_nifti(tmp_path / "nan.nii.gz", vol, np.diag([3.0, 0.5, 0.5, 1.0]))
+    with pytest.raises(BmlError, match="^1 voxel is NaN or Inf"):
+        load_scan(tmp_path / "nan.nii.gz")
+
+
+def test_a_header_whose_qform_and_sform_disagree_is_warned_about(tmp_path):
+    from bmltrt.io import load_scan
+
+    aff = np.diag([3.0, 0.5, 0.5, 1.0])
+    img = nib.Nifti1Image(smooth_volume((10, 24, 24)), aff)
+    img.set_sform(aff, code=1)
+    img.set_qform(aff, code=1)
+    nib.save(img, str(tmp_path / "same.nii.gz"))
+    assert not any("qform" in w for w in load_scan(tmp_path / "same.nii.gz").warnings)
+    flipped = aff.copy()
+    flipped[0] *= -1  # left-right
+    img.set_qform(flipped, code=1)
+    nib.save(img, str(tmp_path / "flip.nii.gz"))
+    w = [w for w in load_scan(tmp_path / "flip.nii.gz").warnings if "qform" in w]
+    assert len(w) == 1 and "LAS against RAS" in w[0] and "the sform was used" in w[0], w
+    shifted = aff.copy()
+    shifted[:3, 3] += 10.0
+    img.set_qform(shifted, code=1)
+    nib.save(img, str(tmp_path / "shift.nii.gz"))
+    assert any("by up to 10.0 mm" in w for w in load_scan(tmp_path / "shift.nii.gz").warnings)
+
+
+def test_coarse_pixels_are_warned_about(tmp_path):
+    from bmltrt.io import load_scan
+    from bmltrt.io.knee_input import check_knee_input
+
+    vol = smooth_volume((12, 24, 24))
+    coarse = load_scan(save_nifti(tmp_path / "coarse.nii.gz", vol, np.diag([3.0, 8.0, 8.0, 1.0])))
+    assert any("in-plane pixels of 8.00 mm" in w for w in check_knee_input(coarse))
+    fine = load_scan(save_nifti(tmp_path / "fine.nii.gz", smooth_volume((12, 160, 160)), np.diag([3.0, 0.5, 0.5, 1.0])))
+    assert not any("in-plane" in w for w in check_knee_input(fine))
+
+
+def test_masks_of_a_scan_with_zero_pixdim_get_the_sform_voxel_size(tmp_path):
+    from bmltrt.io import load_scan
+    from bmltrt.io.nifti import mask_image_like
+
+    aff = np.array([[0, 0, 3.0, 0], [-0.357, 0, 0, 0], [0, -0.357, 0, 0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(smooth_volume((24, 24, 10)), aff)
+    img.set_sform(aff, code=1)
+    img.header.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "zp.nii"))
+    raw = bytearray((tmp_path / "zp.nii").read_bytes())
+    raw[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1:4] (nibabel writes 1s where given 0s)
+    (tmp_path / "zp.nii").write_bytes(bytes(raw))
+    scan = load_scan(tmp_path / "zp.nii")
+    mask = mask_image_like(np.zeros(scan.data.shape, np.uint8), scan)
+    assert np.allclose(mask.header["pixdim"][1:4], [0.357, 0.357, 3.0], atol=1e-5)
+    assert np.allclose(mask.header.get_sform(), aff) and int(mask.header["sform_code"]) == 1
+
+
+def test_a_misplaced_dicom_slice_is_not_called_missing(tmp_path):
+    import pydicom
+
+    d = write_dicom_series(tmp_path / "moved", "1.2.3.4.3001", 8, n=8)
+    f = sorted(d.glob("*.dcm"))[3]
+    ds = pydicom.dcmread(str(f))
+    ds.ImagePositionPatient = [3.0 * 3 + 0.5, 0, 0]  # half a millimetre off its place
+    ds.save_as(f, enforce_file_format=True)
+    line = error_line(run(["detect", d, "-o", tmp_path / "o"], inputs=[d]))
+    assert "slices are misplaced or missing" in line, line

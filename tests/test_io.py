@@ -231,3 +231,41 @@ def test_voxel_volume_of_a_sheared_grid_is_the_affines_determinant():
     for affine in (np.diag([3.0, 0.5, 0.5, 1.0]), shear @ np.diag([3.0, 0.5, 0.5, 1.0])):
         scan = scan_from_image(nib.Nifti1Image(data, affine), "x.nii.gz")
         assert scan.voxel_volume_mm3 == pytest.approx(abs(np.linalg.det(affine[:3, :3])))
+
+
+def test_the_overlay_shows_the_whole_femur_and_every_lesion():
+    """The montage covers the femur from its first slice to its last, and on a thin-slice scan
+    whose lesions span more slices than it has room for, still shows each lesion (its largest
+    slice) and says how many slices with lesion it leaves out."""
+    from bmltrt.report import FEMUR_TILES, MAX_LESION_TILES, montage_slices, overlay_image
+
+    n = 200
+    femur = np.zeros((n, 24, 24), bool)
+    femur[20:181, 4:20, 4:20] = True
+    lesion = np.zeros_like(femur)
+    lesion[40:70, 6:14, 6:14] = True  # a large lesion on 30 slices
+    lesion[150:154, 8:10, 8:10] = True  # a small one on 4 slices, smaller on each than the first
+    lesion[152, 8:11, 8:11] = True  # (its largest slice: 152)
+    shown, les_shown, total = montage_slices(femur, lesion)
+    assert total == 34 and 152 in les_shown and len(les_shown) == MAX_LESION_TILES
+    assert set(les_shown) <= set(shown) and shown[0] == 20 and shown[-1] == 180
+    assert len(set(shown) - set(les_shown)) <= FEMUR_TILES + 1
+    assert np.diff(shown).max() <= np.ceil(161 / FEMUR_TILES)  # no stretch of femur left out
+    sheet = overlay_image(np.random.default_rng(0).random(femur.shape), femur, lesion, (3.0, 0.5, 0.5), "t")
+    assert sheet.width > 0
+    few = np.zeros_like(femur)
+    few[60:63, 6:14, 6:14] = True
+    shown, les_shown, total = montage_slices(femur, few)
+    assert les_shown == [60, 61, 62] and total == 3 and {60, 61, 62} <= set(shown)
+
+
+def test_normalisation_does_not_depend_on_the_scale_a_scan_is_stored_at():
+    """A scan stored at 1e-9 or 1e-30 of its values is the same scan (its range was floored at
+    1e-6, so it read dimmer and the femur shrank)."""
+    from bmltrt.runtime.preprocess import normalize_intensity
+
+    v = np.random.default_rng(3).gamma(2.0, 100.0, (8, 32, 32)).astype(np.float32)
+    ref = normalize_intensity(v)
+    for scale in (1e-30, 1e-9, 1e-6, 1e6, 1e30):
+        assert np.allclose(normalize_intensity((v * np.float32(scale)).astype(np.float32)), ref, atol=1e-5), scale
+    assert not normalize_intensity(np.full((4, 4, 4), 7.0, np.float32)).any()  # constant: zeros, no NaN

@@ -72,6 +72,7 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     _run(tune + ["--steps", "10", "--stop-at", "1", "--init", str(tmp_path / "seg" / "checkpoint.pt"), "--lesion-p",
                  "1", "--lr", "1e-9", "--lesion-surface-p", "0.6", "--lesion-breach-p", "0.5", "--lesion-weight", "5",
                  "--shell-weight", "5", "--dark-muscle-p", "0.7", "--consistency-weight", "2", "--anchor-weight", "3",
+                 "--anchor-scope", "lesions",
                  "--runtime-smoothing-p", "0.5", "--fat-like-marrow-p", "0.6", "--seed", "7"])
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == bank
     tuned = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)
@@ -80,6 +81,7 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     assert tuned["config"]["shell_weight"] == 5.0 and tuned["config"]["lesion_breach_p"] == 0.5
     assert tuned["config"]["dark_muscle_p"] == 0.7 and tuned["config"]["consistency_weight"] == 2.0
     assert tuned["history"][-1]["consistency"] >= 0.0  # each generated crop came in two contrasts
+    assert tuned["config"]["anchor_scope"] == "lesions"
     assert tuned["config"]["anchor_weight"] == 3.0 and tuned["config"]["runtime_smoothing_p"] == 0.5
     assert tuned["config"]["seg_antialias"] > 0  # the runtime's smoothing, recorded with the run
     assert tuned["config"]["fat_like_marrow_p"] == 0.6
@@ -169,6 +171,8 @@ def test_bad_training_options_are_one_line(labels_dir, tmp_path, args, words):
     (["--consistency-weight", "-1"], "--consistency-weight"),
     (["--anchor-weight", "-1"], "--anchor-weight"),
     (["--anchor-weight", "1"], "--anchor-weight needs --init"),
+    (["--anchor-scope", "femur"], "--anchor-scope 'femur' is not one of all, lesions"),
+    (["--anchor-scope", "lesions"], "--anchor-scope needs --anchor-weight"),
 ])
 def test_bad_lesion_options_are_one_line(labels_dir, tmp_path, args, words):
     r = CliRunner().invoke(app, ["train", "segmenter", "--labels", str(labels_dir), "--out", str(tmp_path / "x"),
@@ -246,6 +250,33 @@ def test_consistency_loss_is_zero_for_agreeing_scans_and_pulls_them_together():
     loss.backward()
     ring = (wider > 0) & (target == 0)
     assert (b.grad[:, 1:2][ring] > 0).all()  # lowering b's femur logit on the ring lowers the loss
+
+
+def test_lesion_scoped_anchor_holds_only_near_lesions():
+    """--anchor-scope lesions: a student that moved the femur border far from any lesion pays
+    nothing; one that carved a lesion out of the femur pays, and its gradient puts it back."""
+    from bmltrt.training.segmenter import anchor_drift, near_lesions
+
+    as_logits = lambda m: torch.cat([4 - 8 * m, 8 * m - 4], 1)  # noqa: E731
+    femur = torch.zeros(1, 1, 5, 24, 24)
+    femur[..., 4:20, 4:20] = 1
+    lesion = torch.zeros_like(femur, dtype=torch.bool)
+    lesion[:, :, 2, 6:8, 6:8] = True
+    region = near_lesions(lesion)
+    assert region.shape == (1, 5, 24, 24) and region[0, 2, 3:11, 3:11].all() and region.sum() == 3 * 8 * 8
+    teacher = as_logits(femur)
+    border_moved = femur.clone()
+    border_moved[..., 17:20, :] = 0  # far from the lesion
+    assert anchor_drift(as_logits(border_moved), teacher, region) < 1e-6
+    assert anchor_drift(as_logits(border_moved), teacher) > 0.01  # the "all" scope pays for it
+    carved = femur.clone()
+    carved[lesion] = 0
+    student = as_logits(carved).requires_grad_(True)
+    drift = anchor_drift(student, teacher, region)
+    assert drift > 0.01
+    drift.backward()
+    assert (student.grad[:, 1:2][lesion] < 0).all()  # raising the femur logit on the lesion lowers it
+    assert anchor_drift(teacher, teacher, torch.zeros_like(region)) == 0  # no lesion in the batch: nothing
 
 
 def test_shipped_segmenter_graph_is_a_fine_tuning_start():

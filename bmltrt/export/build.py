@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from bmltrt.errors import BmlError
+from bmltrt.errors import BmlError, stop_if_terminated
 from bmltrt.io.atomic import atomic_write
 from bmltrt.io.outputs import folder_beside, move_in
 from bmltrt.runtime.models import FORMAT
@@ -138,6 +138,12 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
     if not (math.isfinite(bound) and bound > 0):
         raise BmlError(f"--fp16-bound {bound} is not a positive number", hint=f"the default is {DEFAULT_BOUND:g}")
     resolutions = [int(r) for r in resolutions] if resolutions else None
+    said = progress
+
+    def progress(message):  # between steps: a SIGTERM whose exception was lost stops here
+        stop_if_terminated()
+        said(message)
+
     # Everything is written beside --out and moved in at the end, the manifest last: an
     # interrupted or failed export leaves the old folder as it was (no new graphs beside an
     # old manifest).

@@ -17,6 +17,8 @@ import hashlib
 
 import numpy as np
 
+from bmltrt.errors import stop_if_terminated
+
 FP16_MAX = 65504.0
 MAX_PATCHES = 8  # segmenter patches kept per calibration set
 MAX_SLICES = 32  # inpainter slices kept per resolution
@@ -61,6 +63,7 @@ def calibration_inputs(store, cases: int = 2, seed: int = 11, resolutions=None) 
         # not hang on how good the segmenter is (an untrained one may find no femur at all).
         femur = ph.femur.astype(bool)
         for res in resolutions:
+            stop_if_terminated()  # minutes of work: a SIGTERM whose exception was lost stops here
             det = Detector(rec, DetectConfig(resolution=res))
             det.inpaint(norm, femur, ph.spacing)
     data = {}

@@ -27,6 +27,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ECHO_DECIMALS = 3  # echo times equal to 1 us are one echo
 SPACING_TOLERANCE = 0.1  # slice gaps may differ by 10% before the series is refused
 # Implicit and explicit VR little endian, explicit big endian: raw pixels, no codec needed
+# MR Image Storage and Enhanced MR Image Storage: a file of these classes is an MR image
+MR_STORAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1")
 UNCOMPRESSED_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
@@ -85,38 +87,62 @@ def _echo_time(ds) -> float | None:
         return None
 
 
-def find_series(folder: Path, echo: int | None = None) -> list[DicomSeries]:
-    """Every series in `folder`, each at the asked echo (default: the first). Reads headers only."""
+def find_series(folder: Path, echo: int | None = None, problems: list | None = None) -> list[DicomSeries]:
+    """Every series in `folder`, each at the asked echo (default: the first). Reads headers only.
+
+    A series that cannot be read as asked (no such --echo, slices without an echo time
+    among slices with one) is refused: with `problems`, its one-line error goes there and
+    the folder's other series are still returned; without, it is raised."""
     pydicom = _pydicom()
     folder = Path(folder)
     groups: dict[str, dict] = {}
     for f in dicom_files_in(folder):
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-        except Exception:
-            continue  # not readable as DICOM: ignored, like any other stray file
+        except Exception as exc:
+            # It says it is DICOM ("DICM" at byte 128) and is not: a damaged or cut-short
+            # copy. Skipping it would drop a slice without a word (at either end of the
+            # stack no gap shows it).
+            raise BmlError(f"unreadable DICOM file ({type(exc).__name__}): damaged or cut short", f,
+                           "copy or export the series again (or move the file out of the folder)") from None
+        sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+        if sop_class in MR_STORAGE_CLASSES and not all(k in ds for k in ("SeriesInstanceUID", "Rows")):
+            # pydicom reads a cut-short file up to where it ends, without an error
+            raise BmlError("unreadable DICOM file: an MR image whose header is cut short", f,
+                           "copy or export the series again (or move the file out of the folder)")
         if not hasattr(ds, "ImagePositionPatient") and str(getattr(ds, "Modality", "")) != "MR":
             continue  # DICOMDIR, reports, presentation states: not images
         uid = str(getattr(ds, "SeriesInstanceUID", "") or "unknown")
-        g = groups.setdefault(uid, {"files": [], "echoes": set(), "number": str(getattr(ds, "SeriesNumber", "") or ""),
+        g = groups.setdefault(uid, {"files": [], "echoes": {}, "number": str(getattr(ds, "SeriesNumber", "") or ""),
                                     "description": str(getattr(ds, "SeriesDescription", "") or "")})
         g["files"].append(f)
-        g["echoes"].add(_echo_time(ds))
+        g["echoes"].setdefault(_echo_time(ds), []).append(f)
     if not groups:
         raise BmlError("no DICOM images in this folder", folder,
                        "give a folder of one series' DICOM files (subfolders are not searched)")
     series = []
     for uid, g in sorted(groups.items(), key=lambda kv: (kv[1]["number"].zfill(8), kv[0])):
         tes = sorted(t for t in g["echoes"] if t is not None)
-        if None in g["echoes"] and tes:
-            tes = sorted(g["echoes"] - {None})
         want = echo or 1
-        if len(tes) > 1 and not 1 <= want <= len(tes):
-            raise BmlError(f"--echo {want}: this series has {len(tes)} echoes (TE {', '.join(f'{t:g}' for t in tes)} ms)",
-                           folder, f"choose --echo 1 to {len(tes)}")
-        if len(tes) <= 1 and want != 1:  # not a silent echo 1 in place of the one asked for
+        named = (g["number"] or uid) + (f" {g['description']!r}" if g["description"] else "")
+        problem = None
+        if None in g["echoes"] and tes:
+            missing = g["echoes"][None]
+            problem = BmlError(f"{len(missing)} of {len(g['files'])} images of series {named} have no EchoTime "
+                               f"(first: {missing[0].name}): which echo they belong to is unknown", folder,
+                               "export the series again with its echo times, or convert it with dcm2niix")
+        elif len(tes) > 1 and not 1 <= want <= len(tes):
+            problem = BmlError(f"--echo {want}: series {named} has {len(tes)} echoes "
+                               f"(TE {', '.join(f'{t:g}' for t in tes)} ms)", folder, f"choose --echo 1 to {len(tes)}")
+        elif len(tes) <= 1 and want != 1:  # not a silent echo 1 in place of the one asked for
             te = f" (TE {tes[0]:g} ms)" if tes else ""
-            raise BmlError(f"--echo {want}: this series has one echo{te}", folder, "leave out --echo")
+            problem = BmlError(f"--echo {want}: series {named} has one echo{te}", folder,
+                               "leave out --echo, or give that series' folder without it")
+        if problem is not None:
+            if problems is None:
+                raise problem
+            problems.append(problem)
+            continue
         series.append(DicomSeries(folder, uid, g["number"], g["description"], g["files"], tes,
                                   want if len(tes) > 1 else 1))
     many = len(series) > 1
@@ -128,7 +154,7 @@ def find_series(folder: Path, echo: int | None = None) -> list[DicomSeries]:
             if s.number:
                 stem += f"_series{s.number}"
             if not s.number or numbers.count(s.number) > 1:  # a re-sent or derived series repeats its number
-                stem += f"_{s.uid[-8:]}"
+                stem += f"_{s.uid.replace('.', '')[-8:]}"  # no dots: they would read as file endings
         if len(s.echo_times) > 1:
             stem += f"_echo{s.echo}"
         s.stem = stem
@@ -204,7 +230,12 @@ def read_series(series: DicomSeries | str | Path, echo: int | None = None):
     if gaps.max() - gaps.min() > SPACING_TOLERANCE * gaps.mean():
         k = int(np.argmax(gaps))  # the widest gap: after which file, and before which
         before, after = (Path(slices[order[j]][0]).name for j in (k, k + 1))
-        raise BmlError(f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm): slices are missing "
+        typical = float(np.median(gaps))
+        ratio = gaps[k] / typical
+        # a gap of two or more slice steps: slices are missing; anything else: misplaced ones
+        what = ("slices are missing" if ratio > 1.5 and abs(ratio - round(ratio)) < SPACING_TOLERANCE * round(ratio)
+                else "slices are misplaced or missing")
+        raise BmlError(f"uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm): {what} "
                        f"(the widest gap, {gaps[k]:.2f} mm, lies between {before} and {after})",
                        Path(f0).parent, "give the complete series")
     planes = []

@@ -136,7 +136,7 @@ def _folder(folder: Path, echo: int | None, out: Expanded) -> None:
     out.sources += [ScanSource(p) for p in nifti if p not in ours]
     if dicom_files_in(folder):
         try:
-            out.sources += [ScanSource(folder, s) for s in find_series(folder, echo)]
+            out.sources += [ScanSource(folder, s) for s in find_series(folder, echo, out.problems)]
         except BmlError as err:
             out.problems.append(err)
     elif not nifti and not odd:

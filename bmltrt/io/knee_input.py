@@ -35,6 +35,7 @@ MIN_COVERAGE_MM = 20.0  # left-right: a handful of sagittal slices
 MAX_EXTENT_MM = 600.0  # a whole-leg series, not a knee
 MAX_SLICE_MM = 8.0
 WARN_SLICE_MM = 4.5  # the models were trained on 2-4.5 mm slices
+WARN_PIXEL_MM = 1.2  # trained on 0.3-0.7 mm pixels; twice the top of that range
 SAMPLE_VOXELS = 1_000_000
 
 
@@ -100,4 +101,9 @@ def check_knee_input(scan: Scan) -> list[str]:
     if slice_mm > WARN_SLICE_MM:
         warnings.append(f"sagittal slices of {slice_mm:.1f} mm are thicker than the models were trained on "
                         f"(up to {WARN_SLICE_MM} mm): small lesions may be missed")
+    pixel_mm = max(scan.spacing[1], scan.spacing[2])
+    if pixel_mm > WARN_PIXEL_MM:
+        warnings.append(f"in-plane pixels of {pixel_mm:.2f} mm are coarser than the models were trained on "
+                        f"(0.3-0.7 mm; warned above {WARN_PIXEL_MM} mm): the femur border and small lesions "
+                        "are unreliable")
     return warnings

@@ -90,16 +90,23 @@ def read_header_checked(path: str | os.PathLike) -> nib.spatialimages.SpatialIma
     if problem is not None:
         raise problem
     if not _is_nifti_name(path):
+        if path.suffix.lower() in (".hdr", ".img"):  # NIfTI or Analyze as a pair of files
+            raise BmlError("a two-file image (.hdr + .img): bmltrt reads single-file NIfTI", path,
+                           "make one .nii.gz of the pair, e.g. fslchfiletype NIFTI_GZ, or in Python "
+                           "nibabel.save(nibabel.load('scan.hdr'), 'scan.nii.gz')")
         raise BmlError("not a NIfTI file name (.nii or .nii.gz expected)", path,
                        "convert the scan to NIfTI, e.g. with dcm2niix")
     if path.stat().st_size == 0:
         raise BmlError("file is empty", path, "re-export the scan")
     try:  # a permission problem is not a format problem
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as f:
+            magic = f.read(2)
     except OSError as exc:
         raise BmlError(f"cannot read this file ({os.strerror(exc.errno) if exc.errno else exc})", path,
                        "check the file's permissions (and its folder's)") from None
+    if path.name.lower().endswith(".gz") and magic != b"\x1f\x8b":
+        raise BmlError("named .gz but not gzip-compressed", path,
+                       "rename it to .nii if it is an uncompressed NIfTI file (or gzip it)")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for garbage
@@ -223,8 +230,29 @@ def check_header(img: nib.spatialimages.SpatialImage, path, pixdim_in_file=None)
     hz = np.asarray(hdr.get_zooms()[:3], dtype=float)
     for z in (zooms, hz):
         if not np.all(np.isfinite(z)) or z.min() < MIN_SPACING_MM or z.max() > MAX_SPACING_MM:
+            unit = hdr.get_xyzt_units()[0] if hasattr(hdr, "get_xyzt_units") else "mm"
+            if unit in ("meter", "micron"):  # like nibabel and most tools, the affine is read in mm
+                raise BmlError(f"absurd voxel spacing {tuple(round(float(v), 4) for v in z)} mm: the header "
+                               f"gives its lengths in {unit}s", path, "convert the image to millimetres (as "
+                               "scanners and dcm2niix write it)")
             raise BmlError(f"absurd voxel spacing {tuple(round(float(v), 4) for v in z)} mm",
                            path, f"spacing must lie in [{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm; fix the header")
+
+
+def qform_sform_disagreement(img) -> str:
+    """How the header's two orientations differ, where both are set and differ by more than
+    half a voxel somewhere in the volume (a flip, another orientation, a shift); "" if not."""
+    hdr = img.header
+    if int(hdr["qform_code"]) <= 0 or int(hdr["sform_code"]) <= 0:
+        return ""
+    q, s = hdr.get_qform(), hdr.get_sform()
+    if ornt2axcodes(io_orientation(q)) != ornt2axcodes(io_orientation(s)):
+        return f"{''.join(ornt2axcodes(io_orientation(q)))} against {''.join(ornt2axcodes(io_orientation(s)))}"
+    shape = np.asarray(img.shape[:3], float) - 1
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])])
+    apart = float(np.abs((corners @ q.T - corners @ s.T)[:, :3]).max())
+    voxel = float(np.sqrt((s[:3, :3] ** 2).sum(axis=0)).min())
+    return f"by up to {apart:.1f} mm" if apart > voxel / 2 else ""
 
 
 def load_scan(path: str | os.PathLike, force_orientation: bool = False, is_mask: bool = False,
@@ -301,7 +329,8 @@ def scan_from_image(img: nib.spatialimages.SpatialImage, source, force_orientati
                                "fix the reconstruction, or rescale the image before saving it")
             raise BmlError(f"the header's scale factor (scl_slope {slope:g}, scl_inter {inter:g}) takes the voxels "
                            "beyond float32", path, "fix scl_slope/scl_inter in the header (e.g. with nibabel)")
-        raise BmlError(f"{int((~finite).sum())} voxels are NaN or Inf", path,
+        bad = int((~finite).sum())
+        raise BmlError(f"{bad} voxel{' is' if bad == 1 else 's are'} NaN or Inf", path,
                        "fix the reconstruction or replace them (e.g. fslmaths -nan)")
     if not is_mask and float(data.max()) == float(data.min()):
         raise BmlError(f"the image is constant ({float(data.min())}): no contrast", path,
@@ -310,6 +339,10 @@ def scan_from_image(img: nib.spatialimages.SpatialImage, source, force_orientati
     axcodes = tuple(ornt2axcodes(ornt))
     zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
     warnings: list[str] = []
+    disagree = qform_sform_disagreement(img)
+    if disagree:
+        warnings.append(f"the header's qform and sform disagree ({disagree}); the sform was used, as nibabel and "
+                        "FSL do (ITK-based tools read the qform): check which one is right")
     lr_axis = int(np.flatnonzero(ornt[:, 0] == 0)[0])
     thick = int(np.argmax(zooms))
     others = np.delete(zooms, thick)
@@ -370,6 +403,13 @@ def mask_image_like(mask_working: np.ndarray, scan: Scan) -> nib.spatialimages.S
     # The constructor may rewrite sform/qform; restore the input's exactly.
     out.set_qform(src.header.get_qform(), code=int(src.header["qform_code"]))
     out.set_sform(src.header.get_sform(), code=int(src.header["sform_code"]))
+    sform_zooms = np.sqrt((src.header.get_sform()[:3, :3] ** 2).sum(axis=0))
+    if int(src.header["sform_code"]) > 0 and int(src.header["qform_code"]) <= 0 \
+            and not np.allclose(out.header["pixdim"][1:4], sform_zooms, rtol=1e-3):
+        # The sform is the geometry and pixdim (which only a qform uses) is off: zero in the
+        # file, which nibabel reads as 1. Tools that take the voxel size from pixdim
+        # (fslstats -V) must get the sform's.
+        out.header["pixdim"][1:4] = sform_zooms
     out.header.set_slope_inter(1.0, 0.0)
     out.header["cal_min"], out.header["cal_max"] = 0, 1
     out.header["descrip"] = MASK_DESCRIP

@@ -105,4 +105,12 @@ def check_femur(prob, mask, spacing, norm=None) -> FemurCheck:
     if edges is not None and edges < MIN_EDGE_RATIO:
         reasons.append(f"the femur outline does not follow edges in the image (edge ratio {edges:.2f}; "
                        "a blank or noise volume?)")
-    return FemurCheck(volume, span, top, main, conf, edges, reasons, refuse=volume < REFUSE_BELOW_CM3)
+    # Two independent signs at once: a mask that follows no edges, from a segmenter that is
+    # unsure. Real knees are far from both (qDESS echoes and MESE T2: edge ratio 3.2-5.6,
+    # confidence 0.85-0.90; painted OAI_AKOA 2.1-2.3); a smoothed random field gave 1.23 and
+    # 0.73 and was reported with 25 "lesions".
+    no_knee = edges is not None and edges < MIN_EDGE_RATIO and conf < MIN_CONFIDENCE
+    if no_knee:
+        reasons.insert(0, f"no knee found: the femur mask follows no edges in the image (edge ratio {edges:.2f}) "
+                          f"and the segmenter is unsure (mean femur probability {conf:.2f})")
+    return FemurCheck(volume, span, top, main, conf, edges, reasons, refuse=volume < REFUSE_BELOW_CM3 or no_knee)

@@ -17,8 +17,11 @@ def normalize_intensity(vol):
     xp = array_module(vol)
     v = vol.astype(xp.float32, copy=False)
     lo, hi = xp.percentile(v, [P_LOW, P_HIGH])  # q on the host: cupy does not sync
-    scale = 1.0 / xp.maximum(hi - lo, 1e-6)  # an array, not float(): no device round trip
-    return xp.clip((v - lo) * scale, 0.0, CLIP_HIGH).astype(xp.float32)
+    # Divide by the range (an array, not float(): no device round trip), whatever its size: an
+    # absolute floor on it made a scan stored at 1e-9 scale read differently from the same at 1.
+    span = hi - lo
+    span = xp.where(span > 0, span, xp.ones_like(span))
+    return xp.clip((v - lo) / span, 0.0, CLIP_HIGH).astype(xp.float32)
 
 
 def zoom_to(vol, shape, order: int = 1):

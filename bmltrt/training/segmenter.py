@@ -76,6 +76,23 @@ def consistency_loss(logits_a, logits_b):
     return total / len(outs_a)
 
 
+def near_lesions(lesion, margin=(1, 3, 3)):
+    """Voxels within `margin` (slices, rows, columns) of a lesion of `lesion` (B,1,D,H,W), as
+    (B,D,H,W) float: where a lesion-scoped anchor holds the network to its teacher."""
+    k = tuple(2 * m + 1 for m in margin)
+    return F.max_pool3d(lesion.float(), kernel_size=k, stride=1, padding=margin)[:, 0]
+
+
+def anchor_drift(logits, held, region=None):
+    """How far the femur probability of `logits` drifted from the frozen teacher's `held`:
+    over the femur-ish voxels (consistency_loss), or, with `region` (B,D,H,W), over that
+    region only, so the rest of the border may move (0 where the batch has no region)."""
+    if region is None:
+        return consistency_loss(logits, held)
+    p, q = torch.softmax(as_outputs(logits)[-1], 1)[:, 1], torch.softmax(held, 1)[:, 1]
+    return ((p - q) ** 2 * region).sum() / region.sum().clamp(min=1.0)
+
+
 def random_crops(vols, patch, batch, rng: np.random.Generator, with_lesions: bool = False,
                  with_pairs: bool = False):
     """Crops of `patch` from random volumes, biased to contain femur half the time (and, for
@@ -168,6 +185,9 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
     # the two femur probabilities near the femur is added with this weight, so that a short
     # fine-tune keeps what the starting network did well (which lesions it keeps as femur)
     anchor_weight = float(opts.extra.get("anchor_weight", 0.0))
+    # "lesions": only near the generated lesions (keep which lesions it calls femur, let the
+    # rest of the border follow the consistency loss); "all": every femur-ish voxel
+    anchor_scope = opts.extra.get("anchor_scope", "all")
     if anchor_weight > 0 and not opts.extra.get("init"):
         raise ValueError("anchor_weight needs init (the CLI says so before any output is made)")
     pool = None
@@ -240,7 +260,7 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
         if teacher is not None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 held = teacher(x).float()
-            drift = consistency_loss(outs[-1], held)
+            drift = anchor_drift(outs[-1], held, near_lesions(les) if anchor_scope == "lesions" else None)
             loss = loss + anchor_weight * drift
             extra["anchor"] = float(drift.detach())
         for g in opt.param_groups:  # linear decay, a pure function of the step (resumable)
@@ -281,7 +301,7 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
               "lesion_breach_p": breach_p, "dark_muscle_p": dark_p,
               "runtime_smoothing_p": smoothing_p, "seg_antialias": antialias, "fat_like_marrow_p": fat_p,
               "lesion_weight": lesion_weight, "shell_weight": shell_weight,
-              "consistency_weight": consistency_weight, "anchor_weight": anchor_weight, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
+              "consistency_weight": consistency_weight, "anchor_weight": anchor_weight, "anchor_scope": anchor_scope, "data": str(opts.data) if opts.data else None, "val_data": str(val_root) if val_root else None,
               "autocast": "bf16" if amp else "none", "data_workers": int(opts.extra.get("data_workers", 0)),
               "fresh_per_step": int(opts.extra.get("refresh", 1))}
     return run_loop(opts, "segmenter", config, {"net": net}, {"opt": opt}, step, validate, rng, progress,
