@@ -26,6 +26,7 @@ from bmltrt import __version__
 from bmltrt.arrays import array_module, masked_percentile
 from bmltrt.errors import BmlError
 from bmltrt.io import Scan
+from bmltrt.io.dicom import SERIES_STEM
 from bmltrt.io.knee_input import check_knee_input
 from bmltrt.morphology import binary_closing, binary_dilation, fill_holes_inplane, largest_component
 from bmltrt.postprocess import PostConfig, lesion_mask
@@ -600,7 +601,10 @@ class Detector:
             elif not hasattr(image, "affine"):
                 raise BmlError("an array needs its affine (4x4, voxel -> RAS mm)",
                                hint="call detect_image(array, affine) or pass a nibabel image")
-            scan = scan_from_image(image, name or "image", force_orientation, stem=name or "image")
+            # an image read by bmltrt.io.dicom.read_series carries its series' name
+            extra = getattr(image, "extra", None)
+            name = name or (extra.get(SERIES_STEM) if isinstance(extra, dict) else None) or "image"
+            scan = scan_from_image(image, name, force_orientation, stem=name)
         return self.detect_checked(scan, progress)
 
     def _report(self, scan, femur, lesion, timings, slices, check) -> dict:

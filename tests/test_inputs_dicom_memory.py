@@ -168,3 +168,16 @@ def test_model_files_are_verified_once_per_file(monkeypatch):
     for _ in range(3):
         store.path("segmenter")
     assert calls == [] and any("segmenter.onnx" in k[0] for k in models._VERIFIED)
+
+
+@needs_dicom
+def test_detect_image_of_a_read_series_is_named_after_the_series(detector, monkeypatch):
+    """detect_image(read_series(...)) named its outputs "image"; `name=` still wins."""
+    from bmltrt.io.dicom import find_series, read_series
+
+    img = read_series(find_series(DICOM_DIR)[0])
+    monkeypatch.setattr(detector, "detect_checked", lambda scan, progress=None: scan)  # the naming only
+    assert detector.detect_image(img).stem == "pymskt_mese_t2_echo1"
+    assert detector.detect_image(img, name="left knee").stem == "left knee"
+    plain = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
+    assert detector.detect_image(plain).stem == "image"

@@ -23,6 +23,7 @@ import numpy as np
 
 from bmltrt.errors import BmlError
 
+SERIES_STEM = "bmltrt_series_stem"  # key in a read series' image.extra: the name of its outputs
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ECHO_DECIMALS = 3  # echo times equal to 1 us are one echo
 SPACING_TOLERANCE = 0.1  # slice gaps may differ by 10% before the series is refused
@@ -269,7 +270,7 @@ def read_series(series: DicomSeries | str | Path, echo: int | None = None):
     lps[:3, 2] = (last - first) / (len(order) - 1)
     lps[:3, 3] = first
     affine = LPS_TO_RAS @ lps
-    img = nib.Nifti1Image(data, affine)
+    img = nib.Nifti1Image(data, affine, extra={SERIES_STEM: series.stem})  # names outputs in detect_image
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
