@@ -241,6 +241,17 @@ def synth(
     empty = not out_dir.exists() or not any(out_dir.iterdir())
     if not empty and not force:
         raise BmlError("output folder is not empty", out_dir, "choose a new folder or pass --force")
+    if not empty:  # --force replaces the split folders whole: never with a user's files in them
+        from bmltrt.io.outputs import SYNTH_DESCRIP, is_our_mask
+
+        for split in ("train", "val", "test"):
+            where = out_dir / split
+            found = [where] if where.exists() and not where.is_dir() else \
+                sorted(f for f in where.rglob("*") if not f.is_dir()) if where.is_dir() else []
+            foreign = next((f for f in found if not is_our_mask(f, SYNTH_DESCRIP)), None)
+            if foreign is not None:
+                raise BmlError(f"--force would replace {split}/, which holds a file bmltrt did not write", foreign,
+                               "move your files out of it, or choose a new folder")
     total = len(label_files(from_labels)) if from_labels else sum(split_counts(cases).values())
     # The dataset is made beside -o and moved in when whole: an interrupted or failed run
     # leaves the folder as it was (an earlier dataset too). The old dataset.json goes first
@@ -255,7 +266,9 @@ def synth(
                 man = synth_dataset(stage, cases, seed, workers, step)
         move_in(stage, out_dir, last="dataset.json", drop_first=["dataset.json"])
     n = {k: len(v) for k, v in man["splits"].items()}
-    say(f"wrote {sum(n.values())} cases to {out_dir} (train {n['train']}, val {n['val']}, test {n['test']})")
+    total = sum(n.values())
+    say(f"wrote {total} case{'' if total == 1 else 's'} to {out_dir} (train {n['train']}, val {n['val']}, "
+        f"test {n['test']})")
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the femur segmenter or the inpainter (needs bmltrt\\[train]).")
@@ -362,7 +375,9 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
 
                 res = train_inpainter(opts, cfg, resolutions, progress)
         except KeyboardInterrupt as exc:  # the checkpoint is kept: a plain rerun would be refused
-            exc.rerun_hint = "add --resume to the same command to go on from the last checkpoint"
+            exc.rerun_hint = ("add --resume to the same command to go on from the last checkpoint"
+                              if (Path(out_dir) / "checkpoint.pt").exists() else
+                              "run the same command again (no checkpoint was saved yet)")
             raise
     say(f"{kind}: step {res['steps']} of {steps} in {res['seconds']:.0f} s; {json.dumps(res['metrics'])}; "
         f"checkpoint {Path(out_dir) / 'checkpoint.pt'}")
@@ -433,7 +448,12 @@ def _model_config(kind: str, config: str):
                            "check its values against a preset's (bmltrt/models)")
     try:
         cfg = cls.from_dict(doc)
-        build(cfg)
+        net = build(cfg)
+        if kind == "segmenter":  # and once through it: a patch too small for its depth fails here
+            import torch
+
+            with torch.no_grad():
+                net.eval()(torch.zeros(1, 1, *cfg.patch))
     except Exception as exc:  # noqa: BLE001 - any bad value: one line
         raise BmlError(f"the {kind} config does not build a network ({type(exc).__name__}: {exc})", config,
                        "check its values against a preset's (bmltrt/models)") from None

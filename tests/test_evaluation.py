@@ -71,6 +71,18 @@ def test_cache_round_trip_and_crop_paste(tmp_path):
     assert cache.has({"k": 1}) and not cache.has({"k": 2})
     b = cache.get({"k": 1})
     assert np.array_equal(a["score"], b["score"]) and cache.hits == 1
+    # damaged entries are misses (recomputed), however they are damaged
+    entry = tmp_path / f"{cache.key({'k': 1})}.npz"
+    good = entry.read_bytes()
+    big = {"score": np.random.default_rng(0).random((4, 64, 64)).astype(np.float32), "otsu": np.ones(1, np.float32)}
+    cache.put({"k": 3}, big)
+    big_entry = tmp_path / f"{cache.key({'k': 3})}.npz"
+    flipped = bytearray(big_entry.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # inside the compressed score: bad CRC or a zlib error
+    for path, damage in ((entry, b"not a zip"), (entry, good[: len(good) // 2]), (big_entry, bytes(flipped))):
+        path.write_bytes(damage)
+        assert cache.get({"k": 1} if path == entry else {"k": 3}) is None
+        assert not cache.has({"k": 1} if path == entry else {"k": 3})  # so compute_split makes it again
     femur = np.zeros((5, 40, 40), bool)
     femur[1:4, 10:20, 12:22] = True
     crop = make_crop(femur, SPACING, "", 1.0)
@@ -607,3 +619,17 @@ def test_painted_datasets_name_their_painter(tmp_path):
     assert "(painter 2)" in caption(doc)
     doc["data"].update(mode="phantom", painter=None)
     assert "painter" not in caption(doc)
+
+
+def test_an_overwritten_evaluation_keeps_no_file_of_the_earlier_run(tmp_path):
+    """--overwrite: the earlier run's figure3.png (this run had no lesion to draw) or
+    postprocess_<label>.json (another model set) passed for this run's; `evaluate table`
+    then linked them."""
+    from bmltrt.evaluation.cli import RUN_OUTPUTS, _remove_stale
+
+    for name in ("evaluation.json", "figure3.png", "postprocess_a.json", "postprocess.json", "notes.md",
+                 "postprocess_backup.txt"):
+        (tmp_path / name).write_text("x")
+    _remove_stale(tmp_path, RUN_OUTPUTS + ("postprocess*.json",), ["evaluation.json", "postprocess.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.json", "notes.md", "postprocess.json",
+                                                          "postprocess_backup.txt"]

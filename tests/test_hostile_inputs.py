@@ -950,6 +950,7 @@ def test_echo_on_nifti_inputs_is_said_to_be_ignored(tmp_path, phantom_case):
                                         ("--config", '{"features": [8, -8, 16, 32, 64, 8]}'),
                                         ("--config", '{"patch": "abc"}'), ("--config", '{"overlap": 7}'),
                                         ("--config", '{"deep_supervision": "yes"}'),
+                                        ("--config", '{"features": [4, 4, 4, 4, 4, 4], "patch": [1, 16, 16]}'),
                                         ("--init", "hello")])
 def test_train_refuses_a_bad_config_or_checkpoint(tmp_path, tiny_dataset, what, text):
     f = tmp_path / "given.json"
@@ -996,6 +997,79 @@ def test_interrupted_synth_leaves_no_dataset_and_an_earlier_one_whole(tmp_path):
     before = digest([out])
     _interrupt_synth(tmp_path, out, "--seed", "6", "--force")
     assert digest([out]) == before and (out / "dataset.json").exists()
+
+
+def test_synth_force_never_replaces_a_users_files(tmp_path):
+    """--force replaces train/, val/ and test/ whole: a file of the user's in one of them was
+    deleted with it."""
+    out = tmp_path / "ds"
+    run(["synth", out, "--cases", "3", "--seed", "5", "-j", "1"], code=0)
+    mine = out / "val" / "images" / "my_scan.txt"
+    mine.write_text("precious")
+    before = digest([out])
+    line = error_line(run(["synth", out, "--cases", "3", "--seed", "6", "-j", "1", "--force"]))
+    assert "--force would replace val/, which holds a file bmltrt did not write" in line and "my_scan.txt" in line
+    assert digest([out]) == before
+    mine.unlink()
+    (out / "notes.txt").write_text("mine")  # beside the splits: kept
+    run(["synth", out, "--cases", "3", "--seed", "6", "-j", "1", "--force"], code=0)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_staging_stays_on_the_output_folders_filesystem(tmp_path, monkeypatch):
+    """A rename across filesystems fails (EXDEV): with the output folder on another
+    filesystem than its parent (a mount point), the staging folder goes inside it, and
+    move_in refuses before anything old is removed."""
+    import bmltrt.io.outputs as outputs
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_stat = os.stat
+
+    class Moved:
+        def __init__(self, st):
+            self.st = st
+
+        def __getattr__(self, name):
+            return self.st.st_dev + 1 if name == "st_dev" else getattr(self.st, name)
+
+    monkeypatch.setattr(outputs.os, "stat", lambda p, *a, **k: Moved(real_stat(p, *a, **k))
+                        if Path(p) == out else real_stat(p, *a, **k))
+    assert outputs._stage_place(out, "synth").parent == out
+    with outputs.folder_beside(out, "synth") as stage:
+        assert stage.parent == out and stage.name.startswith(".synth-partial-")
+    stage = tmp_path / ".elsewhere"
+    stage.mkdir()
+    (stage / "old.txt").write_text("new")
+    from bmltrt.errors import BmlError
+
+    with pytest.raises(BmlError, match="another filesystem"):
+        outputs.move_in(stage, out, last="old.txt", drop_first=["old.txt"])
+    assert (out / "old.txt").read_text() == "old"
+
+
+def test_staging_folders_of_killed_runs_are_removed(tmp_path):
+    from bmltrt.io.outputs import folder_beside
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".ds.synth-partial-{int(dead.stdout)}"
+    (left / "train").mkdir(parents=True)
+    alive = tmp_path / f".ds.synth-partial-{os.getppid()}"  # a live process's: kept
+    alive.mkdir()
+    with folder_beside(tmp_path / "ds", "synth"):
+        pass
+    assert not left.exists() and alive.exists()
+
+
+def test_models_labels_never_name_paths(tmp_path):
+    from bmltrt.errors import BmlError
+    from bmltrt.evaluation.evaluate import parse_models
+
+    for label in ("a/b", "../../x", ".hidden", "a\\b", "tab\there"):
+        with pytest.raises(BmlError, match="cannot name files"):
+            parse_models([f"{label}={REPO / 'export'}"])
+    assert parse_models([f"my models={REPO / 'export'}"])[0][0] == "my models"
 
 
 @pytest.mark.skipif(not has_torch(), reason="export needs torch")
@@ -1350,3 +1424,19 @@ def test_a_misplaced_dicom_slice_is_not_called_missing(tmp_path):
     ds.save_as(f, enforce_file_format=True)
     line = error_line(run(["detect", d, "-o", tmp_path / "o"], inputs=[d]))
     assert "slices are misplaced or missing" in line, line
+
+
+def test_tuning_on_a_val_split_without_lesions_is_refused(tmp_path, healthy_case, phantom_case):
+    """Every setting that calls nothing scores Dice 1.0 there: `tune --save` wrote such a
+    "tuned" setting into the models folder."""
+    from conftest import dataset_of
+
+    ds = dataset_of(tmp_path / "ds", {"train": [phantom_case[0]], "val": [healthy_case[0]],
+                                      "test": [phantom_case[0]]})
+    models = tmp_path / "m"
+    shutil.copytree(REPO / "export", models)
+    before = digest([models])
+    line = error_line(run(["evaluate", "tune", ds, "-o", tmp_path / "t", "--resolutions", "128", "--no-baselines",
+                           "--search", "quick", "--models", models, "--save"]))
+    assert "the val split holds no true lesion in its 1 case(s)" in line, line
+    assert digest([models]) == before and not (tmp_path / "t").exists()

@@ -139,11 +139,24 @@ def test_synth_cli_from_labels(tmp_path):
     from bmltrt.synth.labels import PAINTER_VERSION
     assert man["settings"]["painter"] == PAINTER_VERSION  # scores compare within one painter only
     r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
-    assert r.exit_code == 2 and "no label maps" in r.stderr
+    assert r.exit_code == 2 and "no such folder" in r.stderr
     # a label map's name on a broken link is refused (it was skipped without a word)
     (labels / "c_labels.nii.gz").symlink_to(tmp_path / "moved")
     r = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--from-labels", str(labels), "-j", "1"])
     assert r.exit_code == 2 and "broken symbolic link" in r.stderr and not (tmp_path / "y").exists(), r.stderr
+    (labels / "c_labels.nii.gz").unlink()
+    # hidden files and names that only look like NIfTI are not label maps: not read
+    (labels / "notes.nii.txt").write_text("x")
+    (labels / "._a_labels.nii.gz").write_bytes(b"\0" * 10)
+    from bmltrt.synth.dataset import label_files
+
+    assert [f.name for f in label_files(labels)] == ["a_labels.nii.gz", "b_labels.nii.gz"]
+    # two maps that would paint one case (its files written twice, by two workers at once)
+    (labels / "a.nii.gz").write_bytes((labels / "b_labels.nii.gz").read_bytes())
+    r = CliRunner().invoke(app, ["synth", str(tmp_path / "z"), "--from-labels", str(labels), "-j", "2"])
+    assert r.exit_code == 2 and "a.nii.gz and a_labels.nii.gz would paint the same case 'a'" in r.stderr, r.stderr
+    r = CliRunner().invoke(app, ["synth", str(tmp_path / "z"), "--from-labels", str(labels / "a.nii.gz")])
+    assert r.exit_code == 2 and "a file, not a folder of label maps" in r.stderr and not (tmp_path / "z").exists()
 
 
 def test_painted_labels_split_by_subject():

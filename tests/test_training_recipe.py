@@ -54,6 +54,15 @@ def test_segmenter_trains_on_label_maps_and_resumes(labels_dir, tmp_path):
     _run(common + ["--steps", "4", "--resume"])
     last = torch.load(tmp_path / "seg" / "checkpoint.pt", weights_only=False)
     assert last["step"] == 4 and not leftover.exists()
+    # a run at or past --stop-at is not trained on to --steps over that checkpoint
+    before = (tmp_path / "seg" / "checkpoint.pt").read_bytes()
+    r = CliRunner().invoke(app, common + ["--steps", "8", "--stop-at", "4", "--resume"])
+    assert r.exit_code == 2 and "already at step 4, at or past --stop-at 4" in r.stderr, r.stderr
+    assert (tmp_path / "seg" / "checkpoint.pt").read_bytes() == before
+    # nor resumed with another schedule or other samples halfway (--steps may grow)
+    r = CliRunner().invoke(app, common + ["--steps", "8", "--resume", "--lr", "1e-5", "--lesion-p", "0.9"])
+    assert r.exit_code == 2 and "other settings (--lr 0.002 -> 1e-05; lesion_p 0.5 -> 0.9)" in r.stderr, r.stderr
+    assert (tmp_path / "seg" / "checkpoint.pt").read_bytes() == before
     # resuming with another network config, or from a checkpoint cut short: one line each
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"features": [4, 4, 8, 16, 32, 4], "inplane_spacing_mm": 3.0,

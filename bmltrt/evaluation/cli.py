@@ -185,10 +185,22 @@ def run_cmd(
                   limit=limit, progress=_progress_cb(prog))
     paths = write_outputs(doc, out_dir)
     print_table(doc, base.out)
+    written = [p.name for p in paths.values()]
     if tune:
-        for label, pp in doc["tuning"]["postprocess"].items():
-            _write_postprocess(plan, label, pp, out_dir, save)
-    base.say(f"outputs in {out_dir}: {', '.join(sorted(p.name for p in paths.values()))}")
+        written += [_write_postprocess(plan, label, pp, out_dir, save)
+                    for label, pp in doc["tuning"]["postprocess"].items()]
+    # --overwrite: an earlier run's results that this one did not make (a figure it had no
+    # lesions to draw, another model set's postprocess_<label>.json) must not pass for its own
+    _remove_stale(out_dir, RUN_OUTPUTS + (("postprocess*.json",) if tune else ()), written)
+    base.say(f"outputs in {out_dir}: {', '.join(sorted(written))}")
+
+
+def _remove_stale(out_dir: Path, patterns, written) -> None:
+    import fnmatch
+
+    removed = remove_stale_results(out_dir, "|".join(fnmatch.translate(p) for p in patterns), written)
+    if removed:
+        base.say(f"removed the earlier run's {', '.join(removed)} (this run made no such file)")
 
 
 def _write_postprocess(plan, label, doc, out_dir, save):
@@ -200,6 +212,7 @@ def _write_postprocess(plan, label, doc, out_dir, save):
     if save:
         root = next(ms.root for ms in plan.model_sets if ms.label == label)
         base.say(f"post-processing for [{label}] saved: {write_tuned(root, doc)}")
+    return name
 
 
 @evaluate_app.command("tune")
@@ -232,9 +245,10 @@ def tune_cmd(
         base.say(f"{k:28s} val pooled Dice {r['dice']:.3f} (defaults {r['default_dice'] or float('nan'):.3f}): "
                  f"floor {b['floor']:.3g}, otsu {b['otsu_scope']}, opening {b['opening_mm']:g} mm, "
                  f"closing {b['closing_mm']:g} mm, min area {b['min_area_mm2']:g} mm2")
-    for label, pp in tuning["postprocess"].items():
-        _write_postprocess(plan, label, pp, out_dir, save)
-    base.say(f"outputs in {out_dir}")
+    written = ["tuning.json"] + [_write_postprocess(plan, label, pp, out_dir, save)
+                                 for label, pp in tuning["postprocess"].items()]
+    _remove_stale(out_dir, ("tuning.json", "postprocess*.json"), written)
+    base.say(f"outputs in {out_dir}: {', '.join(written)}")
 
 
 @evaluate_app.command("table")

@@ -70,6 +70,10 @@ def parse_models(specs: list[str] | None) -> list[tuple[str, Path | None]]:
             raise BmlError(f"--models {s!r} names no folder", hint="give --models DIR or --models LABEL=DIR")
         path = Path(d)
         label = label or path.resolve().name
+        if "/" in label or "\\" in label or label.startswith(".") or not label.isprintable():
+            # the label names result files (postprocess_<label>.json): never a path
+            raise BmlError(f"--models label {label!r} cannot name files (no /, \\, leading dot or control "
+                           "characters)", path, "give --models LABEL=DIR with a plain label")
         if label in seen:
             raise BmlError(f"two --models folders are labelled {label!r}", path, "name them: --models LABEL=DIR")
         seen.add(label)
@@ -209,6 +213,11 @@ def tune_split(plan: Plan, data: Path, *, space: str = "full", cache: MapCache |
     prog = progress or (lambda *a: None)
     model_sets = [(ms.label, ms.first) for ms in plan.model_sets]
     val = compute_split(data, "val", model_sets, plan.methods, cache, limit, lambda d, n, c: prog("val: maps", d, n, c))
+    if not any(t.lesion.any() for t in val.truths.values()):
+        # every setting that calls nothing scores 1.0: a "tuned" setting would be noise
+        raise BmlError(f"the val split holds no true lesion in its {len(val.cases)} case(s): nothing to tune on",
+                       Path(data) / "dataset.json", "tune on a dataset whose val split has lesions (phantoms from "
+                       "`bmltrt synth`, or painted label maps with lesions)")
     tuning = {"data": str(data), "split": "val", "cases": len(val.cases), "space": space, "methods": {},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": command or " ".join(["bmltrt"] + sys.argv[1:]),

@@ -65,7 +65,13 @@ class MapCache:
         return hashlib.sha1(text.encode()).hexdigest()[:24]
 
     def has(self, desc: dict) -> bool:
-        return self.root is not None and (self.root / f"{self.key(desc)}.npz").exists()
+        """An entry that reads whole (every array, CRC checked): a damaged one is recomputed."""
+        if self.root is None or not (self.root / f"{self.key(desc)}.npz").exists():
+            return False
+        hits, misses = self.hits, self.misses
+        whole = self.get(desc) is not None
+        self.hits, self.misses = hits, misses  # a look, not a use
+        return whole
 
     def get(self, desc: dict) -> dict | None:
         if self.root is None:
@@ -77,7 +83,7 @@ class MapCache:
         try:
             with np.load(p, allow_pickle=False) as z:
                 out = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError):  # a damaged entry is recomputed
+        except Exception:  # noqa: BLE001 -- a damaged entry (cut short, bad CRC, not a zip) is recomputed
             self.misses += 1
             return None
         self.hits += 1
@@ -389,8 +395,10 @@ class SplitMaps:
         if (method_key, case) in self.memory:
             return self.memory[(method_key, case)]
         a = cache.get(self.map_keys[(method_key, case)])
-        if a is None:
-            raise RuntimeError(f"anomaly map of {method_key} for {case} vanished from the cache")
+        if a is None:  # written by this run, then removed or damaged by someone else
+            raise BmlError(f"the cached anomaly map of {method_key} for {case} was removed or damaged while this "
+                           "run used it (another run on the same cache folder?)", cache.root,
+                           "run again; give runs at the same time their own --cache")
         return AnomalyMap(a["score"], a["otsu"])
 
 

@@ -328,13 +328,46 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _stage_place(out_dir: Path, tag: str) -> Path:
+    """Where folder_beside stages: beside `out_dir` (so nothing shows in it until move_in),
+    or inside it, hidden, where beside would be another filesystem (a mount point, a volume:
+    a rename across filesystems fails, EXDEV) or cannot be written."""
+    beside = out_dir.parent / f".{out_dir.name}.{tag}-partial-{os.getpid()}"
+    if not out_dir.is_dir():
+        return beside
+    try:
+        same_fs = os.stat(out_dir).st_dev == os.stat(out_dir.parent).st_dev
+    except OSError:
+        same_fs = False
+    if same_fs and os.access(out_dir.parent, os.W_OK):
+        return beside
+    return out_dir / f".{tag}-partial-{os.getpid()}"
+
+
+def _drop_abandoned_stages(folder: Path, pattern: str) -> None:
+    """Staging folders of runs that were killed outright (SIGKILL, power loss): their name
+    ends in the PID of a process that no longer exists."""
+    for old in folder.glob(pattern):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's), or not a PID
+
+
 @contextmanager
 def folder_beside(out_dir: Path, tag: str):
-    """A hidden folder beside `out_dir` where a result is made whole before move_in puts it
-    in place (`export`, `synth`): an interrupted or failed run leaves `out_dir` as it was.
-    Removed on the way out, whatever happens."""
+    """A hidden folder beside `out_dir` (inside it where beside is another filesystem) where a
+    result is made whole before move_in puts it in place (`export`, `synth`, `demo`): an
+    interrupted or failed run leaves `out_dir` as it was. Removed on the way out, whatever
+    happens."""
     out_dir = Path(out_dir)
-    stage = out_dir.parent / f".{out_dir.name}.{tag}-partial-{os.getpid()}"
+    stage = _stage_place(out_dir, tag)
+    _drop_abandoned_stages(stage.parent, stage.name.rsplit("-", 1)[0] + "-*")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
@@ -350,6 +383,9 @@ def move_in(stage: Path, out_dir: Path, last: str, drop_first: Iterable[str] = (
     out_dir = Path(out_dir)
     with signals_held():  # first: a termination whose exception was lost stops us before out_dir is made
         out_dir.mkdir(parents=True, exist_ok=True)
+        if os.stat(stage).st_dev != os.stat(out_dir).st_dev:  # before anything old is removed
+            raise BmlError("the output folder is on another filesystem than the folder this run staged in",
+                           out_dir, "give a folder on one filesystem with its parent, or a new folder")
         for name in drop_first:
             (out_dir / name).unlink(missing_ok=True)
         for new in sorted(Path(stage).iterdir(), key=lambda f: f.name == last):

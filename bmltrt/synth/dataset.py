@@ -24,7 +24,7 @@ import numpy as np
 from bmltrt.errors import BmlError
 from bmltrt.io import write_nifti_atomic
 from bmltrt.io.nifti import read_label_map
-from bmltrt.io.outputs import SYNTH_DESCRIP
+from bmltrt.io.outputs import SYNTH_DESCRIP, is_nifti_name, nifti_stem
 from bmltrt.io.atomic import atomic_write
 from bmltrt.synth.phantom import Phantom, PhantomConfig, make_phantom
 
@@ -121,12 +121,22 @@ def synth_dataset(out: Path, cases: int, seed: int, workers: int = 1, progress=l
     return _write_manifest(out, results, {"mode": "phantom", "seed": seed, "cases": cases})
 
 
+def label_case_name(path: Path) -> str:
+    """The case a label map paints: its name without the NIfTI ending and "_labels"."""
+    return nifti_stem(Path(path).name).replace("_labels", "")
+
+
 def label_files(labels_dir: Path) -> list[Path]:
-    """The label maps of a folder (subfolders are not searched); an entry with a label map's
-    name that is no file (a broken or looping link, a pipe) is refused, not skipped."""
+    """The label maps of a folder (NIfTI names; subfolders and hidden files are not read); an
+    entry with a label map's name that is no file (a broken or looping link, a pipe) is
+    refused, not skipped, and so are two maps that would paint one case."""
     from bmltrt.io.inputs import file_problem, is_regular_file
 
-    entries = sorted(Path(labels_dir).glob("*.nii*"))
+    labels_dir = Path(labels_dir)
+    if not labels_dir.is_dir():
+        raise BmlError("no such folder" if not labels_dir.exists() else "a file, not a folder of label maps",
+                       labels_dir, "give the folder that holds the label maps (1 femur, 7 femoral lesion, ...)")
+    entries = sorted(p for p in labels_dir.iterdir() if is_nifti_name(p.name) and not p.name.startswith("."))
     for p in entries:
         problem = None if is_regular_file(p) or p.is_dir() else file_problem(p)
         if problem is not None:
@@ -135,6 +145,12 @@ def label_files(labels_dir: Path) -> list[Path]:
     if not files:
         raise BmlError("no label maps (*.nii, *.nii.gz) found", labels_dir,
                        "give a folder of label maps: 1 femur, 7 femoral lesion, ...")
+    seen: dict[str, Path] = {}
+    for f in files:
+        other = seen.setdefault(label_case_name(f).casefold(), f)
+        if other != f:  # they would write the same case files (a race between workers, too)
+            raise BmlError(f"{other.name} and {f.name} would paint the same case "
+                           f"{label_case_name(f)!r}", labels_dir, "rename or move one of them")
     return files
 
 
@@ -171,7 +187,7 @@ def synth_from_labels(out: Path, labels_dir: Path, seed: int, workers: int = 1,
     files = label_files(labels_dir)[: cases or None]
     names, burden = [], {}
     for f in files:
-        name = f.name.split(".nii")[0].replace("_labels", "")
+        name = label_case_name(f)
         names.append(name)
         burden[name] = int((read_label_map(f) == 7).sum())
     split = split_by_subject(burden)

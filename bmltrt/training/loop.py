@@ -67,6 +67,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+# settings a resumed run may change: paths (a moved folder is the same data), how samples
+# are made (not what they are), where it stops
+_RESUME_FREE = {"bank", "data", "init", "val_data", "data_workers", "fresh_per_step", "stop_at"}
+
+
+def _changed_settings(st: dict, opts: RunOptions, config: dict, kind: str) -> list[str]:
+    """What differs between the checkpoint's run and this command (other than --steps)."""
+    changed = []
+    was_opts = st.get("options") or {}
+    for k in ("batch_size", "lr", "seed"):
+        if k in was_opts and str(was_opts[k]) != str(getattr(opts, k)):
+            changed.append(f"--{k.replace('_', '-')} {was_opts[k]} -> {getattr(opts, k)}")
+    was = st.get("config") or {}
+    for k in sorted(set(was) | set(config)):
+        if k in _RESUME_FREE or k == kind:  # the network config is compared on its own
+            continue
+        if str(was.get(k)) != str(config.get(k)):
+            changed.append(f"{k} {was.get(k)} -> {config.get(k)}")
+    return changed
+
+
 def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch.nn.Module],
              optimizers: dict[str, torch.optim.Optimizer], step_fn: Callable[[int], dict],
              validate: Callable[[], dict], np_rng: np.random.Generator,
@@ -94,6 +115,11 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
         if was is not None and config.get(kind) is not None and was != config[kind]:
             raise BmlError(f"this run was trained with another {kind} config ({_config_change(was, config[kind])})",
                            path, "resume with the run's own --config (its checkpoint records it)")
+        changed = _changed_settings(st, opts, config, kind)
+        if changed:  # a resumed run is one run: its schedule, batches and data do not change halfway
+            raise BmlError(f"this run was trained with other settings ({'; '.join(changed)})", path,
+                           "resume with the run's own options (--steps may grow), or fine-tune from it in a new "
+                           "--out with --init")
         try:
             for k, m in modules.items():
                 m.load_state_dict(st["modules"][k])
@@ -107,6 +133,10 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
         if start > opts.steps:
             raise BmlError(f"the run is already at step {start}, past --steps {opts.steps}", path,
                            f"give --steps above {start} to train on")
+        stop_at = opts.extra.get("stop_at")
+        if stop_at is not None and start >= stop_at:  # it would train on to --steps over that checkpoint
+            raise BmlError(f"the run is already at step {start}, at or past --stop-at {stop_at}", path,
+                           f"give --stop-at above {start} to train on (its checkpoint stays as it is)")
     t0 = time.time()
     metrics: dict = {}
     done = start
