@@ -579,8 +579,9 @@ class Detector:
         from bmltrt.io.nifti import image_from_array, scan_from_image
 
         if name is not None and (not str(name).strip() or "/" in str(name) or "\\" in str(name)
-                                 or str(name).strip(".") == ""):
-            raise BmlError(f"name {name!r} cannot name output files", hint="give a plain name, without / or \\")
+                                 or str(name).strip(".") == "" or not str(name).isprintable()):
+            raise BmlError(f"name {name!r} cannot name output files",
+                           hint="give a plain name, without / or \\ or control characters")
 
         if isinstance(image, (str, Path)):
             p = Path(image)

@@ -1440,3 +1440,10 @@ def test_tuning_on_a_val_split_without_lesions_is_refused(tmp_path, healthy_case
                            "--search", "quick", "--models", models, "--save"]))
     assert "the val split holds no true lesion in its 1 case(s)" in line, line
     assert digest([models]) == before and not (tmp_path / "t").exists()
+
+
+@pytest.mark.skipif(not has_torch(), reason="training needs torch")
+def test_an_inpainter_graph_given_to_the_segmenter_is_named(tmp_path, tiny_dataset):
+    res = run(["train", "segmenter", "--data", tiny_dataset, "--out", tmp_path / "run", "--init",
+               REPO / "export" / "inpainter_128.onnx", "--steps", "1"])
+    assert "this is an inpainter graph, not a segmenter's" in error_line(res) and not (tmp_path / "run").exists()

@@ -179,5 +179,10 @@ def test_detect_image_of_a_read_series_is_named_after_the_series(detector, monke
     monkeypatch.setattr(detector, "detect_checked", lambda scan, progress=None: scan)  # the naming only
     assert detector.detect_image(img).stem == "pymskt_mese_t2_echo1"
     assert detector.detect_image(img, name="left knee").stem == "left knee"
+    from bmltrt.errors import BmlError
+
+    for bad in ("a/b", "..", "", "a\x00b", "tab\tname"):
+        with pytest.raises(BmlError, match="cannot name output files"):
+            detector.detect_image(img, name=bad)
     plain = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
     assert detector.detect_image(plain).stem == "image"

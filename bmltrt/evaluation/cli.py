@@ -180,6 +180,11 @@ def run_cmd(
         raise BmlError("--save writes what --tune chose", hint="add --tune (or use `bmltrt evaluate tune --save`)")
     given = load_params(params) if params else None
     plan = _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, overrides, same_femur)
+    if given is not None:
+        uncovered = [m.key for m in plan.methods if m.key not in given]
+        if uncovered:
+            base.print_warning(f"--params has no setting for {', '.join(uncovered)}: "
+                               "those rows use their defaults (the models folder's postprocess.json for ours)")
     with base._progress() as prog:
         doc = run(plan, data, split, tune=tune, params=given, space=search, cache=_cache(cache_dir, no_cache),
                   limit=limit, progress=_progress_cb(prog))

@@ -110,7 +110,9 @@ def _sorted_rows(doc: dict) -> list[dict]:
 
 def caption(doc: dict) -> str:
     d = doc["data"]
-    kind = {"phantom": "knee phantoms (`bmltrt synth`)", "labels": "OAI_AKOA label maps painted by "
+    # the label maps' folder, as the dataset records it (OAI_AKOA, train_labels, ...)
+    maps = f"{d['labels_from']} label maps" if d.get("labels_from") else "label maps"
+    kind = {"phantom": "knee phantoms (`bmltrt synth`)", "labels": f"{maps} painted by "
             "`bmltrt synth --from-labels`"}.get(d["mode"], d["mode"])
     if d.get("painter"):
         kind += f" (painter {d['painter']})"

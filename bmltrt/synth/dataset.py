@@ -193,7 +193,7 @@ def synth_from_labels(out: Path, labels_dir: Path, seed: int, workers: int = 1,
     split = split_by_subject(burden)
     jobs = [(str(out), split[name], name, seed, i, str(f)) for i, (f, name) in enumerate(zip(files, names))]
     results = _run(jobs, _label_case, workers, progress)
-    return _write_manifest(out, results, {"mode": "labels", "labels_dir": str(labels_dir), "seed": seed,
+    return _write_manifest(out, results, {"mode": "labels", "labels_dir": str(Path(labels_dir).resolve()), "seed": seed,
                                           "painter": PAINTER_VERSION, "split": "by subject, val/test only"})
 
 

@@ -259,6 +259,11 @@ def make_phantom(seed: int | np.random.SeedSequence | list, cfg: PhantomConfig |
     img = app.blur_partial_volume(img, (0.35, 0.7, 0.7))
     img *= app.bias_field(rng, shape, rng.uniform(*cfg.bias_strength))
     img = app.rician(rng, img, rng.uniform(*cfg.noise_sigma))
-    info = {"n_lesions": len(sizes), "lesion_volumes_mm3": sizes, "scale": float(scale)}
+    # lesions drawn may overlap: counted as the evaluation counts them (3D components)
+    from bmltrt.evaluation.metrics import components
+
+    labels, n = components(lesion)
+    volumes = [float(v) * float(spacing.prod()) for v in np.bincount(labels.ravel())[1:]]
+    info = {"n_lesions": int(n), "lesion_volumes_mm3": volumes, "lesions_drawn": len(sizes), "scale": float(scale)}
     return Phantom(image=app.to_int16(img), femur=femur.astype(np.uint8),
                    lesion=lesion.astype(np.uint8), spacing=cfg.spacing, info=info, labels=lab)

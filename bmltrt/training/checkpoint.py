@@ -71,6 +71,10 @@ def weights_from_onnx(path, module: str) -> dict:
         raise BmlError(f"not an ONNX graph ({type(e).__name__})", path) from None
     prefix = module + "."
     arrays = {i.name[len(prefix):]: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith(prefix)}
+    inputs = [i.name for i in graph.input]
+    if not arrays and "masked_and_mask" in inputs:  # the inpainter's input
+        raise BmlError("this is an inpainter graph, not a segmenter's", path,
+                       "give the segmenter's float32 graph (e.g. export/segmenter.onnx)")
     if not arrays or any(a.dtype != np.float32 for a in arrays.values()):
         raise BmlError(f"no float32 '{module}.*' weights in this graph", path,
                        "give the float32 graph (e.g. segmenter.onnx, not segmenter_fp16.onnx)")

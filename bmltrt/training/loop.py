@@ -171,7 +171,6 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
         history.append(row)
         if better:
             save(done, out / "best.pt", metrics_now=found)
-        atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
         return found
 
     for step in range(start, opts.steps):
@@ -183,12 +182,15 @@ def run_loop(opts: RunOptions, kind: str, config: dict, modules: dict[str, torch
         # --stop-at: end early on a fixed step with the learning-rate schedule of --steps (a
         # recipe can then replay a run that was stopped by hand, step for step)
         stop = out_of_time or done == opts.extra.get("stop_at")
-        if done % opts.val_every == 0 or done == opts.steps or stop:
+        validated = done % opts.val_every == 0 or done == opts.steps or stop
+        if validated:
             metrics = validate_now(losses)
         if progress:
             progress(done, opts.steps, {**losses, **metrics})
-        if done % opts.ckpt_every == 0 or done == opts.steps or stop:
+        if done % opts.ckpt_every == 0 or validated:
             save(done)
+        if validated:  # after the checkpoint: history.json never runs ahead of it
+            atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
         if stop:
             break
     return {"metrics": metrics, "history": history, "seconds": time.time() - t0, "steps": done}

@@ -213,12 +213,13 @@ def _train_segmenter(opts: RunOptions, cfg: SegmenterConfig, progress, stack: co
             missing, unexpected = net.load_state_dict(weights, strict=False)
         except RuntimeError:  # a weight of another shape: another --config
             raise BmlError("--init does not fit this segmenter config (weights of other shapes)", opts.extra["init"],
-                           "give --config of that run") from None
+                           "give --config of that run (export/segmenter.onnx: --config cpu)") from None
         # An exported graph holds only the weights its output uses (no deep-supervision
         # heads); a checkpoint must match exactly.
         if unexpected or (missing and Path(opts.extra["init"]).suffix != ".onnx"):
             raise BmlError(f"--init does not fit this segmenter config ({len(missing)} weights missing, "
-                           f"{len(unexpected)} unexpected)", opts.extra["init"], "give --config of that run")
+                           f"{len(unexpected)} unexpected)", opts.extra["init"],
+                           "give --config of that run (export/segmenter.onnx: --config cpu)")
     opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-5)
     teacher = None
     if anchor_weight > 0:
