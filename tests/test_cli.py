@@ -82,6 +82,11 @@ def test_an_interrupted_training_run_says_how_to_go_on(tiny_dataset, tmp_path, m
 
     monkeypatch.setattr(seg, "train_segmenter", interrupted)
     r = CliRunner().invoke(app, ["train", "segmenter", "--data", str(tiny_dataset), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 130 and "no checkpoint was saved yet" in r.stderr, r.stderr  # nothing to resume
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "checkpoint.pt").write_bytes(b"")  # as a run stopped after its first save leaves it
+    r = CliRunner().invoke(app, ["train", "segmenter", "--data", str(tiny_dataset), "--out", str(tmp_path / "run2"),
+                                 "--resume"])
     assert r.exit_code == 130 and "add --resume" in r.stderr, r.stderr
 
 

@@ -1426,19 +1426,21 @@ def test_a_misplaced_dicom_slice_is_not_called_missing(tmp_path):
     assert "slices are misplaced or missing" in line, line
 
 
-def test_tuning_on_a_val_split_without_lesions_is_refused(tmp_path, healthy_case, phantom_case):
+def test_tuning_on_a_val_split_without_lesions_is_refused(tmp_path, tiny_dataset, monkeypatch):
     """Every setting that calls nothing scores Dice 1.0 there: `tune --save` wrote such a
     "tuned" setting into the models folder."""
-    from conftest import dataset_of
+    from types import SimpleNamespace
 
-    ds = dataset_of(tmp_path / "ds", {"train": [phantom_case[0]], "val": [healthy_case[0]],
-                                      "test": [phantom_case[0]]})
+    import bmltrt.evaluation.evaluate as evaluate
+
+    healthy = SimpleNamespace(lesion=np.zeros((4, 8, 8), bool))  # the val split's truths, as loaded
+    monkeypatch.setattr(evaluate, "compute_split", lambda *a, **k: SimpleNamespace(cases=["k"], truths={"k": healthy}))
     models = tmp_path / "m"
     shutil.copytree(REPO / "export", models)
     before = digest([models])
-    line = error_line(run(["evaluate", "tune", ds, "-o", tmp_path / "t", "--resolutions", "128", "--no-baselines",
-                           "--search", "quick", "--models", models, "--save"]))
-    assert "the val split holds no true lesion in its 1 case(s)" in line, line
+    res = CliRunner().invoke(app, ["evaluate", "tune", str(tiny_dataset), "-o", str(tmp_path / "t"), "--resolutions",
+                                   "128", "--no-baselines", "--search", "quick", "--models", str(models), "--save"])
+    assert res.exit_code == 2 and "the val split holds no true lesion in its 1 case(s)" in res.stderr, res.stderr
     assert digest([models]) == before and not (tmp_path / "t").exists()
 
 
