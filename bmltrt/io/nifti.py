@@ -246,11 +246,12 @@ def qform_sform_disagreement(img) -> str:
     if int(hdr["qform_code"]) <= 0 or int(hdr["sform_code"]) <= 0:
         return ""
     q, s = hdr.get_qform(), hdr.get_sform()
-    if ornt2axcodes(io_orientation(q)) != ornt2axcodes(io_orientation(s)):
-        return f"{''.join(ornt2axcodes(io_orientation(q)))} against {''.join(ornt2axcodes(io_orientation(s)))}"
+    q_codes, s_codes = ("".join(ornt2axcodes(io_orientation(a))) for a in (q, s))
+    if q_codes != s_codes:
+        return f"{q_codes} against {s_codes}"
     shape = np.asarray(img.shape[:3], float) - 1
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])])
-    apart = float(np.abs((corners @ q.T - corners @ s.T)[:, :3]).max())
+    apart = float(np.abs((corners @ (q - s).T)[:, :3]).max())
     voxel = float(np.sqrt((s[:3, :3] ** 2).sum(axis=0)).min())
     return f"by up to {apart:.1f} mm" if apart > voxel / 2 else ""
 
