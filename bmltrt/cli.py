@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 
 from bmltrt.errors import TERMINATION_REQUESTS, BmlError, Interrupted, interrupt_line, printable
 from bmltrt.errors import raise_interrupted as _raise_interrupted
+from bmltrt.runtime.models import RESOLUTIONS, parse_resolutions
 
 console = Console(stderr=True)
 # nibabel logs header repairs ("pixdim[1,2,3] should be non-zero") to stderr: on the command line
@@ -288,9 +289,24 @@ class _DataOptions:
     bank_seed: int = 0
 
 
-def _check_dataset(path: Optional[Path], option: str):
-    if path is not None and not (Path(path) / "dataset.json").exists():
+def _check_dataset(path: Optional[Path], option: str, split: Optional[str] = None):
+    """A `bmltrt synth` dataset; with `split`, one that has cases in that split."""
+    if path is None:
+        return
+    if not (Path(path) / "dataset.json").exists():
         raise BmlError(f"{option}: not a bmltrt dataset (no dataset.json)", path, "make one with `bmltrt synth`")
+    if split is not None:
+        from bmltrt.synth.dataset import read_manifest
+
+        man = read_manifest(Path(path))
+        if not man["splits"].get(split):
+            settings = man.get("settings")
+            if isinstance(settings, dict) and settings.get("mode") == "labels":  # painted from label maps: val and test only, by design
+                raise BmlError(f"{option}: this dataset was painted from label maps for evaluation (val and test "
+                               f"splits, no {split} split)", path,
+                               "train on phantoms (`bmltrt synth DIR`), or give label maps you may train on as --labels")
+            raise BmlError(f"{option}: the dataset has no {split} cases", path,
+                           "make one with more cases (`bmltrt synth DIR --cases 80`)")
 
 
 def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr, device, seed, resume, val_every,
@@ -312,7 +328,7 @@ def _train_common(kind, d: _DataOptions, out_dir, config, steps, batch_size, lr,
     if not resume and (Path(out_dir) / "checkpoint.pt").exists():  # a run's weights are never replaced unasked
         raise BmlError("the run folder already holds a checkpoint", out_dir,
                        "add --resume to go on from it, or choose another --out (or remove the folder)")
-    _check_dataset(d.data, "--data")
+    _check_dataset(d.data, "--data", "train" if d.labels is None else None)  # with --labels it may only validate
     _check_dataset(d.val_data, "--val-data")
     if d.data is None and d.labels is None:
         raise BmlError("no training data", hint="give --labels DIR (label maps) and/or --data DIR (a `bmltrt synth` dataset)")
@@ -614,14 +630,8 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                             "float32 inpainter_<R>.onnx of a models folder."),
                         data_workers: int = _WORKERS, fresh_per_step: Optional[int] = _FRESH):
     """Train the LaMa (FFC) generator on healthy slices, GAN-style."""
-    try:
-        resolutions = [int(r) for r in resolution.split(",") if r.strip()]
-    except ValueError:
-        raise BmlError(f"--resolution {resolution!r} is not a number or a comma-separated list of numbers") from None
-    if not resolutions:
-        raise BmlError(f"--resolution {resolution!r} names no resolution", hint="e.g. --resolution 256")
-    if len(set(resolutions)) != len(resolutions):
-        raise BmlError(f"--resolution {resolution!r} names a resolution twice")
+    resolutions = parse_resolutions(resolution, "--resolution")
+    resolutions = list(RESOLUTIONS) if resolutions == "all" else resolutions
     for r in resolutions:
         if r < 64 or r > 1024 or r % 8:
             raise BmlError(f"--resolution {r} is not a multiple of 8 between 64 and 1024",
@@ -914,7 +924,7 @@ def demo(
 def export(
     segmenter: Optional[Path] = typer.Option(None, "--segmenter", help="Segmenter checkpoint.pt."),
     inpainter: List[Path] = typer.Option([], "--inpainter", help="Inpainter checkpoint.pt (repeatable, one per resolution; or one, exported at --resolutions or at every resolution it was trained at)."),
-    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Export the one --inpainter at these resolutions, e.g. 128,192,256,320,448."),
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Export the one --inpainter at these resolutions, e.g. 128,192,256,320,448, or all (those five)."),
     from_onnx: Optional[Path] = typer.Option(None, "--from-onnx", help="Start from the float32 graphs of this models folder; --segmenter/--inpainter checkpoints given too replace its graphs of that name."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder to write (its manifest.json is replaced)."),
     precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both (fp16 keeps the float32 graphs as reference)."),
@@ -949,12 +959,9 @@ def export(
         raise BmlError("not a models folder (no manifest.json)", from_onnx)
     if out_dir.exists() and not out_dir.is_dir():
         raise BmlError("the models folder (--out) is a file", out_dir, "choose a folder")
-    res = None
-    if resolutions:
-        try:
-            res = [int(r) for r in resolutions.replace(" ", "").split(",") if r]
-        except ValueError:
-            raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of integers") from None
+    res = parse_resolutions(resolutions)
+    if res == "all":
+        res = list(RESOLUTIONS)
     man = make_models(out_dir, segmenter=segmenter, inpainters=list(inpainter), resolutions=res,
                       from_onnx=from_onnx, precision=precision, default_resolution=default_resolution,
                       calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
@@ -979,7 +986,7 @@ def export_check(
     data: Path = typer.Option(..., "--data", help="Phantom dataset (bmltrt synth) whose split is used."),
     split: str = typer.Option("val", "--split"),
     out_dir: Path = typer.Option(Path("benchmarks/results/fp16_parity"), "--out", "-o", help="Where parity.json and parity.md go."),
-    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Comma-separated; default: all in the folder."),
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Comma-separated, or all; default: all in the folder."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N scans of the split."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in -o."),
 ):
@@ -999,10 +1006,8 @@ def export_check(
     if split not in ("train", "val", "test") or not case_paths(data, split):
         raise BmlError(f"--split {split!r} is not a split with cases in this dataset", data,
                        "choose train, val or test (dataset.json lists them)")
-    try:
-        res = [int(r) for r in resolutions.split(",")] if resolutions else None
-    except ValueError:
-        raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of numbers") from None
+    res = parse_resolutions(resolutions)
+    res = None if res == "all" else res
     rep = parity_report(models, data, split, out_dir, res, limit,
                         progress=lambda what: console.print(f"[dim]{escape(what)}[/]", highlight=False))
     say((out_dir / "parity.md").read_text())
@@ -1019,7 +1024,7 @@ def build_engines_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Engines folder (default: engines/, git-ignored, "
                                            "or $BMLTRT_ENGINES)."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Inpainter resolutions, comma-separated "
-                                              "(default: all in the models folder)."),
+                                              "(default, or all: every one in the models folder)."),
     precision: str = typer.Option("fp16", "--precision", help="fp16 (from the FP16 graphs), fp32, or both."),
     max_batch: int = typer.Option(16, "--max-batch", help="Largest batch of the optimisation profile (min 1)."),
     workspace: float = typer.Option(4.0, "--workspace", help="Builder workspace pool limit, GiB."),
@@ -1035,11 +1040,8 @@ def build_engines_cmd(
     from bmltrt.runtime.models import ModelStore
     from bmltrt.runtime.trt_build import BuildOptions, build_engines, plan_jobs, select_resolutions
 
-    try:
-        res = [int(r) for r in resolutions.replace(" ", "").split(",") if r] if resolutions else None
-    except ValueError:
-        raise BmlError(f"--resolutions {resolutions!r} is not a comma-separated list of numbers",
-                       hint="e.g. --resolutions 256,448") from None
+    res = parse_resolutions(resolutions)
+    res = None if res == "all" else res
     precs = {"both": ("fp16", "fp32")}.get(precision, (precision,))
     opts = BuildOptions(precisions=precs, max_batch=max_batch, workspace_gib=workspace, opt_level=opt_level,
                         timing_cache=timing_cache, force=force)

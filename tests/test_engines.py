@@ -154,12 +154,18 @@ def test_without_tensorrt_one_line_says_what_to_install(no_tensorrt, tmp_path):
     (["--max-batch", "0"], ["--max-batch 0"]),
     (["--workspace", "0"], ["--workspace 0"]),
     (["--opt-level", "9"], ["--opt-level 9", "0..5"]),
-    (["--resolutions", "999"], ["no inpainter for resolution 999"]),
+    (["--resolutions", "1000"], ["no inpainter for resolution 1000"]),
+    (["--resolutions", "999"], ["multiple of 8"]),
     (["--resolutions", "2x6"], ["comma-separated"]),
     (["--models", "/nonexistent/models"], ["models folder not found"]),
 ])
 def test_bad_options_fail_in_one_line_before_tensorrt_is_asked(no_tensorrt, args, words):
     _one_line_error(_cli(*args), *words)
+
+
+@pytest.mark.parametrize("word", ["all", "ALL", " All "])
+def test_resolutions_all_means_every_size_of_the_models_folder(no_tensorrt, word):
+    _one_line_error(_cli("--resolutions", word), "TensorRT is not installed")  # parsed, then TensorRT is asked
 
 
 def test_too_old_tensorrt(monkeypatch):

@@ -1449,3 +1449,47 @@ def test_an_inpainter_graph_given_to_the_segmenter_is_named(tmp_path, tiny_datas
     res = run(["train", "segmenter", "--data", tiny_dataset, "--out", tmp_path / "run", "--init",
                REPO / "export" / "inpainter_128.onnx", "--steps", "1"])
     assert "this is an inpainter graph, not a segmenter's" in error_line(res) and not (tmp_path / "run").exists()
+
+
+# ---- one parser for every --resolutions (session 2026-12-08) -----------------------------------
+
+@pytest.mark.parametrize("text,expected", [(None, None), ("256", [256]), ("128, 448", [128, 448]),
+                                           ("all", "all"), ("ALL", "all"), (" All", "all")])
+def test_resolutions_parse(text, expected):
+    from bmltrt.runtime.models import parse_resolutions
+
+    assert parse_resolutions(text) == expected
+
+
+@pytest.mark.parametrize("text,words", [("", "is empty"), ("128,,256", "empty item"), ("256,", "empty item"),
+                                        ("2x6", "not a number"), ("all,256", "not a number"),
+                                        ("256,256", "twice"), ("100", "multiple of 8"), ("4096", "multiple of 8"),
+                                        ("-256", "multiple of 8")])
+def test_resolutions_refused_in_one_line(text, words):
+    from bmltrt.errors import BmlError
+    from bmltrt.runtime.models import parse_resolutions
+
+    with pytest.raises(BmlError, match=words):
+        parse_resolutions(text, "--resolutions")
+
+
+def _one_voxel(v, value):
+    v[10, 100, 100] = value
+    return v
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda v: _one_voxel(v.astype(np.float32), 1.5), "holds 1.5, not a whole-number"),
+    (lambda v: _one_voxel(v.astype(np.float32), np.nan), "holds nan"),
+    (lambda v: np.pad(np.ones((2, 2, 2), np.uint8), 4), "only 15 mm³"),  # 8 voxels of 3 x 0.8 x 0.8 mm
+])
+def test_synth_names_what_is_wrong_with_a_label_map(tmp_path, make, words):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    v = np.zeros((30, 200, 200), np.uint8)
+    v[5:25, 40:160, 40:160] = 1
+    v[1, 1, 1] = 3
+    save_nifti(labels / "k.nii.gz", make(v), np.diag([3.0, 0.8, 0.8, 1.0]))
+    res = run(["synth", tmp_path / "ds", "--from-labels", labels, "-j", "1"], inputs=[labels])
+    line = error_line(res)
+    assert words in line and "k.nii.gz" in line and not (tmp_path / "ds").exists()

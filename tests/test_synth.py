@@ -139,6 +139,10 @@ def test_synth_cli_from_labels(tmp_path):
     assert man["splits"]["train"] == [] and man["splits"]["val"] == ["a"] and man["splits"]["test"] == ["b"]
     from bmltrt.synth.labels import PAINTER_VERSION
     assert man["settings"]["painter"] == PAINTER_VERSION  # scores compare within one painter only
+    # nor can training take them as --data: the line says why, not "make a dataset"
+    r = CliRunner().invoke(app, ["train", "segmenter", "--data", str(out), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "painted from label maps for evaluation" in r.stderr, r.output + r.stderr
+    assert not (tmp_path / "run").exists()
     r = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--from-labels", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no such folder" in r.stderr
     # a label map's name on a broken link is refused (it was skipped without a word)

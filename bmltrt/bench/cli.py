@@ -11,6 +11,7 @@ from bmltrt import cli as base
 from bmltrt.errors import BmlError
 from bmltrt.io.outputs import refuse_earlier_results
 from bmltrt.runtime.backends import MAX_THREADS
+from bmltrt.runtime.models import parse_resolutions
 
 MAX_BATCH = 4096
 MAX_REPEATS = 1000
@@ -45,7 +46,7 @@ def _list(value: Optional[str], option: str, choices=None, kind=int, lo=None, hi
 
 def bench_cmd(
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Inpainter resolutions, e.g. 128,256,448 "
-                                              "(default: all in the models folder; --quick: the smallest)."),
+                                              "(default: all in the models folder, but --quick: the smallest; all: every one)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="onnxruntime,torch,tensorrt,eager (default: every "
                                            "one that can run here; eager = PyTorch eager float32 reference)."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="fp32,fp16 (default both, but torch on the "
@@ -66,11 +67,11 @@ def bench_cmd(
     """Throughput and latency per resolution, backend, precision and stage; ratios side by side; JSON, CSV, PNG."""
     from bmltrt.bench.machine import REPO, machine_info, machine_slug
     from bmltrt.bench.output import write_results
-    from bmltrt.bench.run import BACKEND_CHOICES, RESOLUTIONS, BenchOptions, run_bench
+    from bmltrt.bench.run import BACKEND_CHOICES, BenchOptions, run_bench
 
     opts = BenchOptions(
         models=models,
-        resolutions=_list(resolutions, "--resolutions", lo=32, hi=2048),
+        resolutions=parse_resolutions(resolutions),
         backends=_list(backends, "--backends", BACKEND_CHOICES, str),
         precisions=_list(precisions, "--precisions", ("fp32", "fp16"), str),
         batch_sizes=_list(batch_sizes, "--batch-sizes", lo=1, hi=MAX_BATCH),
@@ -79,10 +80,6 @@ def bench_cmd(
         raise BmlError(f"--repeats must be 1-{MAX_REPEATS} (got {repeats})")
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise BmlError(f"--threads must be 1-{MAX_THREADS} (got {threads})")
-    if opts.resolutions:
-        bad = [r for r in opts.resolutions if r % 8]
-        if bad:
-            raise BmlError(f"--resolutions: {bad[0]} is not a multiple of 8", hint=f"the models' sizes: {RESOLUTIONS}")
     if models is not None and not (models / "manifest.json").is_file():
         raise BmlError("not a models folder (no manifest.json)", models, "pass the folder `bmltrt export` wrote")
     if out_dir is None:

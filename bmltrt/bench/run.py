@@ -36,7 +36,6 @@ from bmltrt.optional import optional_import
 from bmltrt.runtime.backends import threads_from_env
 
 FORMAT = "bmltrt-bench-1"
-RESOLUTIONS = (128, 192, 256, 320, 448)
 BACKEND_CHOICES = ("onnxruntime", "torch", "tensorrt", "eager")
 STAGES = ("load", "normalise", "segment", "clean_up", "inpaint", "postprocess", "write")
 COLUMNS = ("section", "what", "backend", "device", "precision", "resolution", "batch", "stage", "unit", "median",
@@ -58,7 +57,7 @@ FP16_COMPUTE = {
 @dataclass
 class BenchOptions:
     models: Path | None = None
-    resolutions: list[int] | None = None  # None: every resolution of the models folder
+    resolutions: list[int] | str | None = None  # None: all in the folder (--quick: smallest); "all": all
     backends: list[str] | None = None  # None: every one available here
     precisions: list[str] | None = None  # None: fp32 and fp16 (torch on the CPU: fp32 only, see _targets)
     batch_sizes: list[int] | None = None
@@ -143,7 +142,10 @@ class Bench:
     # -- what to measure -----------------------------------------------------------------
     def _resolutions(self) -> list[int]:
         have = self.store.resolutions()
-        want = self.opts.resolutions or (have[:1] if self.opts.quick else list(have))
+        if self.opts.resolutions == "all":  # asked for: every size, --quick or not
+            want = list(have)
+        else:
+            want = self.opts.resolutions or (have[:1] if self.opts.quick else list(have))
         missing = [r for r in want if r not in have]
         for r in missing:
             self.notes.append(f"resolution {r}: no inpainter_{r} in the models folder, skipped")

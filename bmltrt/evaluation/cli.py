@@ -84,9 +84,9 @@ def _cache(cache_dir, no_cache):
 
 
 def _resolutions(text):
-    from bmltrt.evaluation.evaluate import parse_resolutions
+    from bmltrt.runtime.models import parse_resolutions
 
-    return "all" if text is not None and text.strip() == "all" else parse_resolutions(text)
+    return parse_resolutions(text)
 
 
 def _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, overrides=None, same_femur=False):

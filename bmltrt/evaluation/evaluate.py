@@ -35,7 +35,6 @@ from bmltrt.evaluation.tune import SPACES, tune_method
 from bmltrt.postprocess import PostConfig
 
 SPLITS = ("val", "test")
-PAPER_RESOLUTIONS = (128, 192, 256, 320, 448)
 FORMAT = "bmltrt-evaluation-2"
 
 
@@ -79,19 +78,6 @@ def parse_models(specs: list[str] | None) -> list[tuple[str, Path | None]]:
         seen.add(label)
         out.append((label, path))
     return out
-
-
-def parse_resolutions(text: str | None) -> list[int] | None:
-    if text is None or not text.strip():
-        return None
-    try:
-        res = [int(r) for r in text.split(",") if r.strip()]
-    except ValueError:
-        raise BmlError(f"--resolutions {text!r} is not a comma-separated list of numbers",
-                       hint="e.g. --resolutions 128,192,256,320,448") from None
-    if len(set(res)) != len(res):
-        raise BmlError(f"--resolutions {text!r} names a resolution twice")
-    return res
 
 
 def open_model_sets(specs, resolutions, backend="auto", device="auto", post_overrides=None,

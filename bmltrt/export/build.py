@@ -24,7 +24,6 @@ from bmltrt.io.outputs import folder_beside, move_in
 from bmltrt.runtime.models import FORMAT
 
 MANIFEST = "manifest.json"
-RESOLUTIONS = (128, 192, 256, 320, 448)
 _KEEP_FIELDS = ("kind", "config", "resolution", "trained_resolutions", "fft", "trained", "max_abs_err_vs_torch")
 
 

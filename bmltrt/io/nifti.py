@@ -38,6 +38,9 @@ MAX_AXIS = 2048
 MAX_VOXELS = 2**29
 # An axis is "the thick one" when its spacing exceeds the others by this factor.
 THICK_FACTOR = 1.5
+# A label map's femur below this is no knee's (the distal femur in a knee scan is tens of cm³); a
+# few voxels of label 1 would give scans whose femur truth is empty once resliced.
+MIN_FEMUR_LABEL_MM3 = 1000.0
 
 
 def _is_nifti_name(path: Path) -> bool:
@@ -163,12 +166,28 @@ def read_label_map(path: str | os.PathLike, img: nib.spatialimages.SpatialImage 
         raise BmlError(f"cannot read the label map's voxels ({type(exc).__name__})", path,
                        "copy or export it again") from None
     # bincount is ~20x faster than unique on the usual unsigned label maps
-    values = np.flatnonzero(np.bincount(lab.ravel())) if lab.dtype.kind == "u" else np.unique(lab)
-    if values.size > 64 or not np.all(np.mod(values, 1) == 0) or 1 not in values:
+    counts = np.bincount(lab.ravel()) if lab.dtype.kind == "u" else None
+    values = np.flatnonzero(counts) if counts is not None else np.unique(lab)
+    hint = "give label maps with 1 femur, 2 femoral cartilage, ..., 7 femoral lesion"
+    whole = np.isfinite(values) & (np.mod(values, 1) == 0) if values.dtype.kind == "f" else np.ones(values.size, bool)
+    if values.size <= 64 and not whole.all():
+        raise BmlError(f"not a label map: a voxel holds {values[~whole][0]:g}, not a whole-number label", path, hint)
+    if values.size > 64 or 1 not in values:
         raise BmlError(f"not a label map ({values.size} distinct values; label 1, the femur, "
-                       f"{'present' if 1 in values else 'missing'})", path,
-                       "give label maps with 1 femur, 2 femoral cartilage, ..., 7 femoral lesion")
+                       f"{'present' if 1 in values else 'missing'})", path, hint)
+    femur = int(counts[1]) if counts is not None else int(np.count_nonzero(lab == 1))
+    # every label counts: a lesion (7) is femur too
+    femur_mm3 = (femur + int(np.count_nonzero(lab == 7))) * voxel_volume_mm3(img)
+    if femur_mm3 < MIN_FEMUR_LABEL_MM3:
+        raise BmlError(f"the femur (label 1, with any lesion 7) is only {femur_mm3:.0f} mm³: too small for a knee's "
+                       f"(at least {MIN_FEMUR_LABEL_MM3 / 1000:g} cm³)", path,
+                       "check the voxel size in its header, or leave this label map out")
     return lab
+
+
+def voxel_volume_mm3(img) -> float:
+    """One voxel's volume from the affine (sform or qform as nibabel chose), in mm³."""
+    return float(abs(np.linalg.det(np.asarray(img.affine, float)[:3, :3])))
 
 
 def raw_pixdim(path: Path, img) -> np.ndarray | None:
