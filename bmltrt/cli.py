@@ -777,7 +777,8 @@ def detect(
         nonlocal failed
         failed += 1
         print_error(line)
-        failures.append((name, str(source), line))
+        # absolute, as in the reports: the summary is read from other folders
+        failures.append((name, os.path.abspath(source) if source and source != "?" else str(source), line))
         rows.append((escape(printable(name)), "-", "-", "-", "-", "[red]failed[/]"))
 
     for err in found.problems:
@@ -926,7 +927,7 @@ def export(
     inpainter: List[Path] = typer.Option([], "--inpainter", help="Inpainter checkpoint.pt (repeatable, one per resolution; or one, exported at --resolutions or at every resolution it was trained at)."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Export the one --inpainter at these resolutions, e.g. 128,192,256,320,448, or all (those five)."),
     from_onnx: Optional[Path] = typer.Option(None, "--from-onnx", help="Start from the float32 graphs of this models folder; --segmenter/--inpainter checkpoints given too replace its graphs of that name."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder to write (its manifest.json is replaced)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Models folder to write (one that holds an export: with --overwrite only)."),
     precision: str = typer.Option("both", "--precision", help="fp32, fp16 or both (fp16 keeps the float32 graphs as reference)."),
     default_resolution: Optional[int] = typer.Option(None, "--default-resolution", min=64, max=2048,
                                                      help="The inpainting size detect uses by default (one that is "
@@ -936,6 +937,8 @@ def export(
     bound: float = typer.Option(1e4, "--fp16-bound", help="Nodes whose calibrated |activation| exceeds this stay float32."),
     fp16_io: bool = typer.Option(False, "--fp16-io", help="FP16 graphs take and give float16 (default: float32 I/O)."),
     no_lint: bool = typer.Option(False, "--no-lint", help="Skip `polygraphy check lint`."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the export already in --out (its graphs "
+                                   "that this export does not make are removed)."),
 ):
     """Export checkpoints (or float32 ONNX) to a models folder: float32 and FP16 graphs, checked, with a manifest."""
     try:
@@ -943,7 +946,7 @@ def export(
     except ImportError:
         raise BmlError("export needs torch", hint="pip install 'bmltrt[export]'") from None
     from bmltrt.export.build import make_models
-
+    from bmltrt.io.outputs import check_folder_path
     from bmltrt.training.checkpoint import load_weights
 
     for p, kind, module in [(segmenter, "segmenter", "net")] + [(p, "inpainter", "gen") for p in inpainter]:
@@ -954,18 +957,17 @@ def export(
         if p.suffix.lower() == ".onnx":
             raise BmlError(f"--{kind} takes a training checkpoint (.pt), not a graph", p,
                            "give the graph's models folder as --from-onnx")
-        load_weights(p, kind, module)  # a checkpoint of this kind, readable: before minutes of work
+        load_weights(p, kind, module, graphs=False)  # a checkpoint of this kind, readable: before minutes of work
     if from_onnx is not None and not (from_onnx / "manifest.json").exists():
         raise BmlError("not a models folder (no manifest.json)", from_onnx)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BmlError("the models folder (--out) is a file", out_dir, "choose a folder")
+    check_folder_path(out_dir, "the models folder (--out)", "choose a folder")
     res = parse_resolutions(resolutions)
     if res == "all":
         res = list(RESOLUTIONS)
     man = make_models(out_dir, segmenter=segmenter, inpainters=list(inpainter), resolutions=res,
                       from_onnx=from_onnx, precision=precision, default_resolution=default_resolution,
                       calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
-                      fp16_io=fp16_io, lint=not no_lint,
+                      fp16_io=fp16_io, lint=not no_lint, overwrite=overwrite, warn=print_warning,
                       progress=lambda what: console.print(f"[dim]{escape(what)}[/]", highlight=False))
     for k, e in sorted(man["models"].items()):
         for prec, v in sorted(e["precisions"].items(), reverse=True):
@@ -996,12 +998,11 @@ def export_check(
     except ImportError:
         raise BmlError("export-check needs torch", hint="pip install 'bmltrt[export]'") from None
     from bmltrt.export.parity import parity_report
-    from bmltrt.io.outputs import refuse_earlier_results
+    from bmltrt.io.outputs import check_folder_path, refuse_earlier_results
     from bmltrt.synth.dataset import case_paths
 
     _check_dataset(data, "--data")
-    if out_dir.exists() and not out_dir.is_dir():  # before minutes of computing
-        raise BmlError("the output path (-o) is a file, not a folder", out_dir, "choose a folder")
+    check_folder_path(out_dir, "the output path (-o)", "choose a folder")  # before minutes of computing
     refuse_earlier_results(out_dir, ("parity.json", "parity.md"), overwrite)
     if split not in ("train", "val", "test") or not case_paths(data, split):
         raise BmlError(f"--split {split!r} is not a split with cases in this dataset", data,
@@ -1038,20 +1039,30 @@ def build_engines_cmd(
 
     from bmltrt.runtime import engines as eng
     from bmltrt.runtime.models import ModelStore
-    from bmltrt.runtime.trt_build import BuildOptions, build_engines, plan_jobs, select_resolutions
+    from bmltrt.io.outputs import check_folder_path
+    from bmltrt.runtime.trt_build import BuildOptions, build_engines, plan_jobs
 
     res = parse_resolutions(resolutions)
     res = None if res == "all" else res
     precs = {"both": ("fp16", "fp32")}.get(precision, (precision,))
     opts = BuildOptions(precisions=precs, max_batch=max_batch, workspace_gib=workspace, opt_level=opt_level,
                         timing_cache=timing_cache, force=force)
-    opts.validate()  # bad options fail first, then a missing TensorRT or GPU, then missing graphs
+    # every option and the models folder first (plan_jobs needs no TensorRT), then TensorRT and the GPU
+    opts.validate()
+    dest = out_dir or eng.default_engines_dir()
+    given = "--out" if out_dir else "$BMLTRT_ENGINES" if os.environ.get("BMLTRT_ENGINES") else "the engines folder"
+    check_folder_path(dest, given, "give a folder for the engines (--out)")
+    if timing_cache is not None:
+        if timing_cache.is_dir():
+            raise BmlError("--timing-cache is a folder, not a file", timing_cache, "give a file name, e.g. trt.cache")
+        check_folder_path(timing_cache.parent, "--timing-cache's folder", "give a file in an existing folder")
+        if not timing_cache.parent.is_dir():
+            raise BmlError("--timing-cache's folder does not exist", timing_cache, "make it, or give another file")
     store = ModelStore.open(models)
-    select_resolutions(store, res)
-    trt = eng.require_tensorrt()
+    plan_jobs(store, res, opts)  # graphs of every asked resolution and precision, their shapes
+    trt = eng.require_tensorrt(here="engines are built on the GPU machine that runs them")
     gpu = eng.current_gpu()
     jobs = plan_jobs(store, res, opts)
-    dest = out_dir or eng.default_engines_dir()
     say(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
         f"{len(jobs)} engine(s) into {dest}")
     with _progress() as prog:

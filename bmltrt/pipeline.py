@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -635,7 +636,8 @@ class Detector:
         return {
             "bmltrt_version": __version__,
             # shape and spacing both in the file's own array order; "working" in the models' order
-            "input": {"path": str(scan.path), **scan.source, "shape": [int(n) for n in scan.image.shape],  # as in the file
+            # absolute (the summary is read from other folders); an in-memory image keeps its name
+            "input": {"path": os.path.abspath(scan.path) if os.path.lexists(scan.path) else str(scan.path), **scan.source, "shape": [int(n) for n in scan.image.shape],  # as in the file
                       "spacing_mm": [round(float(s), 4) for s in _input_order(scan.spacing, scan)],
                       "orientation": "".join(scan.input_axcodes),
                       "working": {"axes": "slice (left->right), row (superior->inferior), column (anterior->posterior)",

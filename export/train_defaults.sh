@@ -95,4 +95,4 @@ OMP_NUM_THREADS=${THREADS_FT:-2} $py -m bmltrt train segmenter --labels "$labels
     --lesion-breach-p 0.6 --lr 1.5e-4 --steps 4000 --stop-at "${STOP_MIX:-500}" --batch-size 2 --device "$dev" \
     --seed 2 --val-every 500 --autocast "$amp" "${dw[@]}" --time-limit "$minutes" > "$work/segmenter_mix.log" 2>&1
 $py -m bmltrt export --segmenter "$work/segmenter_mix/checkpoint.pt" --inpainter "$work/inpainter/checkpoint.pt" \
-    --resolutions "$resolutions" --default-resolution 256 --precision both --out "$work/models"
+    --resolutions "$resolutions" --default-resolution 256 --precision both --overwrite --out "$work/models"

@@ -237,3 +237,58 @@ def test_more_threads_than_cores_is_said_in_the_notes(tmp_path):
     assert over.threads == usable_cores() + 1
     assert any("oversubscription" in n for n in over.notes), over.notes
     assert not any("oversubscription" in n for n in fits.notes), fits.notes
+
+
+# ---- what detect refuses, bench refuses before measuring (hostile tester 7) ------------------
+
+def _copy_models(src, dst, edit_manifest=None, postprocess=None):
+    import shutil
+
+    shutil.copytree(src, dst)
+    if edit_manifest is not None:
+        man = json.loads((dst / "manifest.json").read_text())
+        edit_manifest(man)
+        (dst / "manifest.json").write_text(json.dumps(man))
+    if postprocess is not None:
+        (dst / "postprocess.json").write_text(json.dumps(postprocess))
+    return dst
+
+
+def _fp32_only(man):
+    for e in man["models"].values():
+        e["precisions"].pop("fp16", None)
+
+
+def _bad_patch(man):
+    man["models"]["segmenter"]["config"]["patch"] = [8, 8, 8]
+
+
+@needs_torch
+@pytest.mark.parametrize("edit,post,extra,said", [
+    (_fp32_only, None, ["--precisions", "fp16"], "--precisions fp16: the models folder has no fp16 graph"),
+    (None, {"by_resolution": {"64": {"floor": 5}}}, [], "floor 5 is not a number from 0 to 1"),
+    (_bad_patch, None, [], "manifest.json is damaged: segmenter: config.patch [8, 8, 8]"),
+], ids=["precision_missing", "postprocess_floor", "segmenter_patch"])
+def test_bench_refuses_a_folder_detect_refuses_before_measuring(toy_models_dir, tmp_path, edit, post, extra, said):
+    from bmltrt.cli import app
+
+    models = _copy_models(toy_models_dir, tmp_path / "m", edit, post)
+    res = runner.invoke(app, ["bench", "--quick", "--models", str(models), "-o", str(tmp_path / "o"), *extra])
+    assert res.exit_code == 2 and said in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+@needs_torch
+def test_bench_overwrite_leaves_no_plot_of_the_earlier_run(toy_models_dir, tmp_path, monkeypatch):
+    import bmltrt.bench.output as output
+    from bmltrt.cli import app
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stages.png").write_bytes(b"an earlier run's plot")
+    (out / "stages_backup.png").write_bytes(b"the user's")
+    monkeypatch.setattr(output, "stages_plot", lambda res, path: None)  # as when a run has no stage rows
+    res = runner.invoke(app, ["bench", "--quick", "--models", str(toy_models_dir), "-o", str(out), "--overwrite",
+                              "--backends", "onnxruntime", "--precisions", "fp32", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["bench.csv", "bench.json", "stages_backup.png", "throughput.png"]

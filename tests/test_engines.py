@@ -163,6 +163,31 @@ def test_bad_options_fail_in_one_line_before_tensorrt_is_asked(no_tensorrt, args
     _one_line_error(_cli(*args), *words)
 
 
+def test_paths_and_graphs_are_checked_before_tensorrt_is_asked(no_tensorrt, tmp_path, monkeypatch):
+    import shutil
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(_cli("--out", str(afile)), "--out is a file, not a folder")
+    _one_line_error(_cli("--out", str(afile / "sub")), "--out lies under a file")
+    _one_line_error(_cli("--timing-cache", str(tmp_path)), "--timing-cache is a folder")
+    _one_line_error(_cli("--timing-cache", str(tmp_path / "none" / "x.cache")), "--timing-cache's folder does not exist")
+    monkeypatch.setenv("BMLTRT_ENGINES", str(afile))
+    _one_line_error(_cli(), "$BMLTRT_ENGINES is a file")
+    monkeypatch.delenv("BMLTRT_ENGINES")
+    models = tmp_path / "m"
+    shutil.copytree(ModelStore.open().root, models)
+    man = json.loads((models / "manifest.json").read_text())
+    for e in man["models"].values():  # a float32-only models folder
+        e["precisions"].pop("fp16", None)
+    (models / "manifest.json").write_text(json.dumps(man))
+    _one_line_error(_cli("--models", str(models), "--out", str(tmp_path / "e")), "no fp16 graph of 'segmenter'")
+    # only then TensorRT, with what to do here (there is no --backend on this command)
+    res = _cli("--models", str(models), "--precision", "fp32", "--out", str(tmp_path / "e"))
+    _one_line_error(res, "TensorRT is not installed")
+    assert "--backend" not in res.stderr and not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize("word", ["all", "ALL", " All "])
 def test_resolutions_all_means_every_size_of_the_models_folder(no_tensorrt, word):
     _one_line_error(_cli("--resolutions", word), "TensorRT is not installed")  # parsed, then TensorRT is asked

@@ -231,3 +231,76 @@ def test_checkpoint_resolutions_single_and_multi():
     assert checkpoint_resolutions({"config": {"resolution": 256}}) == [256]
     assert checkpoint_resolutions({"config": {"resolution": None, "resolutions": [128, 448]}}) == [128, 448]
     assert checkpoint_resolutions({"config": {}}) == []
+
+
+# ---- a models folder is never replaced unasked, nor left a mix (hostile tester 7) ----------
+
+def _fp32(out, quiet=True, **kw):
+    from bmltrt.export.build import make_models
+
+    kw.setdefault("default_resolution", 64)
+    return make_models(out, precision="fp32", calibration_cases=0, lint=False, progress=lambda s: None, **kw)
+
+
+@needs_torch
+def test_export_replaces_an_earlier_export_only_with_overwrite_and_leaves_no_mix(toy_models, tmp_path):
+    from bmltrt.errors import BmlError
+
+    root, seg, inp, _ = toy_models
+    out = tmp_path / "m"
+    _fp32(out, segmenter=seg, inpainters=[inp], resolutions=[64, 96])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(BmlError, match="already holds an export"):
+        _fp32(out, segmenter=seg, inpainters=[inp], resolutions=[64])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    (out / "notes.txt").write_text("mine")
+    man = _fp32(out, segmenter=seg, inpainters=[inp], resolutions=[64], overwrite=True)
+    assert sorted(man["models"]) == ["inpainter_64", "segmenter"]
+    # the graph this export did not make is gone (a manifest beside stale graphs is a mix);
+    # a file of the user's is not ours to remove
+    assert sorted(p.name for p in out.iterdir()) == ["inpainter_64.onnx", "manifest.json", "notes.txt",
+                                                     "segmenter.onnx"]
+
+
+@needs_torch
+def test_export_checks_resolutions_before_any_graph_is_made(toy_models, tmp_path):
+    from bmltrt.errors import BmlError
+
+    root, seg, inp, _ = toy_models
+    for kw, said in (({"from_onnx": root / "a", "resolutions": [128]}, "no inpainter_128 in the --from-onnx folder"),
+                     ({"inpainters": [inp], "resolutions": [64], "default_resolution": 96},
+                      "--default-resolution 96 is not among"),
+                     ({"inpainters": [inp, inp], "resolutions": [64]}, "goes with one --inpainter")):
+        with pytest.raises(BmlError, match=said):
+            _fp32(tmp_path / "x", **{"default_resolution": None, **kw})
+        assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+@needs_torch
+def test_export_from_onnx_brings_the_tuned_postprocessing_and_says_when_to_tune_again(toy_models, tmp_path):
+    from bmltrt.postprocess.tuned import POSTPROCESS_FILE, read_tuned, tuned_document, write_tuned
+
+    root, seg, inp, man = toy_models
+    src = tmp_path / "src"
+    _fp32(src, from_onnx=root / "a")
+    src_man = json.loads((src / "manifest.json").read_text())
+    write_tuned(src, tuned_document(src_man, {64: {"floor": 0.4, "opening_mm": 0.8}}, {"split": "val"}))
+    warned = []
+    _fp32(tmp_path / "same", from_onnx=src, warn=warned.append)
+    assert (tmp_path / "same" / POSTPROCESS_FILE).read_bytes() == (src / POSTPROCESS_FILE).read_bytes()
+    assert warned == []  # the same graphs: its settings hold as they are
+    same_man = json.loads((tmp_path / "same" / "manifest.json").read_text())
+    cfg, _, warnings = read_tuned(tmp_path / "same", same_man, 64)
+    assert cfg.floor == 0.4 and warnings == []
+    # a new segmenter with the folder's inpainters: the settings come along, with a warning
+    import torch
+
+    ck = torch.load(seg, weights_only=False)
+    for v in ck["modules"]["net"].values():
+        v.add_(0.01) if v.is_floating_point() else None
+    ck["kind"] = "segmenter"
+    torch.save(ck, tmp_path / "seg2.pt")
+    _fp32(tmp_path / "new", from_onnx=src, segmenter=tmp_path / "seg2.pt", warn=warned.append)
+    assert len(warned) == 1 and "tuned with its segmenter" in warned[0], warned
+    new_man = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert "tuned with another segmenter" in read_tuned(tmp_path / "new", new_man, 64)[2][0]

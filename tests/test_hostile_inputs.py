@@ -154,6 +154,21 @@ def test_the_summary_lists_the_folders_scans_and_this_runs_failures(tmp_path, do
     assert not (tmp_path / "o").exists() and res.stdout.strip() == ""
 
 
+def test_the_summary_and_reports_name_inputs_by_absolute_path(tmp_path, phantom_case, monkeypatch):
+    """Scans given relative to the current folder: the summary (read from anywhere) and the
+    reports name them absolutely, good and failed alike."""
+    (tmp_path / "in").mkdir()
+    shutil.copy2(phantom_case[0], tmp_path / "in" / "knee.nii.gz")
+    (tmp_path / "in" / "Broken.nii.gz").write_bytes(b"not a scan")
+    monkeypatch.chdir(tmp_path)
+    run(["detect", "in/knee.nii.gz", "in/Broken.nii.gz", "-o", "out"])  # exit 2: one scan failed
+    rows = read_summary(tmp_path / "out")
+    assert rows["knee"]["input"] == str(tmp_path / "in" / "knee.nii.gz")
+    assert rows["Broken"]["input"] == str(tmp_path / "in" / "Broken.nii.gz")
+    rep = json.loads((tmp_path / "out" / "knee_report.json").read_text())
+    assert rep["input"]["path"] == str(tmp_path / "in" / "knee.nii.gz")
+
+
 def test_a_summary_file_bmltrt_did_not_write_is_refused_before_any_work(tmp_path, done_set):
     d = copy_set(done_set, tmp_path / "d", with_scan=False)
     scan = done_set[0]
@@ -555,6 +570,23 @@ def test_export_checks_its_checkpoints_before_any_work(tmp_path):
                        (["--segmenter", REPO / "export" / "segmenter.onnx"], "takes a training checkpoint (.pt)")):
         res = run(["export", "--out", tmp_path / "models", *args])
         assert said in error_line(res) and not (tmp_path / "models").exists()
+    # the hint says what export takes (a graph is refused above), and the --out that is wrong is named
+    assert "or a float32 .onnx" not in error_line(run(["export", "--out", tmp_path / "models", "--segmenter", text]))
+    res = run(["export", "--out", text / "sub", "--from-onnx", REPO / "export"])
+    assert "the models folder (--out) lies under a file" in error_line(res) and "partial" not in error_line(res)
+
+
+@pytest.mark.skipif(not has_torch(), reason="export needs torch")
+def test_export_never_replaces_a_models_folder_unasked(tmp_path):
+    import shutil
+
+    models = tmp_path / "good"
+    shutil.copytree(REPO / "export", models)
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    res = run(["export", "--from-onnx", REPO / "export", "--resolutions", "128", "--precision", "fp32", "--no-lint",
+               "--out", models])
+    assert "already holds an export" in error_line(res) and "--overwrite" in error_line(res)
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
 
 
 # ---- inputs that are not knee MRI ---------------------------------------------------------
@@ -1116,6 +1148,11 @@ def test_bad_environment_variables_are_one_line_naming_the_variable(tmp_path, ph
 def test_export_check_refuses_a_split_the_dataset_lacks(tmp_path, tiny_dataset):
     res = run(["export-check", REPO / "export", "--data", tiny_dataset, "--split", "bogus", "-o", tmp_path / "x"])
     assert "bogus" in error_line(res)
+    # every asked resolution against the folder before the first one is computed (minutes)
+    t0 = time.time()
+    res = run(["export-check", REPO / "export", "--data", tiny_dataset, "--resolutions", "128,1000", "-o", tmp_path / "x"])
+    assert "no inpainter for resolution 1000" in error_line(res) and time.time() - t0 < 30
+    assert not (tmp_path / "x").exists()
 
 
 def test_evaluate_verifies_the_models_before_any_cached_map_is_used(tmp_path):

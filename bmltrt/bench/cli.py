@@ -9,7 +9,7 @@ import typer
 
 from bmltrt import cli as base
 from bmltrt.errors import BmlError
-from bmltrt.io.outputs import refuse_earlier_results
+from bmltrt.io.outputs import check_folder_path, refuse_earlier_results, remove_stale_results
 from bmltrt.runtime.backends import MAX_THREADS
 from bmltrt.runtime.models import parse_resolutions
 
@@ -86,8 +86,7 @@ def bench_cmd(
         info = machine_info()
         root = REPO / "benchmarks" / "results" if (REPO / "benchmarks").is_dir() else Path.cwd()
         out_dir = root / f"bench_{machine_slug(info)}_{info['date']}{'_quick' if quick else ''}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BmlError("the results folder (-o) is a file", out_dir, "choose a folder")
+    check_folder_path(out_dir, "the results folder (-o)", "choose a folder")
     refuse_earlier_results(out_dir, ("bench.json", "bench.csv", "throughput.png", "stages.png"), overwrite)
 
     with base._progress() as bar:
@@ -104,6 +103,8 @@ def bench_cmd(
         bar.update(task, description="bench: done")
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder
     paths = write_results(res, out_dir)
+    # --overwrite: a plot this run did not draw (no rows for it) is the earlier run's; removed
+    remove_stale_results(out_dir, r"bench\.json|bench\.csv|throughput\.png|stages\.png", paths.values())
     for n in res["notes"]:
         base.print_warning(n)
     base.say(f"{len(res['rows'])} figures on {res['machine_label']} (commit {res['machine']['commit']})")

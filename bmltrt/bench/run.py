@@ -100,6 +100,9 @@ def timed(fn, repeats: int, warmup: int) -> dict:
     return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts), "all": ts}
 
 
+MEASURED = ("inpainter", "segmenter", "stages", "scaling")  # sections that time something
+
+
 class Bench:
     """Plans and runs the measurements; `rows` and `notes` are the results."""
 
@@ -121,6 +124,7 @@ class Bench:
         self.torch, why = optional_import("torch")
         if self.torch is None:
             self.notes.append(f"torch is not installed ({why}): no torch backend, PyTorch eager or torch.fft rows")
+        self._check_models()
         self.resolutions = self._resolutions()
         self.targets = self._targets()
         if self.opts.backends and not self.targets:  # asked for, none can run: not a "passed" bench of MACs alone
@@ -140,6 +144,25 @@ class Bench:
                 model_spec(self.store, n, prec)  # its sha256, then its shapes against the manifest's
 
     # -- what to measure -----------------------------------------------------------------
+    def _check_models(self) -> None:
+        """What detect refuses is refused here too, before any measurement: a damaged segmenter
+        config or postprocess.json (the stage rows run the whole pipeline), a precision asked
+        for that no graph has."""
+        from bmltrt.postprocess.tuned import read_tuned
+        from bmltrt.runtime.models import MANIFEST, damaged_manifest, segmenter_config_damage
+
+        if "segmenter" in self.store.manifest.get("models", {}):
+            damage = segmenter_config_damage(self.store.entry("segmenter"))
+            if damage:
+                raise damaged_manifest(damage, self.store.root / MANIFEST)
+        for r in self.store.resolutions():
+            read_tuned(self.store.root, self.store.manifest, r)
+        names = list(self.store.manifest.get("models", {}))
+        for p in self.opts.precisions or []:
+            if names and not any(p in self.store.precisions(n) for n in names):
+                raise BmlError(f"--precisions {p}: the models folder has no {p} graph", self.store.root,
+                               f"export them with `bmltrt export --precision {p}` (or both), or leave {p} out")
+
     def _resolutions(self) -> list[int]:
         have = self.store.resolutions()
         if self.opts.resolutions == "all":  # asked for: every size, --quick or not
@@ -150,6 +173,9 @@ class Bench:
         for r in missing:
             self.notes.append(f"resolution {r}: no inpainter_{r} in the models folder, skipped")
         res = [r for r in want if r in have]
+        if not have:
+            raise BmlError("the models folder has no inpainter: nothing to measure", self.store.root,
+                           "give a folder with inpainters (`bmltrt export --from-onnx export/ ...`)")
         if not res:
             raise BmlError(f"none of the resolutions {want} is in the models folder (it has {have})",
                            self.store.root, "choose --resolutions from those")
@@ -266,6 +292,10 @@ class Bench:
                     fn()
                 except BmlError as exc:  # a backend that cannot run a model here: a note, the run goes on
                     self.notes.append(f"{label}: skipped ({exc.line()})")
+            if not any(r["section"] in MEASURED for r in self.rows):  # MACs and a memory check are not a bench
+                skipped = [n for n in self.notes if "skipped" in n]
+                raise BmlError("nothing was measured: every throughput and stage step was skipped",
+                               hint=(skipped[0] if skipped else "see `bmltrt doctor`"))
         finally:
             for be in self._backends.values():
                 with contextlib.suppress(Exception):

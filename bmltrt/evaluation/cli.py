@@ -66,6 +66,7 @@ _SAME = typer.Option(False, "--same-femur", help="Every row scores the femur of 
 
 def _cache(cache_dir, no_cache):
     from bmltrt.evaluation.maps import MapCache, default_cache_dir
+    from bmltrt.io.outputs import check_folder_path
 
     if cache_dir is not None and no_cache:
         raise BmlError("--cache and --no-cache contradict each other", hint="give one of them")
@@ -75,11 +76,7 @@ def _cache(cache_dir, no_cache):
     given = "--cache" if cache_dir is not None else "$BMLTRT_CACHE" if os.environ.get("BMLTRT_CACHE") \
         else "the default cache folder"
     # found now, not when the first map is saved after minutes of work
-    there = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if there is not None and not there.is_dir():
-        raise BmlError(f"{given} is a file, not a folder" if there == folder
-                       else f"{given} lies under a file ({there})", folder,
-                       "give a folder for the map cache (--cache), or --no-cache")
+    check_folder_path(folder, given, "give a folder for the map cache (--cache), or --no-cache")
     return MapCache(folder)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
+import shutil
 from pathlib import Path
 
 import onnx
@@ -21,6 +23,7 @@ import onnx
 from bmltrt.errors import BmlError, stop_if_terminated
 from bmltrt.io.atomic import atomic_write
 from bmltrt.io.outputs import folder_beside, move_in
+from bmltrt.postprocess.tuned import POSTPROCESS_FILE
 from bmltrt.runtime.models import FORMAT
 
 MANIFEST = "manifest.json"
@@ -100,8 +103,6 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
         fields["source"] = {"checkpoint": Path(segmenter).name, "sha256": file_sha256(Path(segmenter))}
         graphs["segmenter"] = (model, fields)
     inpainters = list(inpainters)
-    if resolutions and len(inpainters) > 1:
-        raise BmlError("--resolutions goes with one --inpainter checkpoint (one per resolution otherwise)")
     from_checkpoints: set[str] = set()
     for ck in inpainters:
         ckpt = load(ck)
@@ -117,11 +118,58 @@ def _fp32_graphs(segmenter, inpainters, resolutions, from_onnx, progress) -> dic
     return graphs
 
 
+GRAPH_NAME = re.compile(r"(segmenter|inpainter_\d+)(_fp16)?\.onnx")  # what export writes besides the manifest
+
+
+def earlier_models(out_dir: Path) -> list[str]:
+    """The names in `out_dir` that an earlier export wrote (its manifest and graphs)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p.name for p in out_dir.iterdir() if p.name == MANIFEST or GRAPH_NAME.fullmatch(p.name))
+
+
+def planned_resolutions(inpainters, resolutions, from_onnx) -> list[int]:
+    """The inpainter resolutions an export will write, checked before any graph is made:
+    --resolutions against the --from-onnx folder (when no checkpoint makes them), else the
+    checkpoints' own sizes."""
+    from bmltrt.runtime.models import ModelStore
+
+    have = set(ModelStore.open(from_onnx).resolutions()) if from_onnx is not None else set()
+    if inpainters:
+        from bmltrt.export.onnx_export import checkpoint_resolutions
+        from bmltrt.training.checkpoint import load
+
+        if resolutions and len(inpainters) > 1:
+            raise BmlError("--resolutions goes with one --inpainter checkpoint (one per resolution otherwise)")
+        if resolutions:  # the one checkpoint at these sizes; the folder's other inpainters are left out
+            return sorted(resolutions)
+        made = set()
+        for ck in inpainters:
+            sizes = checkpoint_resolutions(load(ck))
+            if not sizes:
+                raise BmlError("the inpainter checkpoint names no resolution it was trained at", ck,
+                               "give --resolutions (e.g. 256)")
+            made |= set(sizes)
+        return sorted(have | made)
+    if resolutions:
+        missing = sorted(set(resolutions) - have)
+        if missing:
+            raise BmlError(f"--resolutions: no inpainter_{missing[0]} in the --from-onnx folder "
+                           f"(it has {', '.join(map(str, sorted(have))) or 'none'})", from_onnx,
+                           "choose among those, or give an --inpainter checkpoint to export at other sizes")
+        return sorted(resolutions)
+    return sorted(have)
+
+
 def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_onnx=None,
                 precision: str = "both", default_resolution: int | None = None, calibration_cases: int = 2,
                 calibration_seed: int = 11, bound: float | None = None, fp16_io: bool = False,
-                lint: bool = True, progress=print) -> dict:
-    """Write the models folder (graphs + manifest.json) and return the manifest."""
+                lint: bool = True, progress=print, overwrite: bool = False, warn=None) -> dict:
+    """Write the models folder (graphs + manifest.json) and return the manifest. A folder
+    that holds an earlier export is replaced only with `overwrite` (its graphs that this
+    export does not make are removed: one export per folder, never a mix). --from-onnx's
+    postprocess.json comes along (read_tuned warns if the networks it names changed)."""
     from bmltrt.export.fp16 import DEFAULT_BOUND
 
     if precision not in ("fp32", "fp16", "both"):
@@ -137,6 +185,20 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
     if not (math.isfinite(bound) and bound > 0):
         raise BmlError(f"--fp16-bound {bound} is not a positive number", hint=f"the default is {DEFAULT_BOUND:g}")
     resolutions = [int(r) for r in resolutions] if resolutions else None
+    if resolutions and any(r < 32 or r % 8 for r in resolutions):
+        raise BmlError(f"--resolutions {resolutions}: each must be a multiple of 8 from 32")
+    earlier = earlier_models(out_dir)
+    if earlier and not overwrite:
+        raise BmlError(f"the models folder already holds an export ({', '.join(earlier[:3])}"
+                       f"{', ...' if len(earlier) > 3 else ''})", out_dir,
+                       "add --overwrite to replace it, or choose another --out")
+    have = planned_resolutions(list(inpainters), resolutions, from_onnx)  # before minutes of work
+    if default_resolution is not None and have and int(default_resolution) not in have:
+        raise BmlError(f"--default-resolution {default_resolution} is not among the exported inpainters' "
+                       f"({', '.join(map(str, have))})", hint="choose one of them, or leave it out")
+    if not have and warn is not None:
+        warn("this models folder gets no inpainter: detect cannot use it alone "
+             "(add --from-onnx export/ to ship the segmenter with the default inpainters)")
     said = progress
 
     def progress(message):  # between steps: a SIGTERM whose exception was lost stops here
@@ -151,8 +213,27 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
                                  precision=precision, default_resolution=default_resolution,
                                  calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
                                  fp16_io=fp16_io, lint=lint, progress=progress)
-        move_in(stage, out_dir, last=MANIFEST)
+        tuned = Path(from_onnx) / POSTPROCESS_FILE if from_onnx is not None else None
+        if tuned is not None and tuned.is_file():  # the post-processing chosen for these graphs
+            shutil.copyfile(tuned, stage / POSTPROCESS_FILE)
+            changed = _retuning_needed(stage / POSTPROCESS_FILE, manifest)
+            if changed and warn is not None:
+                warn(f"{POSTPROCESS_FILE} comes from {from_onnx}, tuned with its {' and '.join(changed)}: run "
+                     "`bmltrt evaluate tune DATA --save --models OUT` for the new one (detect warns until then)")
+        stale = [n for n in earlier if not (stage / n).exists()]  # graphs this export does not make
+        move_in(stage, out_dir, last=MANIFEST, drop_first=stale)
     return manifest
+
+
+def _retuning_needed(tuned_path: Path, manifest: dict) -> list[str]:
+    """The networks a postprocess.json names whose graphs this export changed."""
+    from bmltrt.postprocess.tuned import network_shas
+
+    try:
+        named = json.loads(tuned_path.read_text()).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        return []  # a damaged file: detect names it
+    return [n for n, sha in named.items() if isinstance(sha, str) and network_shas(manifest, n) and sha not in network_shas(manifest, n)]
 
 
 def _write_models(out_dir: Path, graphs: dict, precision: str, default_resolution: int | None, calibration_cases: int,
@@ -170,9 +251,6 @@ def _write_models(out_dir: Path, graphs: dict, precision: str, default_resolutio
         v = _variant(path, model, lint)
         models[name] = {**fields, **v, "precision": "fp32", "precisions": {"fp32": v}}
     have = sorted(int(e["resolution"]) for e in models.values() if e["kind"] == "inpainter")
-    if default_resolution is not None and have and int(default_resolution) not in have:
-        raise BmlError(f"--default-resolution {default_resolution} is not among the exported inpainters' "
-                       f"({', '.join(map(str, have))})", hint="choose one of them, or leave it out")
     wanted = 256 if default_resolution is None else int(default_resolution)
     manifest = {"format": FORMAT, "default_resolution": min(have, key=lambda r: abs(r - wanted)) if have else wanted,
                 "models": models, "tools": tool_versions()}

@@ -10,6 +10,7 @@ fixed per graph. ``bmltrt.export.build`` writes the models folder (both precisio
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,14 @@ def torch_to_onnx(module, example, input_name: str, output_name: str):
 
     module.eval()
     buf = io.BytesIO()
-    with torch.no_grad():
+    # The tracer's warnings (constants from numpy, int() of shapes: the DFT matrices are
+    # per-shape constants by design) and the legacy exporter's notices are not the user's to
+    # act on; every graph is checked against the torch module instead (max_err_vs_torch).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         torch.onnx.export(module, (example,), buf, input_names=[input_name], output_names=[output_name],
                           dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)

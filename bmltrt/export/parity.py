@@ -133,16 +133,16 @@ def parity_report(models_dir, data, split: str = "val", out_dir=None, resolution
 
     from bmltrt.io import load_scan
     from bmltrt.pipeline import DetectConfig, Detector
-    from bmltrt.runtime.models import ModelStore
+    from bmltrt.runtime.models import ModelStore, select_resolutions
     from bmltrt.synth.dataset import case_paths
 
     store = ModelStore.open(models_dir, "fp32")
+    resolutions = select_resolutions(store, resolutions)  # every one asked for, before the first is computed
     names = sorted(store.manifest.get("models", {}))
     missing = [n for n in names if "fp16" not in store.precisions(n)]
     if missing:
         raise BmlError(f"no FP16 graph for {', '.join(missing)}", store.root,
                        "make them with `bmltrt export --precision both`")
-    resolutions = [int(r) for r in (resolutions or store.resolutions())]
     cases = case_paths(Path(data), split)[:limit]
     if not cases:
         raise BmlError(f"no cases in split {split!r}", data, "make a dataset with `bmltrt synth`")

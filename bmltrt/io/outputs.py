@@ -74,6 +74,16 @@ def nifti_stem(name: str) -> str:
     return visible_stem(strip_nifti_suffix(name))
 
 
+def check_folder_path(folder: Path, what: str, hint: str) -> None:
+    """A folder this run will make or write into: refused now (not after minutes of work)
+    when it, or the first of its parents that exists, is not a folder."""
+    folder = Path(folder)
+    there = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if there is not None and not there.is_dir():
+        raise BmlError(f"{what} is a file, not a folder" if there == folder else f"{what} lies under a file ({there})",
+                       folder, hint)
+
+
 def refuse_earlier_results(out_dir: Path, patterns, overwrite: bool) -> None:
     """Results of an earlier run (or a user's files of the same names: glob patterns) are
     replaced only on --overwrite: a rerun into the same -o must not silently destroy them."""

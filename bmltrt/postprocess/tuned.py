@@ -28,7 +28,7 @@ RECORD_PREFIX = "val_"  # what the tuning scored (val_dice, ...): kept beside th
 FORMAT = "bmltrt-postprocess-1"
 
 
-def _shas(manifest: dict, name: str) -> set[str]:
+def network_shas(manifest: dict, name: str) -> set[str]:
     """Every sha256 a network has in a manifest (one per precision, if several)."""
     e = manifest.get("models", {}).get(name, {})
     out = {e["sha256"]} if "sha256" in e else set()
@@ -79,7 +79,7 @@ def read_tuned(root: Path, manifest: dict, resolution: int) -> tuple[PostConfig 
     warnings = []
     for name in ("segmenter", f"inpainter_{resolution}"):
         want = doc.get("models", {}).get(name)
-        if want and _shas(manifest, name) and want not in _shas(manifest, name):
+        if want and network_shas(manifest, name) and want not in network_shas(manifest, name):
             warnings.append(f"{POSTPROCESS_FILE} was tuned with another {name} (sha256 {want[:12]}): "
                             "run `bmltrt evaluate tune DATA --save` again for these models")
     return cfg, source, warnings

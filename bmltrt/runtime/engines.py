@@ -60,8 +60,9 @@ def parse_version(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", str(v))[:3])
 
 
-def require_tensorrt():
-    """The tensorrt module, >= 10.3, or one line saying what to install."""
+def require_tensorrt(here: str = "use --backend onnxruntime here"):
+    """The tensorrt module, >= 10.3, or one line saying what to install (`here`: what to do
+    on this machine when it has no GPU)."""
     trt, why = optional_import("tensorrt")
     if trt is None:
         from bmltrt.doctor import cuda_devices
@@ -69,7 +70,7 @@ def require_tensorrt():
         n, gpu_why = cuda_devices()
         if n == 0:  # installing TensorRT would not be enough: say so now
             raise BmlError(f"TensorRT is not installed, and this machine has no GPU ({gpu_why})",
-                           hint="use --backend onnxruntime here; on a GPU machine, " + INSTALL_TENSORRT)
+                           hint=f"{here}; on a GPU machine, " + INSTALL_TENSORRT)
         raise BmlError(f"TensorRT is not installed ({why})", hint=INSTALL_TENSORRT)
     ver = getattr(trt, "__version__", "0")
     if parse_version(ver) < MIN_TENSORRT:

@@ -53,6 +53,17 @@ FORMATS_READ = ("bmltrt-models-1", FORMAT)
 _VERIFIED: dict[tuple[str, int, int], str] = {}
 
 
+def select_resolutions(store, resolutions: list[int] | str | None) -> list[int]:
+    """The asked inpainter resolutions (None or "all": all the models folder has), checked."""
+    have = store.resolutions()
+    res = sorted(set(resolutions)) if resolutions and resolutions != "all" else have
+    bad = [r for r in res if r not in have]
+    if bad:
+        raise BmlError(f"no inpainter for resolution {', '.join(map(str, bad))} in the models folder", store.root,
+                       f"choose among {have}")
+    return res
+
+
 def verify_model_file(path: Path, expected_sha256: str | None, name: str) -> None:
     """Refuse (one line) a model file whose sha256 differs from the manifest's."""
     if not expected_sha256:

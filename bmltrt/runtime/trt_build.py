@@ -20,6 +20,7 @@ from typing import Callable
 from bmltrt.errors import BmlError
 from bmltrt.io.checksum import file_sha256
 from bmltrt.runtime import engines
+from bmltrt.runtime.models import select_resolutions
 from bmltrt.runtime.specs import ModelSpec, model_path, model_spec, optimization_profile
 
 # Batch the profiles are tuned for (DetectConfig: 4 segmenter patches, 8 slices on the GPU).
@@ -56,17 +57,6 @@ class Job:
     profile: dict
     onnx_sha256: str = ""
     ident: dict = field(default_factory=dict)
-
-
-def select_resolutions(store, resolutions: list[int] | None) -> list[int]:
-    """The asked inpainter resolutions (None: all the models folder has), checked."""
-    have = store.resolutions()
-    res = sorted(set(resolutions)) if resolutions else have
-    bad = [r for r in res if r not in have]
-    if bad:
-        raise BmlError(f"no inpainter for resolution {', '.join(map(str, bad))} in the models folder", store.root,
-                       f"choose among {have}")
-    return res
 
 
 def plan_jobs(store, resolutions: list[int] | None, options: BuildOptions) -> list[Job]:

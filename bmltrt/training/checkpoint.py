@@ -81,26 +81,29 @@ def weights_from_onnx(path, module: str) -> dict:
     return {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}
 
 
-def load_weights(path, kind: str, module: str) -> dict:
-    """One module's weights from a checkpoint of the given kind, or from an exported float32
-    ONNX graph (for --init)."""
+def load_weights(path, kind: str, module: str, graphs: bool = True) -> dict:
+    """One module's weights from a checkpoint of the given kind, or (`graphs`, for --init)
+    from an exported float32 ONNX graph."""
     from bmltrt.errors import BmlError, with_article
 
     if not Path(path).exists():
         raise BmlError("no such checkpoint", path)
-    if Path(path).suffix == ".onnx":
+    if graphs and Path(path).suffix == ".onnx":
         if kind == "inpainter":
             from bmltrt.export.onnx_export import generator_weights_from_graph
 
             return generator_weights_from_graph(path)[0]
         return weights_from_onnx(path, module)
+    hint = f"give {with_article(kind)} run's checkpoint.pt or best.pt" + (
+        ", or a float32 .onnx of a models folder" if graphs else "")
     try:
         st = load(path)
         found = st.get("kind")
         weights = st["modules"][module] if found == kind else None
     except Exception as exc:  # noqa: BLE001 - pickle raises anything for a file that is not a checkpoint
-        raise BmlError(f"not a bmltrt checkpoint ({type(exc).__name__})", path,
-                       f"give a {kind} run's checkpoint.pt or best.pt, or a float32 .onnx of a models folder") from None
+        raise BmlError(f"not a bmltrt checkpoint ({type(exc).__name__})", path, hint) from None
+    if found is None:
+        raise BmlError("not a bmltrt checkpoint (it names no kind of network)", path, hint)
     if weights is None:
-        raise BmlError(f"checkpoint is {with_article(found)}, not {with_article(kind)}", path)
+        raise BmlError(f"checkpoint is {with_article(found)}, not {with_article(kind)}", path, hint)
     return weights
