@@ -952,8 +952,11 @@ def export(
     for p, kind, module in [(segmenter, "segmenter", "net")] + [(p, "inpainter", "gen") for p in inpainter]:
         if p is None:
             continue
+        if p.is_dir():
+            raise BmlError(f"--{kind} is a folder, not a checkpoint file", p,
+                           "give the run's checkpoint.pt or best.pt inside it")
         if not p.is_file():
-            raise BmlError("checkpoint not found", p)
+            raise BmlError("checkpoint not found", p, f"give {kind} checkpoint.pt of a `bmltrt train {kind}` run")
         if p.suffix.lower() == ".onnx":
             raise BmlError(f"--{kind} takes a training checkpoint (.pt), not a graph", p,
                            "give the graph's models folder as --from-onnx")

@@ -260,6 +260,28 @@ def test_export_replaces_an_earlier_export_only_with_overwrite_and_leaves_no_mix
     # a file of the user's is not ours to remove
     assert sorted(p.name for p in out.iterdir()) == ["inpainter_64.onnx", "manifest.json", "notes.txt",
                                                      "segmenter.onnx"]
+    # the post-processing tuned for the earlier export stays while its networks do ...
+    from bmltrt.postprocess.tuned import POSTPROCESS_FILE, tuned_document, write_tuned
+
+    write_tuned(out, tuned_document(man, {64: {"floor": 0.4}}, {"split": "val"}))
+    warned = []
+    _fp32(out, segmenter=seg, inpainters=[inp], resolutions=[64], overwrite=True, warn=warned.append)
+    assert (out / POSTPROCESS_FILE).is_file() and warned == []
+    # ... and goes, said, when a network it was tuned with is replaced (never a mix)
+    _fp32(out, segmenter=_changed_segmenter(seg, tmp_path), inpainters=[inp], resolutions=[64], overwrite=True,
+          warn=warned.append)
+    assert not (out / POSTPROCESS_FILE).exists() and "tuned with another segmenter: removed" in warned[0], warned
+
+
+def _changed_segmenter(seg, where):
+    import torch
+
+    ck = torch.load(seg, weights_only=False)
+    for v in ck["modules"]["net"].values():
+        v.add_(0.01) if v.is_floating_point() else None
+    ck["kind"] = "segmenter"
+    torch.save(ck, where / "seg2.pt")
+    return where / "seg2.pt"
 
 
 @needs_torch
@@ -293,14 +315,7 @@ def test_export_from_onnx_brings_the_tuned_postprocessing_and_says_when_to_tune_
     cfg, _, warnings = read_tuned(tmp_path / "same", same_man, 64)
     assert cfg.floor == 0.4 and warnings == []
     # a new segmenter with the folder's inpainters: the settings come along, with a warning
-    import torch
-
-    ck = torch.load(seg, weights_only=False)
-    for v in ck["modules"]["net"].values():
-        v.add_(0.01) if v.is_floating_point() else None
-    ck["kind"] = "segmenter"
-    torch.save(ck, tmp_path / "seg2.pt")
-    _fp32(tmp_path / "new", from_onnx=src, segmenter=tmp_path / "seg2.pt", warn=warned.append)
+    _fp32(tmp_path / "new", from_onnx=src, segmenter=_changed_segmenter(seg, tmp_path), warn=warned.append)
     assert len(warned) == 1 and "tuned with its segmenter" in warned[0], warned
     new_man = json.loads((tmp_path / "new" / "manifest.json").read_text())
     assert "tuned with another segmenter" in read_tuned(tmp_path / "new", new_man, 64)[2][0]

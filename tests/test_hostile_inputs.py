@@ -572,6 +572,8 @@ def test_export_checks_its_checkpoints_before_any_work(tmp_path):
         assert said in error_line(res) and not (tmp_path / "models").exists()
     # the hint says what export takes (a graph is refused above), and the --out that is wrong is named
     assert "or a float32 .onnx" not in error_line(run(["export", "--out", tmp_path / "models", "--segmenter", text]))
+    assert "--segmenter is a folder, not a checkpoint file" in error_line(
+        run(["export", "--out", tmp_path / "models", "--segmenter", tmp_path]))
     res = run(["export", "--out", text / "sub", "--from-onnx", REPO / "export"])
     assert "the models folder (--out) lies under a file" in error_line(res) and "partial" not in error_line(res)
 
@@ -1518,6 +1520,9 @@ def _one_voxel(v, value):
 @pytest.mark.parametrize("make,words", [
     (lambda v: _one_voxel(v.astype(np.float32), 1.5), "holds 1.5, not a whole-number"),
     (lambda v: _one_voxel(v.astype(np.float32), np.nan), "holds nan"),
+    (lambda v: _one_voxel(v.astype(np.float32), np.inf), "holds inf"),
+    (lambda v: _one_voxel(v.astype(np.int16), -1), "holds -1, not a label (0-255)"),
+    (lambda v: _one_voxel(v.astype(np.float32), 1e9), "holds 1e+09, not a label"),
     (lambda v: np.pad(np.ones((2, 2, 2), np.uint8), 4), "only 15 mm³"),  # 8 voxels of 3 x 0.8 x 0.8 mm
 ])
 def test_synth_names_what_is_wrong_with_a_label_map(tmp_path, make, words):
@@ -1530,3 +1535,4 @@ def test_synth_names_what_is_wrong_with_a_label_map(tmp_path, make, words):
     res = run(["synth", tmp_path / "ds", "--from-labels", labels, "-j", "1"], inputs=[labels])
     line = error_line(res)
     assert words in line and "k.nii.gz" in line and not (tmp_path / "ds").exists()
+    assert "Warning" not in res.stderr, res.stderr  # one line, no numpy warning before it

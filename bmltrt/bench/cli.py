@@ -50,8 +50,8 @@ def bench_cmd(
     backends: Optional[str] = typer.Option(None, "--backends", help="onnxruntime,torch,tensorrt,eager (default: every "
                                            "one that can run here; eager = PyTorch eager float32 reference)."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="fp32,fp16 (default both, but torch on the "
-                                             "CPU fp32 only unless asked; a precision the models folder lacks is "
-                                             "skipped with a note)."),
+                                             "CPU fp32 only unless asked; a precision no graph of the models folder "
+                                             "has is refused, one that some lack is skipped for those with a note)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Inpainter batch sweep, e.g. 1,2,4,8,16 "
                                               "(default 1,4,16; --quick: 1,2). The segmenter uses those up to 8."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Measured runs per figure after one warm-up "

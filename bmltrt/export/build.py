@@ -122,11 +122,13 @@ GRAPH_NAME = re.compile(r"(segmenter|inpainter_\d+)(_fp16)?\.onnx")  # what expo
 
 
 def earlier_models(out_dir: Path) -> list[str]:
-    """The names in `out_dir` that an earlier export wrote (its manifest and graphs)."""
+    """The names in `out_dir` that an earlier export wrote (its manifest and graphs) or that
+    belong to it (the post-processing tuned for it)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    return sorted(p.name for p in out_dir.iterdir() if p.name == MANIFEST or GRAPH_NAME.fullmatch(p.name))
+    return sorted(p.name for p in out_dir.iterdir()
+                  if p.name in (MANIFEST, POSTPROCESS_FILE) or GRAPH_NAME.fullmatch(p.name))
 
 
 def planned_resolutions(inpainters, resolutions, from_onnx) -> list[int]:
@@ -214,13 +216,23 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
                                  calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
                                  fp16_io=fp16_io, lint=lint, progress=progress)
         tuned = Path(from_onnx) / POSTPROCESS_FILE if from_onnx is not None else None
+        kept = out_dir / POSTPROCESS_FILE
         if tuned is not None and tuned.is_file():  # the post-processing chosen for these graphs
             shutil.copyfile(tuned, stage / POSTPROCESS_FILE)
             changed = _retuning_needed(stage / POSTPROCESS_FILE, manifest)
             if changed and warn is not None:
                 warn(f"{POSTPROCESS_FILE} comes from {from_onnx}, tuned with its {' and '.join(changed)}: run "
                      "`bmltrt evaluate tune DATA --save --models OUT` for the new one (detect warns until then)")
-        stale = [n for n in earlier if not (stage / n).exists()]  # graphs this export does not make
+        elif POSTPROCESS_FILE in earlier and kept.is_file():
+            # the earlier export's tuning stays only if every network it was tuned with is unchanged
+            shutil.copyfile(kept, stage / POSTPROCESS_FILE)
+            changed = _retuning_needed(stage / POSTPROCESS_FILE, manifest)
+            if changed:
+                (stage / POSTPROCESS_FILE).unlink()
+                if warn is not None:
+                    warn(f"the earlier {POSTPROCESS_FILE} was tuned with another {' and '.join(changed)}: removed "
+                         "(detect uses the built-in settings until `bmltrt evaluate tune DATA --save --models OUT`)")
+        stale = [n for n in earlier if not (stage / n).exists()]  # what this export does not make
         move_in(stage, out_dir, last=MANIFEST, drop_first=stale)
     return manifest
 

@@ -41,6 +41,7 @@ THICK_FACTOR = 1.5
 # A label map's femur below this is no knee's (the distal femur in a knee scan is tens of cm³); a
 # few voxels of label 1 would give scans whose femur truth is empty once resliced.
 MIN_FEMUR_LABEL_MM3 = 1000.0
+MAX_LABEL = 255  # label numberings (OAI-ZIB: 1-11) fit a byte
 
 
 def _is_nifti_name(path: Path) -> bool:
@@ -169,12 +170,16 @@ def read_label_map(path: str | os.PathLike, img: nib.spatialimages.SpatialImage 
     counts = np.bincount(lab.ravel()) if lab.dtype.kind == "u" else None
     values = np.flatnonzero(counts) if counts is not None else np.unique(lab)
     hint = "give label maps with 1 femur, 2 femoral cartilage, ..., 7 femoral lesion"
-    whole = np.isfinite(values) & (np.mod(values, 1) == 0) if values.dtype.kind == "f" else np.ones(values.size, bool)
+    whole = np.isfinite(values) if values.dtype.kind == "f" else np.ones(values.size, bool)
+    whole[whole] = np.mod(values[whole], 1) == 0  # inf and NaN are not labels, and np.mod would warn
     if values.size <= 64 and not whole.all():
         raise BmlError(f"not a label map: a voxel holds {values[~whole][0]:g}, not a whole-number label", path, hint)
     if values.size > 64 or 1 not in values:
-        raise BmlError(f"not a label map ({values.size} distinct values; label 1, the femur, "
-                       f"{'present' if 1 in values else 'missing'})", path, hint)
+        raise BmlError(f"not a label map ({values.size} distinct value{'s' if values.size != 1 else ''}; label 1, "
+                       f"the femur, {'present' if 1 in values else 'missing'})", path, hint)
+    odd = values[(values < 0) | (values > MAX_LABEL)]
+    if odd.size:  # a label numbering has small non-negative numbers; -1 or 1e9 is a value of something else
+        raise BmlError(f"not a label map: a voxel holds {odd[0]:g}, not a label (0-{MAX_LABEL})", path, hint)
     femur = int(counts[1]) if counts is not None else int(np.count_nonzero(lab == 1))
     # every label counts: a lesion (7) is femur too
     femur_mm3 = (femur + int(np.count_nonzero(lab == 7))) * voxel_volume_mm3(img)
