@@ -630,8 +630,7 @@ def train_inpainter_cmd(data: Optional[Path] = _DATA, labels: Optional[Path] = _
                                                             "float32 inpainter_<R>.onnx of a models folder."),
                         data_workers: int = _WORKERS, fresh_per_step: Optional[int] = _FRESH):
     """Train the LaMa (FFC) generator on healthy slices, GAN-style."""
-    resolutions = parse_resolutions(resolution, "--resolution")
-    resolutions = list(RESOLUTIONS) if resolutions == "all" else resolutions
+    resolutions = parse_resolutions(resolution, "--resolution", all_is=list(RESOLUTIONS))
     for r in resolutions:
         if r < 64 or r > 1024 or r % 8:
             raise BmlError(f"--resolution {r} is not a multiple of 8 between 64 and 1024",
@@ -964,9 +963,7 @@ def export(
     if from_onnx is not None and not (from_onnx / "manifest.json").exists():
         raise BmlError("not a models folder (no manifest.json)", from_onnx)
     check_folder_path(out_dir, "the models folder (--out)", "choose a folder")
-    res = parse_resolutions(resolutions)
-    if res == "all":
-        res = list(RESOLUTIONS)
+    res = parse_resolutions(resolutions, all_is=list(RESOLUTIONS))
     man = make_models(out_dir, segmenter=segmenter, inpainters=list(inpainter), resolutions=res,
                       from_onnx=from_onnx, precision=precision, default_resolution=default_resolution,
                       calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
@@ -1010,8 +1007,7 @@ def export_check(
     if split not in ("train", "val", "test") or not case_paths(data, split):
         raise BmlError(f"--split {split!r} is not a split with cases in this dataset", data,
                        "choose train, val or test (dataset.json lists them)")
-    res = parse_resolutions(resolutions)
-    res = None if res == "all" else res
+    res = parse_resolutions(resolutions, all_is=None)  # all: every one in the folder, as when not given
     rep = parity_report(models, data, split, out_dir, res, limit,
                         progress=lambda what: console.print(f"[dim]{escape(what)}[/]", highlight=False))
     say((out_dir / "parity.md").read_text())
@@ -1045,8 +1041,7 @@ def build_engines_cmd(
     from bmltrt.io.outputs import check_folder_path
     from bmltrt.runtime.trt_build import BuildOptions, build_engines, plan_jobs
 
-    res = parse_resolutions(resolutions)
-    res = None if res == "all" else res
+    res = parse_resolutions(resolutions, all_is=None)  # all: every one in the folder, as when not given
     precs = {"both": ("fp16", "fp32")}.get(precision, (precision,))
     opts = BuildOptions(precisions=precs, max_batch=max_batch, workspace_gib=workspace, opt_level=opt_level,
                         timing_cache=timing_cache, force=force)
@@ -1062,10 +1057,9 @@ def build_engines_cmd(
         if not timing_cache.parent.is_dir():
             raise BmlError("--timing-cache's folder does not exist", timing_cache, "make it, or give another file")
     store = ModelStore.open(models)
-    plan_jobs(store, res, opts)  # graphs of every asked resolution and precision, their shapes
+    jobs = plan_jobs(store, res, opts)  # graphs of every asked resolution and precision, their shapes
     trt = eng.require_tensorrt(here="engines are built on the GPU machine that runs them")
     gpu = eng.current_gpu()
-    jobs = plan_jobs(store, res, opts)
     say(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
         f"{len(jobs)} engine(s) into {dest}")
     with _progress() as prog:

@@ -80,16 +80,11 @@ def _cache(cache_dir, no_cache):
     return MapCache(folder)
 
 
-def _resolutions(text):
-    from bmltrt.runtime.models import parse_resolutions
-
-    return parse_resolutions(text)
-
-
 def _plan(models, resolutions, backend, device, autoencoder, mkd, no_baselines, overrides=None, same_femur=False):
     from bmltrt.evaluation.evaluate import Plan, open_model_sets
+    from bmltrt.runtime.models import parse_resolutions
 
-    res = _resolutions(resolutions)
+    res = parse_resolutions(resolutions)
     if res == "all":
         from bmltrt.evaluation.evaluate import parse_models
         from bmltrt.runtime.models import ModelStore

@@ -24,7 +24,7 @@ from bmltrt.errors import BmlError, stop_if_terminated
 from bmltrt.io.atomic import atomic_write
 from bmltrt.io.outputs import folder_beside, move_in
 from bmltrt.postprocess.tuned import POSTPROCESS_FILE
-from bmltrt.runtime.models import FORMAT
+from bmltrt.runtime.models import FORMAT, check_resolutions
 
 MANIFEST = "manifest.json"
 _KEEP_FIELDS = ("kind", "config", "resolution", "trained_resolutions", "fft", "trained", "max_abs_err_vs_torch")
@@ -187,8 +187,8 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
     if not (math.isfinite(bound) and bound > 0):
         raise BmlError(f"--fp16-bound {bound} is not a positive number", hint=f"the default is {DEFAULT_BOUND:g}")
     resolutions = [int(r) for r in resolutions] if resolutions else None
-    if resolutions and any(r < 32 or r % 8 for r in resolutions):
-        raise BmlError(f"--resolutions {resolutions}: each must be a multiple of 8 from 32")
+    if resolutions:
+        check_resolutions(resolutions)
     earlier = earlier_models(out_dir)
     if earlier and not overwrite:
         raise BmlError(f"the models folder already holds an export ({', '.join(earlier[:3])}"
@@ -215,26 +215,34 @@ def make_models(out_dir, segmenter=None, inpainters=(), resolutions=None, from_o
                                  precision=precision, default_resolution=default_resolution,
                                  calibration_cases=calibration_cases, calibration_seed=calibration_seed, bound=bound,
                                  fp16_io=fp16_io, lint=lint, progress=progress)
-        tuned = Path(from_onnx) / POSTPROCESS_FILE if from_onnx is not None else None
-        kept = out_dir / POSTPROCESS_FILE
-        if tuned is not None and tuned.is_file():  # the post-processing chosen for these graphs
-            shutil.copyfile(tuned, stage / POSTPROCESS_FILE)
-            changed = _retuning_needed(stage / POSTPROCESS_FILE, manifest)
-            if changed and warn is not None:
-                warn(f"{POSTPROCESS_FILE} comes from {from_onnx}, tuned with its {' and '.join(changed)}: run "
-                     "`bmltrt evaluate tune DATA --save --models OUT` for the new one (detect warns until then)")
-        elif POSTPROCESS_FILE in earlier and kept.is_file():
-            # the earlier export's tuning stays only if every network it was tuned with is unchanged
-            shutil.copyfile(kept, stage / POSTPROCESS_FILE)
-            changed = _retuning_needed(stage / POSTPROCESS_FILE, manifest)
-            if changed:
-                (stage / POSTPROCESS_FILE).unlink()
-                if warn is not None:
-                    warn(f"the earlier {POSTPROCESS_FILE} was tuned with another {' and '.join(changed)}: removed "
-                         "(detect uses the built-in settings until `bmltrt evaluate tune DATA --save --models OUT`)")
+        _carry_tuning(stage, manifest, from_onnx, out_dir if POSTPROCESS_FILE in earlier else None,
+                      warn or (lambda line: None))
         stale = [n for n in earlier if not (stage / n).exists()]  # what this export does not make
         move_in(stage, out_dir, last=MANIFEST, drop_first=stale)
     return manifest
+
+
+def _carry_tuning(stage: Path, manifest: dict, from_onnx, earlier_dir, warn) -> None:
+    """The post-processing that goes with the new graphs: --from-onnx's postprocess.json (with
+    a warning where a network it was tuned with changed), else the earlier export's in the
+    folder, kept only while every network it was tuned with is unchanged."""
+    source = Path(from_onnx) / POSTPROCESS_FILE if from_onnx is not None else None
+    if source is not None and source.is_file():
+        shutil.copyfile(source, stage / POSTPROCESS_FILE)
+        changed = _retuning_needed(source, manifest)
+        if changed:
+            warn(f"{POSTPROCESS_FILE} comes from {from_onnx}, tuned with its {' and '.join(changed)}: run "
+                 "`bmltrt evaluate tune DATA --save --models OUT` for the new one (detect warns until then)")
+        return
+    kept = Path(earlier_dir) / POSTPROCESS_FILE if earlier_dir is not None else None
+    if kept is None or not kept.is_file():
+        return
+    changed = _retuning_needed(kept, manifest)
+    if changed:  # not carried: move_in removes it with the earlier export's other files
+        warn(f"the earlier {POSTPROCESS_FILE} was tuned with another {' and '.join(changed)}: removed "
+             "(detect uses the built-in settings until `bmltrt evaluate tune DATA --save --models OUT`)")
+    else:
+        shutil.copyfile(kept, stage / POSTPROCESS_FILE)
 
 
 def _retuning_needed(tuned_path: Path, manifest: dict) -> list[str]:
@@ -245,7 +253,12 @@ def _retuning_needed(tuned_path: Path, manifest: dict) -> list[str]:
         named = json.loads(tuned_path.read_text()).get("models", {})
     except (OSError, ValueError, AttributeError):
         return []  # a damaged file: detect names it
-    return [n for n, sha in named.items() if isinstance(sha, str) and network_shas(manifest, n) and sha not in network_shas(manifest, n)]
+    changed = []
+    for name, sha in named.items():
+        now = network_shas(manifest, name)
+        if isinstance(sha, str) and now and sha not in now:
+            changed.append(name)
+    return changed
 
 
 def _write_models(out_dir: Path, graphs: dict, precision: str, default_resolution: int | None, calibration_cases: int,

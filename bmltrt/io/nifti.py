@@ -180,9 +180,10 @@ def read_label_map(path: str | os.PathLike, img: nib.spatialimages.SpatialImage 
     odd = values[(values < 0) | (values > MAX_LABEL)]
     if odd.size:  # a label numbering has small non-negative numbers; -1 or 1e9 is a value of something else
         raise BmlError(f"not a label map: a voxel holds {odd[0]:g}, not a label (0-{MAX_LABEL})", path, hint)
-    femur = int(counts[1]) if counts is not None else int(np.count_nonzero(lab == 1))
-    # every label counts: a lesion (7) is femur too
-    femur_mm3 = (femur + int(np.count_nonzero(lab == 7))) * voxel_volume_mm3(img)
+    # a lesion (7) is femur too
+    n_femur = int(counts[1] + (counts[7] if counts.size > 7 else 0)) if counts is not None \
+        else int(np.count_nonzero((lab == 1) | (lab == 7)))
+    femur_mm3 = n_femur * voxel_volume_mm3(img)
     if femur_mm3 < MIN_FEMUR_LABEL_MM3:
         raise BmlError(f"the femur (label 1, with any lesion 7) is only {femur_mm3:.0f} mm³: too small for a knee's "
                        f"(at least {MIN_FEMUR_LABEL_MM3 / 1000:g} cm³)", path,

@@ -21,16 +21,16 @@ PRECISIONS = ("fp32", "fp16")
 RESOLUTIONS = (128, 192, 256, 320, 448)  # the paper's inpainting sizes, the shipped models'
 
 
-def parse_resolutions(text: str | None, option: str = "--resolutions") -> list[int] | str | None:
-    """A comma-separated list of slice sizes, checked: None when not given, "all" for the word
-    all (any case; each command says what it means), else distinct multiples of 8 (the
+def parse_resolutions(text: str | None, option: str = "--resolutions", all_is="all") -> list[int] | str | None:
+    """A comma-separated list of slice sizes, checked: None when not given, `all_is` for the
+    word all (any case; each command says what it means), else distinct multiples of 8 (the
     generator halves a slice three times)."""
     if text is None:
         return None
     words = text.replace(" ", "").split(",")
     example = "e.g. " + option + " " + ",".join(map(str, RESOLUTIONS)) + " (or all)"
     if [w.lower() for w in words] == ["all"]:
-        return "all"
+        return all_is
     if not any(words):
         raise BmlError(f"{option} is empty", hint=example)
     if not all(words):  # "128,,256" or "128,": a size left out, not one to skip silently
@@ -41,10 +41,14 @@ def parse_resolutions(text: str | None, option: str = "--resolutions") -> list[i
         raise BmlError(f"{option} {text!r} is not a number, a comma-separated list of numbers or 'all'", hint=example) from None
     if len(set(res)) != len(res):
         raise BmlError(f"{option} {text!r} names a resolution twice", hint=example)
+    check_resolutions(res, option, example)
+    return res
+
+
+def check_resolutions(res, option: str = "--resolutions", hint: str | None = None) -> None:
     bad = [r for r in res if r < 32 or r > 2048 or r % 8]
     if bad:
-        raise BmlError(f"{option}: {bad[0]} is not a multiple of 8 between 32 and 2048", hint=example)
-    return res
+        raise BmlError(f"{option}: {bad[0]} is not a multiple of 8 between 32 and 2048", hint=hint)
 FORMAT = "bmltrt-models-2"  # what export writes
 FORMATS_READ = ("bmltrt-models-1", FORMAT)
 
